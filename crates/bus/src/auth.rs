@@ -1,0 +1,512 @@
+//! The authentication hook: who is calling, verified before any handler runs.
+//!
+//! A protected endpoint declares the [`Scope`] it needs. The runtime reads
+//! `Authorization: Bearer <jwt>`, asks the node's [`Verify`] implementation for the claims,
+//! checks the scope, and hands the handler a [`Caller`] — never the raw token. The token is
+//! kept inside the caller as an opaque [`BearerToken`] that can only be forwarded in a header
+//! (shell-server → orchestrator), never printed.
+//!
+//! [`KvVerifier`] is the verifier every node uses in production: public keys and revocations
+//! live in JetStream KV buckets written by the permission node; the verifier keeps both in
+//! memory, follows them with live watches (a revocation reaches every node in milliseconds),
+//! and fetches a key it does not know yet on first sight of its `kid`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use tether_auth::{AuthError, Claims, KeySet, PublicKey, Scope, ScopeSet, Validation};
+use tokio_util::sync::CancellationToken;
+
+use crate::Problem;
+use crate::config::AuthConfig;
+
+pub const AUTHORIZATION: &str = "Authorization";
+
+/// A bearer token, opaque: it can be forwarded in a header but never formatted.
+#[derive(Clone)]
+pub struct BearerToken(Arc<str>);
+
+impl BearerToken {
+    pub fn new(token: &str) -> Self {
+        Self(Arc::from(token))
+    }
+    /// Puts `Authorization: Bearer …` into outgoing headers (forwarding the caller's identity).
+    pub fn insert_into(&self, headers: &mut async_nats::HeaderMap) {
+        headers.insert(AUTHORIZATION, format!("Bearer {}", self.0).as_str());
+    }
+    /// The token itself, for the few places that must hand it on (an MCP client's env).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BearerToken(***)")
+    }
+}
+
+/// The verified caller of a request.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub agent_id: String,
+    pub space: String,
+    pub scopes: ScopeSet,
+    pub jti: String,
+    pub expires_at: i64,
+    token: BearerToken,
+}
+
+impl Caller {
+    pub fn from_claims(claims: Claims, token: BearerToken) -> Self {
+        Self {
+            agent_id: claims.sub,
+            space: claims.space,
+            scopes: claims.scopes,
+            jti: claims.jti,
+            expires_at: claims.exp,
+            token,
+        }
+    }
+
+    pub fn is_operator(&self) -> bool {
+        self.scopes.is_operator()
+    }
+
+    /// 403 unless the caller holds `scope` (operator holds every scope).
+    pub fn require(&self, scope: Scope) -> Result<(), Problem> {
+        if self.scopes.allows(scope) {
+            Ok(())
+        } else {
+            Err(Problem::forbidden(format!(
+                "scope `{}` required",
+                scope.as_str()
+            )))
+        }
+    }
+
+    /// The space a request acts in. Empty `requested` means the caller's own space. An agent
+    /// naming another space is refused (403); an operator may name any space.
+    pub fn space_for(&self, requested: &str) -> Result<String, Problem> {
+        if requested.is_empty() || requested == self.space {
+            if self.space.is_empty() && requested.is_empty() {
+                return Err(Problem::bad_request(
+                    "the token is bound to no space; name one in `space`",
+                ));
+            }
+            return Ok(if requested.is_empty() {
+                self.space.clone()
+            } else {
+                requested.to_string()
+            });
+        }
+        if self.is_operator() {
+            Ok(requested.to_string())
+        } else {
+            Err(Problem::forbidden(format!(
+                "agent `{}` may act only in its own space `{}`, not `{requested}`",
+                self.agent_id, self.space
+            )))
+        }
+    }
+
+    /// The caller's token, to forward to another node.
+    pub fn bearer(&self) -> &BearerToken {
+        &self.token
+    }
+}
+
+/// Verifies a bearer token. Implementations must be cheap for known keys (this runs on every
+/// protected request) and must never include the token in an error.
+pub trait Verify: Send + Sync + 'static {
+    fn verify<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Claims, AuthError>>;
+}
+
+/// Extracts the token from an `Authorization` header value: exactly `Bearer <token>`.
+pub fn parse_bearer(headers: Option<&async_nats::HeaderMap>) -> Result<&str, Problem> {
+    let value = headers
+        .and_then(|h| h.get(AUTHORIZATION))
+        .map(|v| v.as_str())
+        .ok_or_else(|| {
+            Problem::unauthorized("missing Authorization header (expected `Bearer <token>`)")
+        })?;
+    let mut parts = value.trim().splitn(2, ' ');
+    match (parts.next(), parts.next().map(str::trim)) {
+        (Some(scheme), Some(token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() =>
+        {
+            Ok(token)
+        }
+        _ => Err(Problem::unauthorized(
+            "malformed Authorization header (expected `Bearer <token>`)",
+        )),
+    }
+}
+
+/// Maps a verification failure to the caller-visible 401 (the reason, never the token).
+pub fn unauthorized(e: &AuthError) -> Problem {
+    Problem::unauthorized(format!("invalid token: {e}"))
+}
+
+/// A verifier over a fixed key set (tests, and offline tools).
+pub struct StaticVerifier {
+    keys: KeySet,
+    validation: Validation,
+}
+
+impl StaticVerifier {
+    pub fn new(keys: KeySet, cfg: &AuthConfig) -> Self {
+        Self {
+            keys,
+            validation: validation(cfg),
+        }
+    }
+}
+
+impl Verify for StaticVerifier {
+    fn verify<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Claims, AuthError>> {
+        let r = tether_auth::verify(token, &self.keys, &self.validation, tether_auth::now_unix());
+        Box::pin(std::future::ready(r))
+    }
+}
+
+fn validation(cfg: &AuthConfig) -> Validation {
+    Validation {
+        issuer: cfg.issuer.clone(),
+        audience: cfg.audience.clone(),
+        leeway_secs: cfg.leeway_seconds,
+    }
+}
+
+/// Revocation keys in the revoked bucket.
+pub fn revoked_agent_key(agent_id: &str) -> String {
+    format!("agent.{agent_id}")
+}
+pub fn revoked_jti_key(jti: &str) -> String {
+    format!("jti.{jti}")
+}
+
+/// The canonical KV bucket configurations, in one place so every node creating them agrees.
+pub fn keys_bucket_config(cfg: &AuthConfig, replicas: usize) -> kv::Config {
+    kv::Config {
+        bucket: cfg.keys_bucket.clone(),
+        description: "tether: public signing keys (kid -> key)".into(),
+        history: 1,
+        num_replicas: replicas.max(1),
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+pub fn revoked_bucket_config(cfg: &AuthConfig, replicas: usize) -> kv::Config {
+    kv::Config {
+        bucket: cfg.revoked_bucket.clone(),
+        description: "tether: revoked agents and token ids".into(),
+        history: 1,
+        num_replicas: replicas.max(1),
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// Opens a KV bucket, creating it with `config` when it does not exist yet.
+pub async fn open_or_create_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> anyhow::Result<kv::Store> {
+    match js.get_key_value(config.bucket.clone()).await {
+        Ok(store) => Ok(store),
+        Err(_) => match js.create_key_value(config.clone()).await {
+            Ok(store) => Ok(store),
+            // Another replica created it between our two calls.
+            Err(create_err) => js.get_key_value(config.bucket.clone()).await.map_err(|_| {
+                anyhow::anyhow!(
+                    "could not open or create KV bucket `{}`: {create_err}",
+                    config.bucket
+                )
+            }),
+        },
+    }
+}
+
+/// Revocation record value: unix seconds of the revocation. Tokens of a revoked agent
+/// issued at or before that instant are refused; tokens revoked by `jti` always are.
+#[derive(Default)]
+struct Revocations {
+    agents: HashMap<String, i64>,
+    jtis: HashMap<String, i64>,
+}
+
+#[derive(Default)]
+struct KvState {
+    keys: KeySet,
+    revoked: Revocations,
+}
+
+/// The production verifier: keys and revocations from JetStream KV, followed live.
+#[derive(Clone)]
+pub struct KvVerifier {
+    state: Arc<RwLock<KvState>>,
+    keys: kv::Store,
+    validation: Arc<Validation>,
+}
+
+impl KvVerifier {
+    /// Opens (or creates) the buckets, loads what is there, and starts the watches, which run
+    /// until `stop` is cancelled and re-establish themselves after a bus outage.
+    pub async fn start(
+        js: &jetstream::Context,
+        cfg: &AuthConfig,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let keys = open_or_create_bucket(js, keys_bucket_config(cfg, 1)).await?;
+        let revoked = open_or_create_bucket(js, revoked_bucket_config(cfg, 1)).await?;
+        let state = Arc::new(RwLock::new(KvState::default()));
+        let v = Self {
+            state: state.clone(),
+            keys: keys.clone(),
+            validation: Arc::new(validation(cfg)),
+        };
+        // Initial load happens inside the watches (with history); wait for both to be current.
+        let (ready_k, ready_k_rx) = tokio::sync::oneshot::channel();
+        let (ready_r, ready_r_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(follow(
+            keys,
+            state.clone(),
+            apply_key,
+            stop.clone(),
+            ready_k,
+        ));
+        tokio::spawn(follow(revoked, state, apply_revocation, stop, ready_r));
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            let _ = ready_k_rx.await;
+            let _ = ready_r_rx.await;
+        })
+        .await;
+        Ok(v)
+    }
+
+    fn check_revoked(&self, claims: &Claims) -> Result<(), AuthError> {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        if st.revoked.jtis.contains_key(&claims.jti) {
+            return Err(AuthError::Revoked);
+        }
+        if let Some(at) = st.revoked.agents.get(&claims.sub) {
+            if claims.iat <= *at {
+                return Err(AuthError::Revoked);
+            }
+        }
+        Ok(())
+    }
+
+    fn verify_now(&self, token: &str) -> Result<Claims, AuthError> {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        tether_auth::verify(token, &st.keys, &self.validation, tether_auth::now_unix())
+    }
+
+    /// Number of keys known (for tests and `$SRV.INFO` metadata).
+    pub fn key_count(&self) -> usize {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys
+            .len()
+    }
+}
+
+impl Verify for KvVerifier {
+    fn verify<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Claims, AuthError>> {
+        Box::pin(async move {
+            let claims = match self.verify_now(token) {
+                Err(AuthError::UnknownKey(kid)) => {
+                    // A key published a moment ago may not have reached our watch yet.
+                    let entry = self.keys.get(kid.as_str()).await.ok().flatten();
+                    let key = entry.and_then(|b| serde_json::from_slice::<PublicKey>(&b).ok());
+                    match key {
+                        Some(k) => {
+                            let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+                            let _ = st.keys.insert(k);
+                        }
+                        None => return Err(AuthError::UnknownKey(kid)),
+                    }
+                    self.verify_now(token)?
+                }
+                other => other?,
+            };
+            self.check_revoked(&claims)?;
+            Ok(claims)
+        })
+    }
+}
+
+fn apply_key(st: &mut KvState, entry: &kv::Entry) {
+    match entry.operation {
+        kv::Operation::Put => match serde_json::from_slice::<PublicKey>(&entry.value) {
+            Ok(k) => {
+                if let Err(e) = st.keys.insert(k) {
+                    tracing::warn!(kid = %entry.key, error = %e, "ignoring unusable public key");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(kid = %entry.key, error = %e, "ignoring malformed public key entry")
+            }
+        },
+        kv::Operation::Delete | kv::Operation::Purge => st.keys.remove(&entry.key),
+    }
+}
+
+fn apply_revocation(st: &mut KvState, entry: &kv::Entry) {
+    let at = std::str::from_utf8(&entry.value)
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .unwrap_or(i64::MAX);
+    let (map, id) = if let Some(id) = entry.key.strip_prefix("agent.") {
+        (&mut st.revoked.agents, id)
+    } else if let Some(id) = entry.key.strip_prefix("jti.") {
+        (&mut st.revoked.jtis, id)
+    } else {
+        return;
+    };
+    match entry.operation {
+        kv::Operation::Put => {
+            map.insert(id.to_string(), at);
+        }
+        kv::Operation::Delete | kv::Operation::Purge => {
+            map.remove(id);
+        }
+    }
+}
+
+/// Follows a bucket: current values first, then every change; on error or stream end (bus
+/// outage) it waits and watches again from scratch, so it never stays stale.
+async fn follow(
+    store: kv::Store,
+    state: Arc<RwLock<KvState>>,
+    apply: fn(&mut KvState, &kv::Entry),
+    stop: CancellationToken,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut watch = match store.watch_with_history(">").await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(bucket = %store.name, error = %e, "KV watch failed; retrying");
+                tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        // An empty bucket delivers nothing: count it as current once the watch is open.
+        let mut got_any = false;
+        loop {
+            // Until the first entry (or a quiet 200 ms on an empty bucket) we are not current.
+            let wait = if ready.is_some() && !got_any {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(86_400)
+            };
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                n = tokio::time::timeout(wait, watch.next()) => match n {
+                    Ok(n) => n,
+                    Err(_) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                        continue;
+                    }
+                },
+            };
+            match next {
+                Some(Ok(entry)) => {
+                    got_any = true;
+                    backoff = Duration::from_millis(100);
+                    {
+                        let mut st = state.write().unwrap_or_else(|p| p.into_inner());
+                        apply(&mut st, &entry);
+                    }
+                    if entry.delta == 0 {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(bucket = %store.name, error = %e, "KV watch interrupted; re-watching");
+                    break;
+                }
+                None => break,
+            }
+        }
+        tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(v: &str) -> async_nats::HeaderMap {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(AUTHORIZATION, v);
+        h
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(
+            parse_bearer(Some(&headers("Bearer abc"))).expect("ok"),
+            "abc"
+        );
+        assert_eq!(
+            parse_bearer(Some(&headers("bearer  abc "))).expect("ok"),
+            "abc"
+        );
+        for bad in ["", "Bearer", "Bearer ", "Basic abc", "abc"] {
+            assert_eq!(
+                parse_bearer(Some(&headers(bad))).expect_err(bad).status,
+                401,
+                "{bad}"
+            );
+        }
+        assert_eq!(parse_bearer(None).expect_err("none").status, 401);
+    }
+
+    #[test]
+    fn token_never_formats() {
+        let t = BearerToken::new("secret.jwt.value");
+        assert!(!format!("{t:?}").contains("secret"));
+    }
+
+    #[test]
+    fn space_rules() {
+        let scopes: ScopeSet = [Scope::ShellExec].into_iter().collect();
+        let c = Caller {
+            agent_id: "a".into(),
+            space: "s1".into(),
+            scopes,
+            jti: "j".into(),
+            expires_at: 0,
+            token: BearerToken::new("t"),
+        };
+        assert_eq!(c.space_for("").expect("own"), "s1");
+        assert_eq!(c.space_for("s1").expect("own"), "s1");
+        assert_eq!(c.space_for("s2").expect_err("other").status, 403);
+        assert_eq!(c.require(Scope::ModelCall).expect_err("scope").status, 403);
+        let op = Caller {
+            scopes: [Scope::Operator].into_iter().collect(),
+            ..c
+        };
+        assert_eq!(op.space_for("s2").expect("operator"), "s2");
+        assert!(op.require(Scope::ModelCall).is_ok());
+    }
+}

@@ -1,0 +1,53 @@
+//! Service paths and NATS subjects: `/containers/create` ≡ `containers.create`.
+
+/// Turns a service path into a subject: leading/trailing `/` dropped, inner `/` → `.`.
+/// A subject already in dotted form is returned unchanged.
+pub fn normalize(path: &str) -> String {
+    let p = path.trim().trim_matches('/');
+    if path.trim().starts_with('/') || p.contains('/') {
+        p.replace('/', ".")
+    } else {
+        p.to_string()
+    }
+}
+
+/// True when `s` is a valid subject to publish to (no wildcards, no empty tokens, no spaces).
+pub fn is_valid_publish_subject(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.')
+            .all(|t| !t.is_empty() && t != "*" && t != ">" && !t.contains(char::is_whitespace))
+}
+
+/// A single subject token (e.g. a space or session id) that is safe to put in a subject.
+pub fn is_valid_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes() {
+        assert_eq!(normalize("/containers/create"), "containers.create");
+        assert_eq!(normalize("containers.create"), "containers.create");
+        assert_eq!(normalize("/x"), "x");
+        assert_eq!(
+            normalize("hosts/h1/containers/exec/"),
+            "hosts.h1.containers.exec"
+        );
+    }
+
+    #[test]
+    fn validates() {
+        assert!(is_valid_publish_subject("a.b"));
+        assert!(!is_valid_publish_subject("a.*"));
+        assert!(!is_valid_publish_subject("a..b"));
+        assert!(is_valid_token("space-1_x"));
+        assert!(!is_valid_token("a.b"));
+        assert!(!is_valid_token(""));
+    }
+}

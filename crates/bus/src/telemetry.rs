@@ -1,0 +1,116 @@
+//! Logging and tracing: one subscriber per process, optional OTLP export, and W3C trace
+//! context carried in NATS headers (`traceparent`), so a trace follows a request across nodes.
+
+use async_nats::HeaderMap;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::{BusConfig, LogFormat};
+
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Keeps the tracer provider alive; flushes spans on drop.
+pub struct TelemetryGuard {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Installs the global subscriber: env filter from `log`, text or JSON lines on stderr, and an
+/// OpenTelemetry layer (spans get W3C ids; exported over OTLP/HTTP when `otlp_endpoint` is set).
+/// Calling it twice in one process is harmless (the second install is ignored).
+pub fn init(cfg: &BusConfig, service: &str) -> anyhow::Result<TelemetryGuard> {
+    let mut builder = SdkTracerProvider::builder().with_resource(
+        opentelemetry_sdk::Resource::builder()
+            .with_service_name(service.to_string())
+            .build(),
+    );
+    if let Some(endpoint) = cfg.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        use opentelemetry_otlp::WithExportConfig;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build OTLP exporter for {endpoint}: {e}"))?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer(service.to_string());
+    let filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let _ = match cfg.log_format {
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+    };
+    Ok(TelemetryGuard { provider })
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str())
+    }
+    fn keys(&self) -> Vec<&str> {
+        // Only the W3C keys matter to the propagator.
+        [TRACEPARENT, "tracestate"]
+            .into_iter()
+            .filter(|k| self.0.get(*k).is_some())
+            .collect()
+    }
+}
+
+/// Sets the current span's parent from incoming headers.
+pub fn set_parent_from(span: &tracing::Span, headers: Option<&HeaderMap>) {
+    if let Some(h) = headers.filter(|h| h.get(TRACEPARENT).is_some()) {
+        let cx = TraceContextPropagator::new().extract(&HeaderExtractor(h));
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// Writes the current span's trace context into outgoing headers. Returns false when there is
+/// no active trace (no OpenTelemetry layer installed), so callers can forward what they got.
+pub fn inject_current(headers: &mut HeaderMap) -> bool {
+    use opentelemetry::trace::TraceContextExt;
+    let cx = tracing::Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return false;
+    }
+    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+    true
+}
+
+/// The `traceparent` of the current span, if any.
+pub fn current_traceparent() -> Option<String> {
+    let mut h = HeaderMap::new();
+    inject_current(&mut h)
+        .then(|| h.get(TRACEPARENT).map(|v| v.as_str().to_string()))
+        .flatten()
+}

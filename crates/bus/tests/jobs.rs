@@ -1,0 +1,128 @@
+//! Durable JetStream work through a server crash: nothing published is lost, nothing whose
+//! ack the server confirmed is processed again.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::stream;
+use tether_bus::jobs::{self, Outcome, WorkerConfig};
+use tether_testkit::NatsServer;
+use tokio_util::sync::CancellationToken;
+
+const N: usize = 300;
+
+#[tokio::test]
+async fn consumer_resumes_after_server_restart_exactly_once_for_acked() {
+    let mut nats = NatsServer::start().await.expect("nats");
+    let cfg = tether_bus::BusConfig {
+        nats_url: nats.url(),
+        ..Default::default()
+    };
+    let stop = CancellationToken::new();
+    let client = tether_bus::connect::connect(&cfg, "jobs-test", &stop)
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(client.clone());
+    jobs::ensure_stream(
+        &js,
+        stream::Config {
+            name: "JOBS".into(),
+            subjects: vec!["jobs.>".into()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::WorkQueue,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("stream");
+
+    let processed: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let mut wcfg = WorkerConfig::new("JOBS", "workers");
+    wcfg.max_concurrency = 16;
+    wcfg.ack_wait = Duration::from_secs(2);
+    wcfg.max_deliver = 20;
+    let stats = wcfg.stats.clone();
+    let p2 = processed.clone();
+    let worker = tokio::spawn(jobs::run_worker(
+        js.clone(),
+        wcfg,
+        stop.clone(),
+        move |job| {
+            let p = p2.clone();
+            async move {
+                let id = job.msg_id().unwrap_or_default().to_string();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                *p.lock().expect("lock").entry(id).or_default() += 1;
+                Outcome::Ack
+            }
+        },
+    ));
+
+    // Publish N messages, each retried with the same Nats-Msg-Id until the server acks it;
+    // the server is killed and restarted half way.
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            for i in 0..N {
+                let id = format!("m-{i}");
+                loop {
+                    match jobs::publish_dedup(&js, format!("jobs.{i}"), &id, "x".into(), None).await
+                    {
+                        Ok(_) => break,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+                if i % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        })
+    };
+    // Wait until some work is done, then crash the server.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while processed.lock().expect("lock").len() < N / 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress before the crash"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nats.kill().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nats.restart().await.expect("restart");
+
+    tokio::time::timeout(Duration::from_secs(60), publisher)
+        .await
+        .expect("publisher finishes")
+        .expect("join");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while processed.lock().expect("lock").len() < N {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lost messages: {} of {N} processed",
+            processed.lock().expect("lock").len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Give late redeliveries a chance to show up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    worker.await.expect("join").expect("worker");
+
+    let p = processed.lock().expect("lock");
+    assert_eq!(p.len(), N, "every published message processed");
+    let extra: usize = p.values().map(|n| n - 1).sum();
+    let ack_failed = stats.ack_failed.load(Ordering::Relaxed) as usize;
+    // A message is processed again only when its ack did not reach the server.
+    assert!(
+        extra <= ack_failed,
+        "{extra} re-processed messages but only {ack_failed} unconfirmed acks"
+    );
+    assert_eq!(
+        stats.acked.load(Ordering::Relaxed) as usize + ack_failed,
+        N + extra
+    );
+}

@@ -1,0 +1,522 @@
+//! The permission node: who agents are, which space each is bound to, and the signed tokens
+//! that prove it.
+//!
+//! State lives in JetStream KV only — agents in `tether_agents` (agent id → [`Agent`]),
+//! public keys in the runtime's keys bucket, revocations in its revoked bucket — so any
+//! number of replicas serve the same answers. The node holds one Ed25519 signing key (a
+//! PEM file); at start it publishes the public half under its `kid` and retires every other
+//! key still marked current, giving each a `not_after` of now + the longest token lifetime,
+//! so tokens signed before a rotation stay valid until they expire and no longer.
+//!
+//! Authorization rules (the one place they are written down):
+//! - `agents.register` needs `agents:admin`; a caller can grant only scopes it holds itself.
+//! - `agents.get` / `agents.list` need `agents:read` (an agent may always read itself).
+//! - `agents.revoke` needs `agents:admin`.
+//! - `tokens.issue`: an agent may refresh its own token; `tokens:issue` may issue for agents
+//!   of the caller's own space; operator for anyone. Scopes are a subset of the agent's.
+//! - `auth.keys` is public: public keys are not secrets.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use serde::Deserialize;
+use tether_auth::{Claims, KeySet, PublicKey, Scope, ScopeSet, SigningKey};
+use tether_bus::auth::{
+    keys_bucket_config, open_or_create_bucket, revoked_agent_key, revoked_bucket_config,
+    revoked_jti_key,
+};
+use tether_bus::config::AuthConfig;
+use tether_bus::subject::is_valid_token;
+use tether_bus::{BusConfig, Caller, Endpoint, Node, Problem, Request};
+use tether_proto::{
+    Agent, AgentList, AgentRef, IssueTokenRequest, IssuedToken, KeySet as KeySetMsg,
+    ListAgentsRequest, PublicKey as PublicKeyMsg, RegisterAgentRequest, RevokeRequest,
+    RevokeResponse,
+};
+
+pub const NAME: &str = "permission-node";
+
+/// The node's own settings (top level of `tether.toml`, or `TETHER_*`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct PermissionConfig {
+    /// PEM (PKCS#8) Ed25519 signing key. Default: [`tether_bus::config::default_signing_key_path`].
+    pub signing_key_file: Option<PathBuf>,
+    /// Make a key at that path when there is none (local development only).
+    pub create_signing_key: bool,
+    /// Lifetime of a token when the request names none.
+    pub default_token_ttl_seconds: u64,
+    /// Longest lifetime a token can get; longer requests are capped.
+    pub max_token_ttl_seconds: u64,
+    pub agents_bucket: String,
+    /// Replicas of the KV buckets (3 on a JetStream cluster).
+    pub kv_replicas: usize,
+}
+
+impl Default for PermissionConfig {
+    fn default() -> Self {
+        Self {
+            signing_key_file: None,
+            create_signing_key: false,
+            default_token_ttl_seconds: 900,
+            max_token_ttl_seconds: 3600,
+            agents_bucket: "tether_agents".into(),
+            kv_replicas: 1,
+        }
+    }
+}
+
+impl PermissionConfig {
+    pub fn key_path(&self) -> PathBuf {
+        self.signing_key_file
+            .clone()
+            .unwrap_or_else(tether_bus::config::default_signing_key_path)
+    }
+}
+
+/// Reads the signing key, or makes one (mode 0600, parent 0700) when `create` is set.
+pub fn load_or_create_key(path: &Path, create: bool) -> anyhow::Result<SigningKey> {
+    match std::fs::read_to_string(path) {
+        Ok(pem) => SigningKey::from_pem(&pem)
+            .map_err(|e| anyhow::anyhow!("signing key {} is unusable: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+            let key = SigningKey::generate()
+                .map_err(|e| anyhow::anyhow!("cannot generate a signing key: {e}"))?;
+            write_key_file(path, &key, false)?;
+            tracing::warn!(path = %path.display(), kid = %key.kid(), "made a new development signing key");
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "no signing key at {}: run `tether keys init` (or set create_signing_key for development)",
+            path.display()
+        ),
+        Err(e) => anyhow::bail!("cannot read signing key {}: {e}", path.display()),
+    }
+}
+
+/// Writes a key file with mode 0600 (its folder 0700). Refuses to overwrite unless `force`.
+pub fn write_key_file(path: &Path, key: &SigningKey, force: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).mode(0o600);
+    if force {
+        o.create(true).truncate(true);
+    } else {
+        o.create_new(true);
+    }
+    let mut f = o
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    f.write_all(key.to_pem().as_bytes())?;
+    Ok(())
+}
+
+struct State {
+    key: SigningKey,
+    cfg: PermissionConfig,
+    auth: AuthConfig,
+    agents: kv::Store,
+    keys: kv::Store,
+    revoked: kv::Store,
+}
+
+/// Builds the node: opens the buckets, publishes the public key, retires older keys.
+pub async fn build(
+    bus: &BusConfig,
+    cfg: PermissionConfig,
+    key: SigningKey,
+    js: &async_nats::jetstream::Context,
+) -> anyhow::Result<Node> {
+    let agents = open_or_create_bucket(
+        js,
+        kv::Config {
+            bucket: cfg.agents_bucket.clone(),
+            description: "tether: registered agents (agent id -> agent)".into(),
+            history: 1,
+            num_replicas: cfg.kv_replicas.max(1),
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let keys = open_or_create_bucket(js, keys_bucket_config(&bus.auth, cfg.kv_replicas)).await?;
+    let revoked =
+        open_or_create_bucket(js, revoked_bucket_config(&bus.auth, cfg.kv_replicas)).await?;
+    publish_key(
+        &keys,
+        &key,
+        cfg.max_token_ttl_seconds + bus.auth.leeway_seconds,
+    )
+    .await?;
+
+    let st = Arc::new(State {
+        key,
+        cfg,
+        auth: bus.auth.clone(),
+        agents,
+        keys,
+        revoked,
+    });
+    let s = |st: &Arc<State>| st.clone();
+    let (s1, s2, s3, s4, s5, s6) = (s(&st), s(&st), s(&st), s(&st), s(&st), s(&st));
+    Ok(Node::new(NAME, env!("CARGO_PKG_VERSION"))
+        .description("agents, spaces and signed tokens")
+        .metadata("kid", st.key.kid())
+        .endpoint(
+            Endpoint::new("agents.register", move |r| register(s1.clone(), r))
+                .scope(Scope::AgentsAdmin),
+        )
+        .endpoint(Endpoint::new("agents.get", move |r| get(s2.clone(), r)).authenticated())
+        .endpoint(
+            Endpoint::new("agents.list", move |r| list(s3.clone(), r)).scope(Scope::AgentsRead),
+        )
+        .endpoint(
+            Endpoint::new("agents.revoke", move |r| revoke(s4.clone(), r))
+                .scope(Scope::AgentsAdmin),
+        )
+        .endpoint(Endpoint::new("tokens.issue", move |r| issue(s5.clone(), r)).authenticated())
+        .endpoint(Endpoint::new("auth.keys", move |r| {
+            public_keys(s6.clone(), r)
+        })))
+}
+
+/// Publishes `key` as current and gives every other current key an end of validity.
+async fn publish_key(keys: &kv::Store, key: &SigningKey, grace_secs: u64) -> anyhow::Result<()> {
+    let retire_at = tether_auth::now_unix() + i64::try_from(grace_secs).unwrap_or(i64::MAX / 2);
+    let mut names = keys
+        .keys()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot list keys: {e}"))?;
+    while let Some(kid) = names.next().await {
+        let Ok(kid) = kid else { continue };
+        if kid == key.kid() {
+            continue;
+        }
+        let Some(raw) = keys.get(kid.as_str()).await.ok().flatten() else {
+            continue;
+        };
+        let Ok(mut old) = serde_json::from_slice::<PublicKey>(&raw) else {
+            continue;
+        };
+        if old.not_after == 0 {
+            old.not_after = retire_at;
+            keys.put(kid.as_str(), serde_json::to_vec(&old)?.into())
+                .await?;
+            tracing::info!(kid = %kid, not_after = retire_at, "retiring previous signing key");
+        }
+    }
+    keys.put(key.kid(), serde_json::to_vec(&key.public_key())?.into())
+        .await?;
+    tracing::info!(kid = %key.kid(), "signing key published");
+    Ok(())
+}
+
+fn kv_err(e: impl std::fmt::Display) -> Problem {
+    Problem::unavailable(format!("agent registry unavailable: {e}"))
+}
+
+fn validate_id(what: &str, v: &str) -> Result<(), Problem> {
+    if v.is_empty() {
+        return Err(Problem::bad_request(format!("`{what}` is required")));
+    }
+    if !is_valid_token(v) {
+        return Err(Problem::bad_request(format!(
+            "`{what}` must be 1-128 characters of A-Z a-z 0-9 - _ (got {v:?})"
+        )));
+    }
+    Ok(())
+}
+
+async fn load_agent(st: &State, id: &str) -> Result<Option<(Agent, u64)>, Problem> {
+    match st.agents.entry(id).await.map_err(kv_err)? {
+        Some(e) if e.operation == kv::Operation::Put => {
+            let a: Agent = serde_json::from_slice(&e.value)
+                .map_err(|e| Problem::internal(format!("corrupt agent record: {e}")))?;
+            Ok(Some((a, e.revision)))
+        }
+        _ => Ok(None),
+    }
+}
+
+async fn register(st: Arc<State>, req: Request<RegisterAgentRequest>) -> Result<Agent, Problem> {
+    let caller = req.caller()?;
+    let b = req.body;
+    validate_id("agent_id", &b.agent_id)?;
+    validate_id("space", &b.space)?;
+    let scopes = ScopeSet::parse(&b.scopes).map_err(|e| Problem::bad_request(e.to_string()))?;
+    if !caller.scopes.contains_all(&scopes) {
+        return Err(Problem::forbidden(
+            "a caller can grant only scopes it holds itself",
+        ));
+    }
+    let agent = Agent {
+        agent_id: b.agent_id.clone(),
+        space: b.space.clone(),
+        scopes: scopes.to_strings(),
+        created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        revoked: false,
+    };
+    let body = serde_json::to_vec(&agent).map_err(|e| Problem::internal(e.to_string()))?;
+    match st.agents.create(&b.agent_id, body.into()).await {
+        Ok(_) => {
+            tracing::info!(agent = %agent.agent_id, space = %agent.space, by = %caller.agent_id, "agent registered");
+            Ok(agent)
+        }
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            let (existing, _) = load_agent(&st, &b.agent_id).await?.ok_or_else(|| {
+                Problem::conflict("agent is being changed concurrently; try again")
+            })?;
+            if existing.revoked {
+                Err(Problem::conflict(format!(
+                    "agent `{}` was revoked; register it under a new id",
+                    b.agent_id
+                )))
+            } else if existing.space != agent.space {
+                Err(Problem::conflict(format!(
+                    "agent `{}` is already bound to space `{}`",
+                    b.agent_id, existing.space
+                )))
+            } else if existing.scopes != agent.scopes {
+                Err(Problem::conflict(format!(
+                    "agent `{}` exists with scopes {:?}",
+                    b.agent_id, existing.scopes
+                )))
+            } else {
+                Ok(existing)
+            }
+        }
+        Err(e) => Err(kv_err(e)),
+    }
+}
+
+fn may_read(caller: &Caller, agent_id: &str) -> Result<(), Problem> {
+    if caller.agent_id == agent_id || caller.scopes.allows(Scope::AgentsRead) {
+        Ok(())
+    } else {
+        Err(Problem::forbidden(
+            "scope `agents:read` required to read another agent",
+        ))
+    }
+}
+
+async fn get(st: Arc<State>, req: Request<AgentRef>) -> Result<Agent, Problem> {
+    validate_id("agent_id", &req.body.agent_id)?;
+    may_read(req.caller()?, &req.body.agent_id)?;
+    load_agent(&st, &req.body.agent_id)
+        .await?
+        .map(|(a, _)| a)
+        .ok_or_else(|| Problem::not_found(format!("no agent `{}`", req.body.agent_id)))
+}
+
+async fn list(st: Arc<State>, req: Request<ListAgentsRequest>) -> Result<AgentList, Problem> {
+    if !req.body.space.is_empty() {
+        validate_id("space", &req.body.space)?;
+    }
+    let mut names = match st.agents.keys().await {
+        Ok(k) => k.boxed(),
+        Err(e) => return Err(kv_err(e)),
+    };
+    let mut agents = Vec::new();
+    while let Some(k) = names.next().await {
+        let k = k.map_err(kv_err)?;
+        if let Some((a, _)) = load_agent(&st, &k).await? {
+            if req.body.space.is_empty() || a.space == req.body.space {
+                agents.push(a);
+            }
+        }
+    }
+    agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+    Ok(AgentList { agents })
+}
+
+async fn revoke(st: Arc<State>, req: Request<RevokeRequest>) -> Result<RevokeResponse, Problem> {
+    let b = &req.body;
+    let now = tether_auth::now_unix().to_string();
+    match (b.agent_id.is_empty(), b.jti.is_empty()) {
+        (true, true) => Err(Problem::bad_request(
+            "name an `agent_id` or a token `jti` to revoke",
+        )),
+        (false, false) => Err(Problem::bad_request(
+            "name either `agent_id` or `jti`, not both",
+        )),
+        (false, true) => {
+            validate_id("agent_id", &b.agent_id)?;
+            let (mut agent, rev) = load_agent(&st, &b.agent_id)
+                .await?
+                .ok_or_else(|| Problem::not_found(format!("no agent `{}`", b.agent_id)))?;
+            st.revoked
+                .put(revoked_agent_key(&b.agent_id), now.into())
+                .await
+                .map_err(kv_err)?;
+            if !agent.revoked {
+                agent.revoked = true;
+                let body =
+                    serde_json::to_vec(&agent).map_err(|e| Problem::internal(e.to_string()))?;
+                st.agents
+                    .update(&b.agent_id, body.into(), rev)
+                    .await
+                    .map_err(kv_err)?;
+            }
+            tracing::info!(agent = %b.agent_id, reason = %b.reason, "agent revoked");
+            Ok(RevokeResponse {
+                revoked: true,
+                agent_id: b.agent_id.clone(),
+                jti: String::new(),
+            })
+        }
+        (true, false) => {
+            if b.jti.len() > 128
+                || !b
+                    .jti
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(Problem::bad_request("`jti` is not a token id"));
+            }
+            st.revoked
+                .put(revoked_jti_key(&b.jti), now.into())
+                .await
+                .map_err(kv_err)?;
+            tracing::info!(jti = %b.jti, reason = %b.reason, "token revoked");
+            Ok(RevokeResponse {
+                revoked: true,
+                agent_id: String::new(),
+                jti: b.jti.clone(),
+            })
+        }
+    }
+}
+
+async fn issue(st: Arc<State>, req: Request<IssueTokenRequest>) -> Result<IssuedToken, Problem> {
+    let caller = req.caller()?;
+    let b = &req.body;
+    validate_id("agent_id", &b.agent_id)?;
+    let (agent, _) = load_agent(&st, &b.agent_id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("no agent `{}`", b.agent_id)))?;
+    let allowed = caller.is_operator()
+        || caller.agent_id == agent.agent_id
+        || (caller.scopes.allows(Scope::TokensIssue) && caller.space == agent.space);
+    if !allowed {
+        return Err(Problem::forbidden(format!(
+            "not allowed to issue tokens for agent `{}`",
+            agent.agent_id
+        )));
+    }
+    if agent.revoked {
+        return Err(Problem::forbidden(format!(
+            "agent `{}` is revoked",
+            agent.agent_id
+        )));
+    }
+    let registered =
+        ScopeSet::parse(&agent.scopes).map_err(|e| Problem::internal(e.to_string()))?;
+    let scopes = if b.scopes.is_empty() {
+        registered
+    } else {
+        let asked = ScopeSet::parse(&b.scopes).map_err(|e| Problem::bad_request(e.to_string()))?;
+        if !registered.contains_all(&asked) {
+            return Err(Problem::forbidden(
+                "requested scopes exceed the agent's registered scopes",
+            ));
+        }
+        asked
+    };
+    let ttl = match u64::from(b.ttl_seconds) {
+        0 => st.cfg.default_token_ttl_seconds,
+        t => t.min(st.cfg.max_token_ttl_seconds),
+    };
+    let claims = Claims::new(
+        &st.auth.issuer,
+        &st.auth.audience,
+        &agent.agent_id,
+        &agent.space,
+        scopes,
+        tether_auth::now_unix(),
+        ttl,
+    );
+    let token = st
+        .key
+        .sign(&claims)
+        .map_err(|e| Problem::internal(format!("cannot sign: {e}")))?;
+    tracing::info!(agent = %agent.agent_id, jti = %claims.jti, ttl, by = %caller.agent_id, "token issued");
+    Ok(IssuedToken {
+        token,
+        agent_id: agent.agent_id,
+        space: agent.space,
+        scopes: claims.scopes.to_strings(),
+        jti: claims.jti,
+        expires_at: claims.exp,
+        kid: st.key.kid().to_string(),
+    })
+}
+
+async fn public_keys(
+    st: Arc<State>,
+    _req: Request<tether_proto::Empty>,
+) -> Result<KeySetMsg, Problem> {
+    let mut names = st.keys.keys().await.map_err(kv_err)?;
+    let mut keys = Vec::new();
+    while let Some(kid) = names.next().await {
+        let kid = kid.map_err(kv_err)?;
+        if let Some(raw) = st.keys.get(kid.as_str()).await.map_err(kv_err)? {
+            if let Ok(k) = serde_json::from_slice::<PublicKey>(&raw) {
+                keys.push(PublicKeyMsg {
+                    kid: k.kid,
+                    alg: k.alg,
+                    x: k.x,
+                    not_after: k.not_after,
+                });
+            }
+        }
+    }
+    keys.sort_by(|a, b| a.kid.cmp(&b.kid));
+    Ok(KeySetMsg {
+        keys,
+        issuer: st.auth.issuer.clone(),
+        audience: st.auth.audience.clone(),
+    })
+}
+
+/// A key set from an `auth.keys` reply (for offline verifiers and tools).
+pub fn key_set_from(msg: &KeySetMsg) -> KeySet {
+    let mut set = KeySet::default();
+    for k in &msg.keys {
+        let _ = set.insert(PublicKey {
+            kid: k.kid.clone(),
+            alg: k.alg.clone(),
+            x: k.x.clone(),
+            not_after: k.not_after,
+        });
+    }
+    set
+}
+
+/// Loads config, key and buckets, then serves until `shutdown`.
+pub async fn run(
+    bus: BusConfig,
+    cfg: PermissionConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let key = load_or_create_key(&cfg.key_path(), cfg.create_signing_key)?;
+    let stop = tokio_util_stop();
+    let client = tether_bus::connect::connect(&bus, NAME, &stop).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let node = build(&bus, cfg, key, &js).await?;
+    let handle = node.start_with_client(bus, client).await?;
+    shutdown.await;
+    handle.shutdown().await
+}
+
+fn tokio_util_stop() -> tokio_util::sync::CancellationToken {
+    tokio_util::sync::CancellationToken::new()
+}

@@ -1,0 +1,54 @@
+//! A small node on the runtime, for process-level tests (SIGTERM drain, `tether up`).
+//!
+//! Subjects (name from `TETHER_NODE_NAME`, default `test-node`):
+//! - `test.echo` (public): echoes `message` after `delay_ms`; `message == "panic"` panics.
+//! - `test.whoami` (token with `shell:exec`): echoes the verified caller.
+//!
+//! It verifies tokens with the KV verifier like every real node.
+
+use tether_bus::{Endpoint, Layers, Node, Problem, Request, Scope};
+use tether_proto::{EchoReply, EchoRequest};
+
+async fn echo(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
+    if req.body.message == "panic" {
+        panic!("asked to panic");
+    }
+    if req.body.delay_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(u64::from(
+            req.body.delay_ms,
+        )))
+        .await;
+    }
+    let (agent_id, space, scopes) = match &req.caller {
+        Some(c) => (c.agent_id.clone(), c.space.clone(), c.scopes.to_strings()),
+        None => Default::default(),
+    };
+    Ok(EchoReply {
+        message: req.body.message,
+        agent_id,
+        space,
+        scopes,
+        node: req.ctx.node.to_string(),
+        instance_id: req.ctx.instance_id.to_string(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let layers = Layers::load(None);
+    let cfg = match layers.bus() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(64);
+        }
+    };
+    let _telemetry = tether_bus::telemetry::init(&cfg, "test-node")?;
+    let name = std::env::var("TETHER_NODE_NAME").unwrap_or_else(|_| "test-node".into());
+    Node::new(name, env!("CARGO_PKG_VERSION"))
+        .description("test node: echo and whoami")
+        .endpoint(Endpoint::new("test.echo", echo))
+        .endpoint(Endpoint::new("test.whoami", echo).scope(Scope::ShellExec))
+        .run(cfg, tether_bus::shutdown_signal())
+        .await
+}
