@@ -249,9 +249,11 @@ async fn load_agent(st: &State, id: &str) -> Result<Option<(Agent, u64)>, Proble
 
 async fn register(st: Arc<State>, req: Request<RegisterAgentRequest>) -> Result<Agent, Problem> {
     let caller = req.caller()?;
-    let b = req.body;
+    let b = &req.body;
     validate_id("agent_id", &b.agent_id)?;
     validate_id("space", &b.space)?;
+    // A non-operator registers agents only into its own space.
+    caller.space_for(&b.space)?;
     let scopes = ScopeSet::parse(&b.scopes).map_err(|e| Problem::bad_request(e.to_string()))?;
     if !caller.scopes.contains_all(&scopes) {
         return Err(Problem::forbidden(
@@ -298,29 +300,47 @@ async fn register(st: Arc<State>, req: Request<RegisterAgentRequest>) -> Result<
     }
 }
 
-fn may_read(caller: &Caller, agent_id: &str) -> Result<(), Problem> {
-    if caller.agent_id == agent_id || caller.scopes.allows(Scope::AgentsRead) {
-        Ok(())
-    } else {
-        Err(Problem::forbidden(
-            "scope `agents:read` required to read another agent",
-        ))
+/// An agent reads itself; reading others needs `agents:read`, within the caller's space
+/// unless it is an operator.
+fn may_read(caller: &Caller, agent: &Agent) -> Result<(), Problem> {
+    if caller.agent_id == agent.agent_id {
+        return Ok(());
     }
+    caller.require(Scope::AgentsRead)?;
+    caller.space_for(&agent.space).map(|_| ())
 }
 
 async fn get(st: Arc<State>, req: Request<AgentRef>) -> Result<Agent, Problem> {
     validate_id("agent_id", &req.body.agent_id)?;
-    may_read(req.caller()?, &req.body.agent_id)?;
-    load_agent(&st, &req.body.agent_id)
-        .await?
-        .map(|(a, _)| a)
-        .ok_or_else(|| Problem::not_found(format!("no agent `{}`", req.body.agent_id)))
+    let caller = req.caller()?;
+    match load_agent(&st, &req.body.agent_id).await?.map(|(a, _)| a) {
+        Some(a) => {
+            may_read(caller, &a)?;
+            Ok(a)
+        }
+        // Do not tell a caller without read rights whether the agent exists.
+        None if caller.scopes.allows(Scope::AgentsRead) => Err(Problem::not_found(format!(
+            "no agent `{}`",
+            req.body.agent_id
+        ))),
+        None => Err(Problem::forbidden(
+            "scope `agents:read` required to read another agent",
+        )),
+    }
 }
 
 async fn list(st: Arc<State>, req: Request<ListAgentsRequest>) -> Result<AgentList, Problem> {
+    let caller = req.caller()?;
     if !req.body.space.is_empty() {
         validate_id("space", &req.body.space)?;
+        caller.space_for(&req.body.space)?;
     }
+    // A non-operator sees only its own space.
+    let only_space = if caller.is_operator() {
+        req.body.space.clone()
+    } else {
+        caller.space.clone()
+    };
     let mut names = match st.agents.keys().await {
         Ok(k) => k.boxed(),
         Err(e) => return Err(kv_err(e)),
@@ -329,7 +349,7 @@ async fn list(st: Arc<State>, req: Request<ListAgentsRequest>) -> Result<AgentLi
     while let Some(k) = names.next().await {
         let k = k.map_err(kv_err)?;
         if let Some((a, _)) = load_agent(&st, &k).await? {
-            if req.body.space.is_empty() || a.space == req.body.space {
+            if only_space.is_empty() || a.space == only_space {
                 agents.push(a);
             }
         }
@@ -353,6 +373,7 @@ async fn revoke(st: Arc<State>, req: Request<RevokeRequest>) -> Result<RevokeRes
             let (mut agent, rev) = load_agent(&st, &b.agent_id)
                 .await?
                 .ok_or_else(|| Problem::not_found(format!("no agent `{}`", b.agent_id)))?;
+            req.caller()?.space_for(&agent.space)?;
             st.revoked
                 .put(revoked_agent_key(&b.agent_id), now.into())
                 .await
@@ -374,6 +395,11 @@ async fn revoke(st: Arc<State>, req: Request<RevokeRequest>) -> Result<RevokeRes
             })
         }
         (true, false) => {
+            if !req.caller()?.is_operator() {
+                return Err(Problem::forbidden(
+                    "revoking a token by `jti` needs operator scope",
+                ));
+            }
             if b.jti.len() > 128
                 || !b
                     .jti
@@ -431,10 +457,12 @@ async fn issue(st: Arc<State>, req: Request<IssueTokenRequest>) -> Result<Issued
         }
         asked
     };
+    // Never longer than the maximum, whether asked for or defaulted.
     let ttl = match u64::from(b.ttl_seconds) {
         0 => st.cfg.default_token_ttl_seconds,
-        t => t.min(st.cfg.max_token_ttl_seconds),
-    };
+        t => t,
+    }
+    .min(st.cfg.max_token_ttl_seconds);
     let claims = Claims::new(
         &st.auth.issuer,
         &st.auth.audience,
@@ -508,15 +536,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let key = load_or_create_key(&cfg.key_path(), cfg.create_signing_key)?;
-    let stop = tokio_util_stop();
+    let stop = tokio_util::sync::CancellationToken::new();
     let client = tether_bus::connect::connect(&bus, NAME, &stop).await?;
     let js = async_nats::jetstream::new(client.clone());
     let node = build(&bus, cfg, key, &js).await?;
     let handle = node.start_with_client(bus, client).await?;
     shutdown.await;
     handle.shutdown().await
-}
-
-fn tokio_util_stop() -> tokio_util::sync::CancellationToken {
-    tokio_util::sync::CancellationToken::new()
 }
