@@ -22,7 +22,10 @@ async fn sigterm_completes_in_flight_requests_and_exits_zero() {
         .expect("spawn test node");
     // Wait for `active`.
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), events.next()).await.expect("node comes up").expect("event");
+        let m = tokio::time::timeout(Duration::from_secs(20), events.next())
+            .await
+            .expect("node comes up")
+            .expect("event");
         let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("json");
         if v["data"]["state"] == "active" {
             break;
@@ -33,7 +36,11 @@ async fn sigterm_completes_in_flight_requests_and_exits_zero() {
         .map(|i| {
             let c = c.clone();
             tokio::spawn(async move {
-                c.request("test.echo", format!(r#"{{"message":"m{i}","delay_ms":1500}}"#).into()).await
+                c.request(
+                    "test.echo",
+                    format!(r#"{{"message":"m{i}","delay_ms":1500}}"#).into(),
+                )
+                .await
             })
         })
         .collect();
@@ -41,7 +48,10 @@ async fn sigterm_completes_in_flight_requests_and_exits_zero() {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     for (i, call) in calls.into_iter().enumerate() {
-        let m = call.await.expect("join").expect("in-flight request answered");
+        let m = call
+            .await
+            .expect("join")
+            .expect("in-flight request answered");
         let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("json");
         assert_eq!(v["message"], format!("m{i}"));
     }

@@ -7,7 +7,10 @@ use tether_proto::{EchoReply, EchoRequest};
 use tether_testkit::NatsServer;
 
 async fn echo(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
-    Ok(EchoReply { message: req.body.message, ..Default::default() })
+    Ok(EchoReply {
+        message: req.body.message,
+        ..Default::default()
+    })
 }
 
 #[tokio::test]
@@ -15,19 +18,28 @@ async fn nats_py_client_uses_a_node() {
     let nats = NatsServer::start().await.expect("nats");
     let node = Node::new("py-interop", "1.0.0")
         .endpoint(Endpoint::new("interop.echo", echo))
-        .start(BusConfig { nats_url: nats.url(), ..Default::default() })
+        .start(BusConfig {
+            nats_url: nats.url(),
+            ..Default::default()
+        })
         .await
         .expect("node");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/nats_interop.py");
     let url = nats.url();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3").args([script, url.as_str(), "py-interop", "interop.echo"]).output()
+        Command::new("python3")
+            .args([script, url.as_str(), "py-interop", "interop.echo"])
+            .output()
     })
     .await
     .expect("join")
     .expect("python3 runs (scripts/install-deps.sh installs nats-py)");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "python client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for check in ["request/reply ok", "problem ok", "ping/info ok", "stats ok"] {
         assert!(stdout.contains(check), "missing `{check}` in:\n{stdout}");
     }

@@ -46,7 +46,14 @@ pub fn init(cfg: &BusConfig, service: &str) -> anyhow::Result<TelemetryGuard> {
     }
     let provider = builder.build();
     let tracer = provider.tracer(service.to_string());
-    let filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    if cfg.log.contains("trace") {
+        // async-nats logs whole messages, headers included, at TRACE: that would put bearer
+        // tokens in the log. Secrets are never logged, so the client library stops at DEBUG.
+        if let Ok(d) = "async_nats=debug".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let otel = tracing_opentelemetry::layer().with_tracer(tracer);
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let _ = match cfg.log_format {
