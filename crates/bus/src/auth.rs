@@ -324,10 +324,10 @@ impl KvVerifier {
         if st.revoked.jtis.contains_key(&claims.jti) {
             return Err(AuthError::Revoked);
         }
-        if let Some(at) = st.revoked.agents.get(&claims.sub) {
-            if claims.iat <= *at {
-                return Err(AuthError::Revoked);
-            }
+        if let Some(at) = st.revoked.agents.get(&claims.sub)
+            && claims.iat <= *at
+        {
+            return Err(AuthError::Revoked);
         }
         Ok(())
     }
@@ -460,10 +460,10 @@ async fn follow(
                         let mut st = state.write().unwrap_or_else(|p| p.into_inner());
                         apply(&mut st, &entry);
                     }
-                    if entry.delta == 0 {
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(());
-                        }
+                    if entry.delta == 0
+                        && let Some(r) = ready.take()
+                    {
+                        let _ = r.send(());
                     }
                 }
                 Some(Err(e)) => {

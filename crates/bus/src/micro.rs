@@ -52,7 +52,7 @@ impl EndpointStats {
             num_requests: requests,
             num_errors: self.errors(),
             processing_time: total,
-            average_processing_time: if requests == 0 { 0 } else { total / requests },
+            average_processing_time: total.checked_div(requests).unwrap_or(0),
             last_error: self
                 .last_error
                 .lock()

@@ -79,10 +79,10 @@ impl<T> Request<T> {
     /// there is a caller, its token (so the other node checks it again).
     pub fn outgoing_headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
-        if !telemetry::inject_current(&mut h) {
-            if let Some(tp) = self.headers.get(telemetry::TRACEPARENT) {
-                h.insert(telemetry::TRACEPARENT, tp.as_str());
-            }
+        if !telemetry::inject_current(&mut h)
+            && let Some(tp) = self.headers.get(telemetry::TRACEPARENT)
+        {
+            h.insert(telemetry::TRACEPARENT, tp.as_str());
         }
         if let Some(c) = &self.caller {
             c.bearer().insert_into(&mut h);
@@ -420,11 +420,10 @@ impl Node {
             let ctx = ctx.clone();
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
-                if let Err(e) = t(ctx).await {
-                    if !shutdown.is_cancelled() {
+                if let Err(e) = t(ctx).await
+                    && !shutdown.is_cancelled() {
                         tracing::error!(task = %name, error = %format!("{e:#}"), "background task failed");
                     }
-                }
             });
         }
         client

@@ -43,6 +43,12 @@ pub struct Keys {
     pub set: KeySet,
 }
 
+impl Default for Keys {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Keys {
     pub fn new() -> Self {
         let key = SigningKey::generate().expect("key");

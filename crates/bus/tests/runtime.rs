@@ -286,10 +286,10 @@ async fn reconnects_after_server_restart() {
             c.request_with_headers("t.echo", json_headers(None), "{}".into()),
         )
         .await;
-        if let Ok(Ok(m)) = r {
-            if is_ok_reply(&m) {
-                break;
-            }
+        if let Ok(Ok(m)) = r
+            && is_ok_reply(&m)
+        {
+            break;
         }
         assert!(
             std::time::Instant::now() < deadline,

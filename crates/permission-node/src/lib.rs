@@ -348,10 +348,10 @@ async fn list(st: Arc<State>, req: Request<ListAgentsRequest>) -> Result<AgentLi
     let mut agents = Vec::new();
     while let Some(k) = names.next().await {
         let k = k.map_err(kv_err)?;
-        if let Some((a, _)) = load_agent(&st, &k).await? {
-            if only_space.is_empty() || a.space == only_space {
-                agents.push(a);
-            }
+        if let Some((a, _)) = load_agent(&st, &k).await?
+            && (only_space.is_empty() || a.space == only_space)
+        {
+            agents.push(a);
         }
     }
     agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
@@ -496,15 +496,15 @@ async fn public_keys(
     let mut keys = Vec::new();
     while let Some(kid) = names.next().await {
         let kid = kid.map_err(kv_err)?;
-        if let Some(raw) = st.keys.get(kid.as_str()).await.map_err(kv_err)? {
-            if let Ok(k) = serde_json::from_slice::<PublicKey>(&raw) {
-                keys.push(PublicKeyMsg {
-                    kid: k.kid,
-                    alg: k.alg,
-                    x: k.x,
-                    not_after: k.not_after,
-                });
-            }
+        if let Some(raw) = st.keys.get(kid.as_str()).await.map_err(kv_err)?
+            && let Ok(k) = serde_json::from_slice::<PublicKey>(&raw)
+        {
+            keys.push(PublicKeyMsg {
+                kid: k.kid,
+                alg: k.alg,
+                x: k.x,
+                not_after: k.not_after,
+            });
         }
     }
     keys.sort_by(|a, b| a.kid.cmp(&b.kid));

@@ -91,10 +91,10 @@ impl NatsServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    anyhow::bail!("nats-server exited ({status}): {}", self.log_tail());
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                anyhow::bail!("nats-server exited ({status}): {}", self.log_tail());
             }
             if let Ok(Ok(client)) =
                 tokio::time::timeout(Duration::from_secs(1), async_nats::connect(self.url())).await
@@ -106,10 +106,10 @@ impl NatsServer {
                     client.request("$JS.API.INFO", "".into()),
                 )
                 .await;
-                if let Ok(Ok(m)) = info {
-                    if String::from_utf8_lossy(&m.payload).contains("account_info") {
-                        return Ok(());
-                    }
+                if let Ok(Ok(m)) = info
+                    && String::from_utf8_lossy(&m.payload).contains("account_info")
+                {
+                    return Ok(());
                 }
             }
             if Instant::now() > deadline {
