@@ -154,6 +154,48 @@ pub fn unauthorized(e: &AuthError) -> Problem {
     Problem::unauthorized(format!("invalid token: {e}"))
 }
 
+/// Tokens already verified, so the signature check (≈50 µs of Ed25519) runs once per token,
+/// not once per request. The key is the whole token: a hit means the very same bytes whose
+/// signature was checked. Expiry, not-before and revocation are still checked on every
+/// request; the cache is cleared whenever the key set changes; it is bounded.
+#[derive(Default)]
+pub struct VerifiedCache {
+    entries: RwLock<HashMap<Arc<str>, Claims>>,
+}
+
+/// Entries kept at most; beyond that the cache starts afresh (cheap, and bounded).
+const CACHE_MAX: usize = 16_384;
+
+impl VerifiedCache {
+    /// Claims of a token verified before, if still inside its validity window.
+    pub fn get(&self, token: &str, leeway: i64, now: i64) -> Option<Result<Claims, AuthError>> {
+        let map = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        let c = map.get(token)?;
+        if now > c.exp + leeway {
+            return Some(Err(AuthError::Expired));
+        }
+        if now + leeway < c.nbf {
+            return Some(Err(AuthError::NotYetValid));
+        }
+        Some(Ok(c.clone()))
+    }
+
+    pub fn insert(&self, token: &str, claims: &Claims) {
+        let mut map = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= CACHE_MAX {
+            map.clear();
+        }
+        map.insert(Arc::from(token), claims.clone());
+    }
+
+    pub fn clear(&self) {
+        self.entries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
 /// A verifier over a fixed key set (tests, and offline tools).
 pub struct StaticVerifier {
     keys: KeySet,
@@ -274,6 +316,8 @@ struct Revocations {
 struct KvState {
     keys: KeySet,
     revoked: Revocations,
+    /// Cleared on every key change (a retired or removed key must be checked again).
+    verified: Arc<VerifiedCache>,
 }
 
 /// The production verifier: keys and revocations from JetStream KV, followed live.
@@ -334,7 +378,14 @@ impl KvVerifier {
 
     fn verify_now(&self, token: &str) -> Result<Claims, AuthError> {
         let st = self.state.read().unwrap_or_else(|p| p.into_inner());
-        tether_auth::verify(token, &st.keys, &self.validation, tether_auth::now_unix())
+        let now = tether_auth::now_unix();
+        let leeway = i64::try_from(self.validation.leeway_secs).unwrap_or(0);
+        if let Some(r) = st.verified.get(token, leeway, now) {
+            return r;
+        }
+        let claims = tether_auth::verify(token, &st.keys, &self.validation, now)?;
+        st.verified.insert(token, &claims);
+        Ok(claims)
     }
 
     /// Number of keys known (for tests and `$SRV.INFO` metadata).
@@ -359,6 +410,7 @@ impl Verify for KvVerifier {
                         Some(k) => {
                             let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
                             let _ = st.keys.insert(k);
+                            st.verified.clear();
                         }
                         None => return Err(AuthError::UnknownKey(kid)),
                     }
@@ -373,6 +425,7 @@ impl Verify for KvVerifier {
 }
 
 fn apply_key(st: &mut KvState, entry: &kv::Entry) {
+    st.verified.clear();
     match entry.operation {
         kv::Operation::Put => match serde_json::from_slice::<PublicKey>(&entry.value) {
             Ok(k) => {

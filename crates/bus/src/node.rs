@@ -165,7 +165,15 @@ impl Endpoint {
                     ctx: raw.ctx,
                 };
                 let out = f(req).await?;
-                Ok(Reply::new(enc.encode(&out)?, enc.content_type()))
+                let body = enc.encode(&out)?;
+                Ok(match enc {
+                    // JSON is the default: a bare reply spares every client a header block.
+                    Encoding::Json => Reply {
+                        body,
+                        headers: HeaderMap::new(),
+                    },
+                    Encoding::Protobuf => Reply::new(body, enc.content_type()),
+                })
             }
         })
     }
@@ -426,10 +434,15 @@ impl Node {
                     }
             });
         }
-        client
-            .flush()
-            .await
-            .map_err(|e| anyhow::anyhow!("bus flush failed: {e}"))?;
+        // A round trip through our own `$SRV.PING`: the server handles a connection's commands
+        // in order, so once it routes this request every endpoint subscription made above is
+        // live. (`flush` alone only writes the socket.) Callers of `start` may rely on it.
+        let own = format!("$SRV.PING.{}.{}", self.name, instance_id);
+        if let Err(e) =
+            tokio::time::timeout(Duration::from_secs(5), client.request(own, Bytes::new())).await
+        {
+            tracing::warn!(error = %e, "node could not confirm its subscriptions with the server");
+        }
         events.publish("active").await;
         tracing::info!(node = %self.name, instance = %instance_id, endpoints = infos.len(), "node active");
         Ok(NodeHandle {

@@ -54,7 +54,13 @@ pub fn init(cfg: &BusConfig, service: &str) -> anyhow::Result<TelemetryGuard> {
             filter = filter.add_directive(d);
         }
     }
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    // Spans become OpenTelemetry spans only when they are exported: building them costs
+    // microseconds per request. Without export, `traceparent` is forwarded as received.
+    let otel = cfg
+        .otlp_endpoint
+        .as_deref()
+        .filter(|e| !e.is_empty())
+        .map(|_| tracing_opentelemetry::layer().with_tracer(tracer));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let _ = match cfg.log_format {
         LogFormat::Json => registry
