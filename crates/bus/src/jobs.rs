@@ -7,8 +7,12 @@
 //! `max_deliver` bounds redeliveries. Publishers de-duplicate with `Nats-Msg-Id`.
 //!
 //! At-least-once is the contract: a job whose ack was lost (worker killed after the work,
-//! before the ack) is delivered again, so handlers make their effect idempotent — e.g. by
-//! recording the result under the job's id before acking and checking it first.
+//! before the ack; or a server killed before it persisted an ack it had confirmed) is
+//! delivered again. [`WorkerConfig::done`] makes the effect exactly-once for acknowledged
+//! jobs: the job is recorded in a KV bucket before the ack and skipped if seen again.
+//! Job streams use `Limits` retention with a max age rather than `WorkQueue`: a work queue
+//! deletes consumed messages, so after a server restart the de-duplication window no longer
+//! knows their `Nats-Msg-Id` and a publisher's retry would be accepted as new.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -26,7 +30,7 @@ use tokio_util::task::TaskTracker;
 pub const MSG_ID: &str = "Nats-Msg-Id";
 
 /// A durable consumer's settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WorkerConfig {
     pub stream: String,
     /// Durable consumer name: every replica uses the same one, so they share the work.
@@ -41,6 +45,14 @@ pub struct WorkerConfig {
     pub progress_every: Duration,
     /// Counters of how messages were settled (shared, readable while running).
     pub stats: Arc<WorkerStats>,
+    /// Idempotency guard: when set, a job is recorded here (by `Nats-Msg-Id`, else stream
+    /// sequence) after its handler succeeds and before it is acked, and a job found here is
+    /// acked without running again. This closes the gap a crashed server leaves when it
+    /// loses an ack it had already confirmed.
+    pub done: Option<async_nats::jetstream::kv::Store>,
+    /// Called with the job's key (`id.<Nats-Msg-Id>` or `seq.<n>`) once the server has
+    /// confirmed its ack (metrics, events, tests).
+    pub on_acked: Option<Arc<dyn Fn(&str) + Send + Sync>>,
 }
 
 /// How a worker settled its messages.
@@ -52,6 +64,8 @@ pub struct WorkerStats {
     pub ack_failed: AtomicU64,
     pub retried: AtomicU64,
     pub terminated: AtomicU64,
+    /// Deliveries of jobs already done (found in the `done` bucket), acked without running.
+    pub skipped: AtomicU64,
 }
 
 impl WorkerConfig {
@@ -65,6 +79,8 @@ impl WorkerConfig {
             max_deliver: 5,
             progress_every: Duration::from_secs(10),
             stats: Arc::default(),
+            done: None,
+            on_acked: None,
         }
     }
 }
@@ -217,10 +233,24 @@ where
                 break;
             };
             let handler = handler.clone();
-            let progress_every = cfg.progress_every;
+            // A note well inside the ack window, whatever was configured.
+            let progress_every = cfg
+                .progress_every
+                .min(cfg.ack_wait / 2)
+                .max(Duration::from_millis(100));
+            let on_acked = cfg.on_acked.clone();
             let stats = cfg.stats.clone();
+            let done = cfg.done.clone();
             running.spawn(async move {
-                settle(msg, handler, progress_every, &stats).await;
+                settle(
+                    msg,
+                    handler,
+                    progress_every,
+                    &stats,
+                    done.as_ref(),
+                    on_acked.as_deref(),
+                )
+                .await;
                 drop(permit);
             });
         }
@@ -260,16 +290,53 @@ async fn sleep_or_stop(shutdown: &CancellationToken, backoff: &mut Duration) {
     *backoff = (*backoff * 2).min(Duration::from_secs(2));
 }
 
+/// The key a job is recorded under in the `done` bucket.
+fn done_key(msg: &jetstream::Message) -> String {
+    let id = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(MSG_ID))
+        .map(|v| v.as_str().to_string());
+    match id {
+        Some(id)
+            if !id.is_empty()
+                && id.len() <= 200
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_=".contains(c)) =>
+        {
+            format!("id.{id}")
+        }
+        _ => format!("seq.{}", msg.info().map(|i| i.stream_sequence).unwrap_or(0)),
+    }
+}
+
 async fn settle<F, Fut>(
     msg: jetstream::Message,
     handler: Arc<F>,
     progress_every: Duration,
     stats: &WorkerStats,
+    done: Option<&async_nats::jetstream::kv::Store>,
+    on_acked: Option<&(dyn Fn(&str) + Send + Sync)>,
 ) where
     F: Fn(Job) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Outcome> + Send + 'static,
 {
     let ack_handle = msg.clone();
+    let key = done_key(&msg);
+    if let Some(done) = done {
+        if let Ok(Some(_)) = done.get(key.as_str()).await {
+            // Already done: ack without running (if this ack is lost too, it comes again
+            // and is skipped again).
+            if ack_handle.double_ack().await.is_ok() {
+                if let Some(f) = on_acked {
+                    f(&key);
+                }
+            }
+            stats.skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
     let work = AssertUnwindSafe(handler(Job { msg })).catch_unwind();
     tokio::pin!(work);
     let mut ticker = tokio::time::interval(progress_every);
@@ -287,6 +354,20 @@ async fn settle<F, Fut>(
             }
         }
     };
+    if let (Outcome::Ack, Some(done)) = (outcome, done) {
+        if let Err(e) = done
+            .put(key.as_str(), bytes::Bytes::from_static(b"1"))
+            .await
+        {
+            // Not recorded: not acked either, so it comes again (and runs again).
+            tracing::warn!(error = %e, "could not record a finished job; it will be redelivered");
+            stats.ack_failed.fetch_add(1, Ordering::Relaxed);
+            let _ = ack_handle
+                .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                .await;
+            return;
+        }
+    }
     let r = match outcome {
         Outcome::Ack => ack_handle.double_ack().await,
         Outcome::Retry(d) => ack_handle.ack_with(AckKind::Nak(Some(d))).await,
@@ -299,6 +380,9 @@ async fn settle<F, Fut>(
         (Ok(()), Outcome::Term) => &stats.terminated,
     };
     counter.fetch_add(1, Ordering::Relaxed);
+    if let (Ok(()), Outcome::Ack, Some(f)) = (&r, outcome, on_acked) {
+        f(&key);
+    }
     if let Err(e) = r {
         tracing::warn!(error = %e, ?outcome, "could not settle job; it will be redelivered");
     }
