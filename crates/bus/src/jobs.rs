@@ -29,6 +29,9 @@ use tokio_util::task::TaskTracker;
 
 pub const MSG_ID: &str = "Nats-Msg-Id";
 
+/// Called with a job's key once its ack is confirmed.
+pub type AckHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// A durable consumer's settings.
 #[derive(Clone)]
 pub struct WorkerConfig {
@@ -52,7 +55,7 @@ pub struct WorkerConfig {
     pub done: Option<async_nats::jetstream::kv::Store>,
     /// Called with the job's key (`id.<Nats-Msg-Id>` or `seq.<n>`) once the server has
     /// confirmed its ack (metrics, events, tests).
-    pub on_acked: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    pub on_acked: Option<AckHook>,
 }
 
 /// How a worker settled its messages.
@@ -324,18 +327,18 @@ async fn settle<F, Fut>(
 {
     let ack_handle = msg.clone();
     let key = done_key(&msg);
-    if let Some(done) = done {
-        if let Ok(Some(_)) = done.get(key.as_str()).await {
-            // Already done: ack without running (if this ack is lost too, it comes again
-            // and is skipped again).
-            if ack_handle.double_ack().await.is_ok() {
-                if let Some(f) = on_acked {
-                    f(&key);
-                }
-            }
-            stats.skipped.fetch_add(1, Ordering::Relaxed);
-            return;
+    if let Some(done) = done
+        && let Ok(Some(_)) = done.get(key.as_str()).await
+    {
+        // Already done: ack without running (if this ack is lost too, it comes again
+        // and is skipped again).
+        if ack_handle.double_ack().await.is_ok()
+            && let Some(f) = on_acked
+        {
+            f(&key);
         }
+        stats.skipped.fetch_add(1, Ordering::Relaxed);
+        return;
     }
     let work = AssertUnwindSafe(handler(Job { msg })).catch_unwind();
     tokio::pin!(work);
@@ -354,19 +357,18 @@ async fn settle<F, Fut>(
             }
         }
     };
-    if let (Outcome::Ack, Some(done)) = (outcome, done) {
-        if let Err(e) = done
+    if let (Outcome::Ack, Some(done)) = (outcome, done)
+        && let Err(e) = done
             .put(key.as_str(), bytes::Bytes::from_static(b"1"))
             .await
-        {
-            // Not recorded: not acked either, so it comes again (and runs again).
-            tracing::warn!(error = %e, "could not record a finished job; it will be redelivered");
-            stats.ack_failed.fetch_add(1, Ordering::Relaxed);
-            let _ = ack_handle
-                .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                .await;
-            return;
-        }
+    {
+        // Not recorded: not acked either, so it comes again (and runs again).
+        tracing::warn!(error = %e, "could not record a finished job; it will be redelivered");
+        stats.ack_failed.fetch_add(1, Ordering::Relaxed);
+        let _ = ack_handle
+            .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+            .await;
+        return;
     }
     let r = match outcome {
         Outcome::Ack => ack_handle.double_ack().await,

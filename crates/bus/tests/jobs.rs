@@ -68,7 +68,7 @@ async fn consumer_resumes_after_server_restart_exactly_once_for_acked() {
             .entry(key.trim_start_matches("id.").to_string())
             .or_insert_with(std::time::Instant::now);
     }));
-    let (a3, late) = (acked_at.clone(), after_ack.clone());
+    let (_a3, _late) = (acked_at.clone(), after_ack.clone());
     let p2 = processed.clone();
     let worker = tokio::spawn(jobs::run_worker(
         js.clone(),
