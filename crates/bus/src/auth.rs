@@ -200,6 +200,7 @@ impl VerifiedCache {
 pub struct StaticVerifier {
     keys: KeySet,
     validation: Validation,
+    cache: VerifiedCache,
 }
 
 impl StaticVerifier {
@@ -207,13 +208,20 @@ impl StaticVerifier {
         Self {
             keys,
             validation: validation(cfg),
+            cache: VerifiedCache::default(),
         }
     }
 }
 
 impl Verify for StaticVerifier {
     fn verify<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Claims, AuthError>> {
-        let r = tether_auth::verify(token, &self.keys, &self.validation, tether_auth::now_unix());
+        let now = tether_auth::now_unix();
+        let leeway = i64::try_from(self.validation.leeway_secs).unwrap_or(0);
+        let r = match self.cache.get(token, leeway, now) {
+            Some(r) => r,
+            None => tether_auth::verify(token, &self.keys, &self.validation, now)
+                .inspect(|c| self.cache.insert(token, c)),
+        };
         Box::pin(std::future::ready(r))
     }
 }
@@ -588,5 +596,44 @@ mod tests {
         };
         assert_eq!(op.space_for("s2").expect("operator"), "s2");
         assert!(op.require(Scope::ModelCall).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn second_verification_is_served_from_the_cache() {
+        let key = tether_auth::SigningKey::generate().expect("key");
+        let mut set = KeySet::default();
+        set.insert(key.public_key()).expect("insert");
+        let a = AuthConfig::default();
+        let claims = Claims::new(
+            &a.issuer,
+            &a.audience,
+            "a",
+            "s",
+            [Scope::ShellExec].into_iter().collect(),
+            tether_auth::now_unix(),
+            60,
+        );
+        let token = key.sign(&claims).expect("sign");
+        let v = StaticVerifier::new(set, &a);
+        assert!(v.cache.get(&token, 30, tether_auth::now_unix()).is_none());
+        assert_eq!(v.verify(&token).await.expect("valid"), claims);
+        assert_eq!(
+            v.cache.get(&token, 30, tether_auth::now_unix()),
+            Some(Ok(claims.clone()))
+        );
+        // Expiry is still checked on a hit.
+        assert_eq!(
+            v.cache.get(&token, 0, claims.exp + 1),
+            Some(Err(AuthError::Expired))
+        );
+        // A tampered token is not a hit.
+        let mut t2 = token.clone();
+        t2.push('x');
+        assert!(v.verify(&t2).await.is_err());
     }
 }

@@ -1,1 +1,346 @@
-fn main() {}
+//! `tether`: the operator's CLI. Thin: parse → dispatch into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tether_cli::{CliError, call, identity, ps, up};
+
+#[derive(Parser)]
+#[command(
+    name = "tether",
+    version,
+    about = "Operate a tether fleet: call nodes, bring the fleet up, manage agents and tokens"
+)]
+struct Cli {
+    /// Bus address (default: TETHER_NATS_URL, NATS_URL, nats://127.0.0.1:4222).
+    #[arg(long, global = true)]
+    server: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Send one request: `tether call /agents/list '{}'`. `-` reads the body from stdin.
+    Call(CallCmd),
+    /// List live nodes, their endpoints and request counts.
+    Ps {
+        /// How long to collect answers.
+        #[arg(long, default_value = "500ms", value_parser = tether_cli::parse_duration)]
+        wait: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring the fleet up from a launch file and keep it up until Ctrl-C.
+    Up {
+        #[arg(long, default_value = "deploy/bringup.toml")]
+        launch: PathBuf,
+    },
+    /// Signing keys.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+    /// Tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Agents, through the permission node (operator token from --token or TETHER_TOKEN).
+    Agent {
+        #[command(subcommand)]
+        cmd: AgentCmd,
+    },
+}
+
+#[derive(Args)]
+struct CallCmd {
+    /// `/containers/create` or `containers.create`.
+    subject: String,
+    /// JSON body (`-` for stdin; default `{}`).
+    body: Option<String>,
+    /// Extra header `Key:Value` (repeatable).
+    #[arg(long = "header", short = 'H')]
+    headers: Vec<String>,
+    #[command(flatten)]
+    auth: TokenArg,
+    #[arg(long, default_value = "10s", value_parser = tether_cli::parse_duration)]
+    timeout: std::time::Duration,
+    /// Deployment subject prefix.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Send protobuf: encode the JSON body as this message type (e.g. RegisterAgentRequest).
+    #[arg(long)]
+    proto: Option<String>,
+    /// Decode a protobuf reply as this message type.
+    #[arg(long)]
+    reply_type: Option<String>,
+}
+
+#[derive(Args)]
+struct TokenArg {
+    /// Bearer token (default: TETHER_TOKEN).
+    #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Write a new Ed25519 signing key for the permission node (0600).
+    Init {
+        #[arg(long)]
+        path: Option<PathBuf>,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Issue a token: `--operator` offline from the signing key, or `--agent ID` through the node.
+    Issue {
+        #[arg(long, conflicts_with = "agent")]
+        operator: bool,
+        #[arg(long)]
+        agent: Option<String>,
+        /// Lifetime in seconds (operator default 3600; agent default: the node's).
+        #[arg(long)]
+        ttl: Option<u32>,
+        /// Narrow an agent token to these scopes.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        auth: TokenArg,
+        /// Print the whole answer as JSON instead of the token alone.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    Register {
+        agent_id: String,
+        #[arg(long)]
+        space: String,
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        #[command(flatten)]
+        auth: TokenArg,
+    },
+    List {
+        #[arg(long)]
+        space: Option<String>,
+        #[command(flatten)]
+        auth: TokenArg,
+    },
+    Get {
+        agent_id: String,
+        #[command(flatten)]
+        auth: TokenArg,
+    },
+    Revoke {
+        agent_id: Option<String>,
+        #[arg(long, conflicts_with = "agent_id")]
+        jti: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        auth: TokenArg,
+    },
+}
+
+async fn request(
+    server: &str,
+    subject: &str,
+    body: serde_json::Value,
+    token: Option<String>,
+) -> Result<String, CliError> {
+    let client = tether_cli::connect(server).await?;
+    let args = call::CallArgs {
+        subject: subject.into(),
+        body: body.to_string(),
+        headers: vec![],
+        token,
+        timeout: std::time::Duration::from_secs(10),
+        prefix: None,
+        proto: None,
+        reply_type: None,
+    };
+    Ok(call::call(&client, &args).await?.stdout)
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let server = tether_cli::server_url(cli.server.as_deref());
+    match cli.cmd {
+        Cmd::Call(c) => {
+            let body = match c.body.as_deref() {
+                Some("-") => {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                        .map_err(|e| CliError::new(2, e.to_string()))?;
+                    s
+                }
+                Some(b) => b.to_string(),
+                None => "{}".into(),
+            };
+            let headers = c
+                .headers
+                .iter()
+                .map(|h| {
+                    h.split_once(':')
+                        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| CliError::new(2, "headers are Key:Value"))?;
+            let client = tether_cli::connect(&server).await?;
+            let args = call::CallArgs {
+                subject: c.subject,
+                body,
+                headers,
+                token: c.auth.token,
+                timeout: c.timeout,
+                prefix: c.prefix,
+                proto: c.proto,
+                reply_type: c.reply_type,
+            };
+            println!("{}", call::call(&client, &args).await?.stdout);
+        }
+        Cmd::Ps { wait, json } => {
+            let client = tether_cli::connect(&server).await?;
+            let list = ps::instances(&client, wait)
+                .await
+                .map_err(|e| CliError::new(1, e.to_string()))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).unwrap_or_default()
+                );
+            } else {
+                print!("{}", ps::render(&list));
+            }
+        }
+        Cmd::Up { launch } => {
+            up::up(
+                up::UpArgs {
+                    launch,
+                    server: cli.server,
+                },
+                tether_bus::shutdown_signal(),
+            )
+            .await?;
+        }
+        Cmd::Keys {
+            cmd: KeysCmd::Init { path, force },
+        } => {
+            let path = identity::key_path(path.as_deref());
+            let kid = identity::keys_init(&path, force)?;
+            eprintln!("wrote signing key {kid} to {}", path.display());
+        }
+        Cmd::Token {
+            cmd:
+                TokenCmd::Issue {
+                    operator,
+                    agent,
+                    ttl,
+                    scopes,
+                    key_file,
+                    auth,
+                    json,
+                },
+        } => {
+            if operator {
+                let path = identity::key_path(key_file.as_deref());
+                let (token, claims) = identity::operator_token(
+                    &path,
+                    u64::from(ttl.unwrap_or(3600)),
+                    &tether_bus::config::AuthConfig::default(),
+                )?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"token": token, "agent_id": claims.sub, "scopes": claims.scopes, "jti": claims.jti, "expires_at": claims.exp})
+                    );
+                } else {
+                    println!("{token}");
+                }
+            } else if let Some(agent) = agent {
+                let body = serde_json::json!({"agent_id": agent, "ttl_seconds": ttl.unwrap_or(0), "scopes": scopes});
+                let out = request(&server, "tokens.issue", body, auth.token).await?;
+                if json {
+                    println!("{out}");
+                } else {
+                    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+                    println!("{}", v["token"].as_str().unwrap_or_default());
+                }
+            } else {
+                return Err(CliError::new(2, "say --operator or --agent <agent_id>"));
+            }
+        }
+        Cmd::Agent { cmd } => {
+            let out = match cmd {
+                AgentCmd::Register {
+                    agent_id,
+                    space,
+                    scopes,
+                    auth,
+                } => {
+                    request(
+                        &server,
+                        "agents.register",
+                        serde_json::json!({"agent_id": agent_id, "space": space, "scopes": scopes}),
+                        auth.token,
+                    )
+                    .await?
+                }
+                AgentCmd::List { space, auth } => {
+                    request(
+                        &server,
+                        "agents.list",
+                        serde_json::json!({"space": space.unwrap_or_default()}),
+                        auth.token,
+                    )
+                    .await?
+                }
+                AgentCmd::Get { agent_id, auth } => {
+                    request(
+                        &server,
+                        "agents.get",
+                        serde_json::json!({"agent_id": agent_id}),
+                        auth.token,
+                    )
+                    .await?
+                }
+                AgentCmd::Revoke {
+                    agent_id,
+                    jti,
+                    reason,
+                    auth,
+                } => {
+                    if agent_id.is_none() && jti.is_none() {
+                        return Err(CliError::new(2, "name an agent id or --jti"));
+                    }
+                    let body = serde_json::json!({"agent_id": agent_id.unwrap_or_default(), "jti": jti.unwrap_or_default(), "reason": reason.unwrap_or_default()});
+                    request(&server, "agents.revoke", body, auth.token).await?
+                }
+            };
+            println!("{out}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether: {}", e.message);
+            ExitCode::from(u8::try_from(e.code).unwrap_or(1))
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Identity commands: the signing key, the first operator token (offline), and agents and
+//! their tokens through the permission node.
+
+use std::path::{Path, PathBuf};
+
+use tether_auth::{Claims, Scope, ScopeSet, SigningKey};
+use tether_bus::config::AuthConfig;
+
+use crate::{CliError, EXIT_CONFIG};
+
+/// `tether keys init`: writes a new Ed25519 signing key (mode 0600, folder 0700).
+pub fn keys_init(path: &Path, force: bool) -> Result<String, CliError> {
+    if path.exists() && !force {
+        return Err(CliError::new(
+            1,
+            format!("{} exists; use --force to replace it", path.display()),
+        ));
+    }
+    let key = SigningKey::generate().map_err(|e| CliError::new(1, e.to_string()))?;
+    write_key(path, &key, force)?;
+    Ok(key.kid().to_string())
+}
+
+fn write_key(path: &Path, key: &SigningKey, force: bool) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| CliError::new(1, format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).mode(0o600);
+    if force {
+        o.create(true).truncate(true);
+    } else {
+        o.create_new(true);
+    }
+    let mut f = o
+        .open(path)
+        .map_err(|e| CliError::new(1, format!("cannot write {}: {e}", path.display())))?;
+    f.write_all(key.to_pem().as_bytes())
+        .map_err(|e| CliError::new(1, e.to_string()))
+}
+
+/// The key file to use: the flag, else the default path shared with `tether up`.
+pub fn key_path(flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .unwrap_or_else(tether_bus::config::default_signing_key_path)
+}
+
+/// `tether token issue --operator`: signs an operator token offline from the key file.
+pub fn operator_token(
+    key_file: &Path,
+    ttl_secs: u64,
+    auth: &AuthConfig,
+) -> Result<(String, Claims), CliError> {
+    let pem = std::fs::read_to_string(key_file).map_err(|e| {
+        CliError::new(
+            EXIT_CONFIG,
+            format!("cannot read signing key {}: {e} (run `tether keys init`, or `tether up` once for a dev key)", key_file.display()),
+        )
+    })?;
+    let key = SigningKey::from_pem(&pem)
+        .map_err(|e| CliError::new(EXIT_CONFIG, format!("{}: {e}", key_file.display())))?;
+    let scopes: ScopeSet = [Scope::Operator].into_iter().collect();
+    let claims = Claims::new(
+        &auth.issuer,
+        &auth.audience,
+        "operator",
+        "",
+        scopes,
+        tether_auth::now_unix(),
+        ttl_secs,
+    );
+    let token = key
+        .sign(&claims)
+        .map_err(|e| CliError::new(1, e.to_string()))?;
+    Ok((token, claims))
+}

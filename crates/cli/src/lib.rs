@@ -1,0 +1,105 @@
+//! The `tether` operator CLI as a library, so its parts are tested without a shell.
+//!
+//! - [`call`]: request any subject (`/containers/create` or `containers.create`), JSON or protobuf.
+//! - [`ps`]: live nodes and endpoints from the micro protocol.
+//! - [`up`]: bring a fleet up from a launch file (`deploy/bringup.toml`), supervise, tear down.
+//! - [`identity`]: signing keys, offline operator tokens, agents and tokens through the node.
+//!
+//! Exit codes: 0 ok, 1 the service answered with an error, 2 usage, 3 nothing answered
+//! (no responders or timed out), 64 bad launch file or configuration.
+
+pub mod call;
+pub mod identity;
+pub mod ps;
+pub mod up;
+
+/// Exit code: the service answered with an error.
+pub const EXIT_SERVICE_ERROR: i32 = 1;
+/// Exit code: nothing answered.
+pub const EXIT_NO_ANSWER: i32 = 3;
+/// Exit code: bad launch file or configuration (sysexits EX_USAGE/EX_CONFIG tradition).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// An error that carries the process exit code it should end with.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CliError {
+    pub code: i32,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The bus address: flag, else `TETHER_NATS_URL`, else `NATS_URL`, else the default.
+pub fn server_url(flag: Option<&str>) -> String {
+    flag.map(str::to_string)
+        .or_else(|| {
+            std::env::var("TETHER_NATS_URL")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .or_else(|| std::env::var("NATS_URL").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| tether_bus::config::DEFAULT_NATS_URL.to_string())
+}
+
+/// Parses "500ms", "5s", "2m" or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("not a duration: {s:?} (try 500ms, 5s, 2m)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit in {s:?} (ms, s, m, h)")),
+    };
+    if !(0.0..=86_400.0).contains(&secs) {
+        return Err(format!("duration out of range: {s:?}"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// Connects to the bus with a short timeout and a clear error.
+pub async fn connect(url: &str) -> Result<async_nats::Client, CliError> {
+    let opts = async_nats::ConnectOptions::new()
+        .name("tether-cli")
+        .connection_timeout(std::time::Duration::from_secs(3));
+    opts.connect(url).await.map_err(|e| {
+        CliError::new(
+            EXIT_NO_ANSWER,
+            format!("cannot reach the bus at {url}: {e}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(parse_duration("5s"), Ok(std::time::Duration::from_secs(5)));
+        assert_eq!(parse_duration("2"), Ok(std::time::Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(std::time::Duration::from_secs(60)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}
