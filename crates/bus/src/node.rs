@@ -599,9 +599,8 @@ async fn handle(rt: &EndpointRt, msg: Message) {
         duration_ms = field::Empty,
     );
     telemetry::set_parent_from(&span, msg.headers.as_ref());
-    let result = process(rt, msg.clone(), &span)
-        .instrument(span.clone())
-        .await;
+    let instance = msg.subject.clone();
+    let result = process(rt, msg, &span).instrument(span.clone()).await;
     let (reply, error) = match result {
         Ok(r) => (r, None),
         Err(p) => {
@@ -611,20 +610,23 @@ async fn handle(rt: &EndpointRt, msg: Message) {
             h.insert(CONTENT_TYPE, PROBLEM_CONTENT_TYPE);
             (
                 Reply {
-                    body: p.to_body(msg.subject.as_str()),
+                    body: p.to_body(instance.as_str()),
                     headers: h,
                 },
                 Some(p),
             )
         }
     };
-    if let Err(e) = rt
-        .ctx
-        .client
-        .publish_with_headers(reply_to, reply.headers, reply.body)
-        .await
-    {
-        tracing::warn!(parent: &span, error = %e, "could not publish reply");
+    let client = &rt.ctx.client;
+    let sent = if reply.headers.is_empty() {
+        client.publish(reply_to, reply.body).await
+    } else {
+        client
+            .publish_with_headers(reply_to, reply.headers, reply.body)
+            .await
+    };
+    if let Err(e) = sent {
+        tracing::warn!(parent: &span, subject = %instance, error = %e, "could not publish reply");
     }
     let elapsed = started.elapsed();
     let status = error.as_ref().map_or(200, |p| p.status);
@@ -632,10 +634,12 @@ async fn handle(rt: &EndpointRt, msg: Message) {
     span.record("duration_ms", elapsed.as_secs_f64() * 1000.0);
     match &error {
         Some(p) if p.status >= 500 => {
-            tracing::warn!(parent: &span, status, detail = %p.detail, "request failed")
+            tracing::warn!(parent: &span, subject = %instance, status, detail = %p.detail, "request failed")
         }
-        Some(p) => tracing::debug!(parent: &span, status, detail = %p.detail, "request refused"),
-        None => tracing::debug!(parent: &span, "request served"),
+        Some(p) => {
+            tracing::debug!(parent: &span, subject = %instance, status, detail = %p.detail, "request refused")
+        }
+        None => tracing::trace!(parent: &span, subject = %instance, "request served"),
     }
     rt.stats
         .record(elapsed, error.as_ref().map(|p| p.to_string()).as_deref());

@@ -75,6 +75,8 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 /// Connects to the bus with a short timeout and a clear error.
 pub async fn connect(url: &str) -> Result<async_nats::Client, CliError> {
     let opts = async_nats::ConnectOptions::new()
+        // Our own timeouts apply (`call --timeout`); the library's 10 s default would cut them.
+        .request_timeout(None)
         .name("tether-cli")
         .connection_timeout(std::time::Duration::from_secs(3));
     opts.connect(url).await.map_err(|e| {
