@@ -553,13 +553,17 @@ async fn serve_endpoint(
     tracker: TaskTracker,
 ) {
     let mut draining = false;
+    // One cancellation future for the whole loop, not one per message.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let msg = if draining {
             sub.next().await
         } else {
             tokio::select! {
+                biased;
                 m = sub.next() => m,
-                _ = shutdown.cancelled() => {
+                _ = &mut cancelled => {
                     draining = true;
                     // Stop new deliveries; what was already delivered is still served.
                     if let Err(e) = sub.drain().await {
