@@ -19,6 +19,8 @@ up *ARGS: build
 
 # All tests: unit, integration (real nats-server, real Docker) and interop (Python clients).
 test: deps
+    # Process-level tests run the workspace's binaries (tether, permission-node, …): build them all.
+    cargo build --workspace --bins
     cargo nextest run --workspace --no-fail-fast
 
 lint:
