@@ -48,9 +48,25 @@ pub async fn instances(
     client: &async_nats::Client,
     wait: Duration,
 ) -> anyhow::Result<Vec<Instance>> {
-    let (infos, stats) =
-        tokio::try_join!(gather(client, "INFO", wait), gather(client, "STATS", wait))?;
+    let (pings, infos, stats) = tokio::try_join!(
+        gather(client, "PING", wait),
+        gather(client, "INFO", wait),
+        gather(client, "STATS", wait)
+    )?;
     let mut by_id: BTreeMap<(String, String), Instance> = BTreeMap::new();
+    // PING finds every instance, even one that does not answer INFO.
+    for m in pings {
+        let Ok(p) = serde_json::from_slice::<tether_bus::micro::PingResponse>(&m.payload) else {
+            continue;
+        };
+        let inst = Instance {
+            name: p.name,
+            id: p.id,
+            version: p.version,
+            endpoints: Vec::new(),
+        };
+        by_id.insert((inst.name.clone(), inst.id.clone()), inst);
+    }
     for m in infos {
         let Ok(i) = serde_json::from_slice::<InfoResponse>(&m.payload) else {
             continue;
