@@ -578,11 +578,17 @@ async fn serve_endpoint(
         let Ok(permit) = limit.clone().acquire_owned().await else {
             break;
         };
+        // Serve it right here if it never has to wait (an echo, a cached token): no task, no
+        // cross-thread wake-up. A request that does wait continues as its own task, so the
+        // endpoint still serves up to `max_concurrency` requests at once.
         let rt = rt.clone();
-        tracker.spawn(async move {
+        let mut work = Box::pin(async move {
             handle(&rt, msg).await;
             drop(permit);
         });
+        if futures::poll!(work.as_mut()).is_pending() {
+            tracker.spawn(work);
+        }
     }
 }
 
