@@ -16,10 +16,11 @@ use tether_bus::{BusConfig, Endpoint, Node, Problem, Request, StaticVerifier};
 use tether_proto::{EchoReply, EchoRequest};
 use tether_testkit::NatsServer;
 
-const SEQ: usize = 5_000;
+const SEQ: usize = 3_000;
+const ROUNDS: usize = 3;
 const WARMUP: usize = 500;
 const INFLIGHT: usize = 64;
-const THROUGHPUT_FOR: Duration = Duration::from_secs(3);
+const THROUGHPUT_FOR: Duration = Duration::from_secs(2);
 
 struct Result_ {
     name: &'static str,
@@ -165,23 +166,37 @@ async fn main() -> anyhow::Result<()> {
 
     // Each node path is measured against a raw responder receiving the very same bytes and
     // headers, so the ratio is what the runtime adds, not what headers cost on the wire.
-    let mut results = Vec::new();
-    for (name, subject, headers) in [
+    // Rounds interleave the paths, and each figure is the median over rounds, so a burst of
+    // load from elsewhere on the machine shifts every path alike instead of one.
+    let paths = [
         ("raw, JSON headers", "bench.raw", &json),
         ("node, public endpoint", "bench.node", &json),
         ("raw, JSON + bearer headers", "bench.raw", &authed),
         ("node, same request, no verify", "bench.node", &authed),
         ("node, token verified", "bench.auth", &authed),
-    ] {
-        let (p50, p99) = latency(&c, subject, headers, &body).await;
-        let rps = throughput(&c, subject, headers, &body).await;
-        results.push(Result_ {
-            name,
-            p50,
-            p99,
-            rps,
-        });
+    ];
+    let mut rounds: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); paths.len()];
+    for _ in 0..ROUNDS {
+        for (k, (_, subject, headers)) in paths.iter().enumerate() {
+            let (p50, p99) = latency(&c, subject, headers, &body).await;
+            let rps = throughput(&c, subject, headers, &body).await;
+            rounds[k].push((p50, p99, rps));
+        }
     }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let results: Vec<Result_> = paths
+        .iter()
+        .zip(rounds)
+        .map(|((name, _, _), r)| Result_ {
+            name,
+            p50: median(r.iter().map(|x| x.0).collect()),
+            p99: median(r.iter().map(|x| x.1).collect()),
+            rps: median(r.iter().map(|x| x.2).collect()),
+        })
+        .collect();
     let _ = &plain;
 
     // Token verification alone.
@@ -208,7 +223,7 @@ async fn main() -> anyhow::Result<()> {
     let cached_p50_us = h.value_at_quantile(0.5) as f64 / 1000.0;
 
     println!(
-        "\n== bus benchmark (one nats-server, {SEQ} sequential requests; {INFLIGHT} in flight for throughput) =="
+        "\n== bus benchmark (one nats-server; median of {ROUNDS} interleaved rounds of {SEQ} sequential requests and {INFLIGHT} in flight for throughput) =="
     );
     println!(
         "{:<32} {:>10} {:>10} {:>12}",
