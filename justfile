@@ -3,34 +3,62 @@
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
+# List the recipes.
 default:
-    @just --list
+    @just --list --unsorted
 
-# Install what a fresh machine (Rust + Docker) lacks: nats-server, busybox-static, just, nats-py, mcp.
+# Idempotent; quiet when everything is there.
+# Install what a fresh machine (Rust + Docker) lacks: nats-server, busybox-static, just, nats-py, mcp
 deps:
     scripts/install-deps.sh
 
+# Build every crate and binary (debug).
 build:
-    cargo build --workspace --bins
+    cargo build --workspace
 
-# Bring the whole fleet up from deploy/bringup.toml (starts nats-server when none answers).
-up *ARGS: build
-    target/debug/tether up {{ARGS}}
-
-# All tests: unit, integration (real nats-server, real Docker) and interop (Python clients).
+# The Python clients are driven from Rust tests, so nextest runs everything. Timeouts and
+# threads: .config/nextest.toml. Every binary is built first: cargo builds a package's binaries
+# only for that package's own integration tests, and tests/ runs `tether` from tether-cli.
+# All tests: unit, integration (real nats-server, real Docker), interop (Python clients)
 test: deps
-    # Process-level tests run the workspace's binaries (tether, permission-node, …): build them all.
     cargo build --workspace --bins
     cargo nextest run --workspace --no-fail-fast
 
+# Formatting and lints, warnings as errors (what CI checks).
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Benchmarks: each node's bench target prints p50/p99 and throughput against its baseline.
-bench: deps
-    cargo bench --workspace
+# Each crate's `[[bench]] harness = false` target (crates/*/benches/*.rs) prints its p50/p99 and
+# throughput against its baseline; `--bench '*'` runs every such target in the workspace (and
+# not the empty libtest bench harness of each lib/bin).
+# Run every benchmark target; extra arguments go to cargo (e.g. `just bench -p tether-bus`)
+bench *ARGS: deps
+    cargo bench --workspace --bench '*' {{ ARGS }}
 
-# Container images of the nodes (needs a base image available locally; see deploy/Dockerfile).
-image:
-    docker build -f deploy/Dockerfile -t tether/nodes:dev .
+# Starts nats-server with nats/nats-server.conf when nothing answers at the bus URL; Ctrl-C
+# stops everything. Builds every binary first: `tether up` finds the node binaries next to itself.
+# Bring the whole fleet up locally from deploy/bringup.toml
+up *ARGS: build
+    cargo run -q -p tether-cli --bin tether -- up {{ ARGS }}
+
+# The Dockerfile's base images must be available locally (no registry is reachable here).
+# Container image of every node from deploy/Dockerfile
+image TAG="tether/nodes:dev":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -f deploy/Dockerfile ]; then
+        echo "just image: deploy/Dockerfile is missing; nothing to build" >&2
+        exit 1
+    fi
+    missing=()
+    for base in $(awk 'toupper($1) == "FROM" { print $2 }' deploy/Dockerfile | sort -u); do
+        # stage names (FROM build AS x; FROM x) are not images
+        if grep -qiE "^FROM[[:space:]].*[[:space:]]AS[[:space:]]+${base}([[:space:]]|$)" deploy/Dockerfile; then continue; fi
+        docker image inspect "$base" >/dev/null 2>&1 || missing+=("$base")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "just image: base image(s) not available locally: ${missing[*]} (docker pull or docker load them first)" >&2
+        exit 1
+    fi
+    docker build -f deploy/Dockerfile -t "{{ TAG }}" .

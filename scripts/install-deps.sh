@@ -1,35 +1,100 @@
 #!/usr/bin/env bash
-# Installs what a fresh Debian machine with Rust and Docker lacks for tether's tests, idempotently:
-# nats-server and busybox-static (Debian), just + nats-py + mcp (PyPI), cargo-nextest (crates.io).
+# Installs what a fresh Debian machine with Rust and Docker lacks for building and testing tether,
+# idempotently and quietly (prints only what it installs, then one summary line):
+#   Debian:    nats-server, busybox-static (the static busybox the test image is built from)
+#   PyPI:      rust-just (`just`), nats-py and mcp>=2 (the Python clients of the interop tests)
+#   crates.io: cargo-nextest
+# Runs as root, or through sudo for apt-get. Nothing is fetched when everything is there.
 set -euo pipefail
 
-SUDO=""
+log() { echo "install-deps: $*"; }
+die() { echo "install-deps: error: $*" >&2; exit 1; }
+
+SUDO=()
 if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else echo "install-deps: not root and no sudo" >&2; exit 1; fi
+  if command -v sudo >/dev/null 2>&1; then SUDO=(sudo -n); else SUDO=(); fi
 fi
+export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+# On a Debian system Python (PEP 668) pip refuses to install without this; a pyenv or venv
+# Python ignores it.
+export PIP_BREAK_SYSTEM_PACKAGES=1
 
+have() { command -v "$1" >/dev/null 2>&1; }
+deb_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+# --- Debian packages ---------------------------------------------------------------------------
 apt_pkgs=()
-command -v nats-server >/dev/null 2>&1 || apt_pkgs+=(nats-server)
-[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx httpd || apt_pkgs+=(busybox-static)
-command -v docker >/dev/null 2>&1 || echo "install-deps: warning: docker CLI not found (the engine is expected to be running)" >&2
-if [ "${#apt_pkgs[@]}" -gt 0 ]; then
-  echo "install-deps: apt-get install ${apt_pkgs[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null
+if [ -z "${TETHER_NATS_SERVER:-}" ] && ! have nats-server && [ ! -x /usr/sbin/nats-server ]; then
+  apt_pkgs+=(nats-server)
 fi
-
-py_pkgs=()
-command -v just >/dev/null 2>&1 || py_pkgs+=(rust-just)
-python3 -c 'import nats' >/dev/null 2>&1 || py_pkgs+=(nats-py)
-python3 -c 'import mcp' >/dev/null 2>&1 || py_pkgs+=("mcp>=2")
-if [ "${#py_pkgs[@]}" -gt 0 ]; then
-  echo "install-deps: pip install ${py_pkgs[*]}"
-  python3 -m pip install -q --disable-pip-version-check "${py_pkgs[@]}"
+if [ -z "${TETHER_BUSYBOX:-}" ] && ! deb_installed busybox-static; then
+  apt_pkgs+=(busybox-static)
+fi
+if ! have python3; then
+  apt_pkgs+=(python3 python3-pip)
+elif ! python3 -m pip --version >/dev/null 2>&1; then
+  apt_pkgs+=(python3-pip)
+fi
+if [ "${#apt_pkgs[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ] && [ "${#SUDO[@]}" -eq 0 ]; then
+    die "need root or sudo to install ${apt_pkgs[*]}"
+  fi
+  log "apt-get install ${apt_pkgs[*]}"
+  "${SUDO[@]}" apt-get update -qq >/dev/null
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
   hash -r
 fi
 
+# --- Python packages (just comes as the rust-just wheel) ---------------------------------------
+py_pkgs=()
+just --version >/dev/null 2>&1 || py_pkgs+=(rust-just)
+# Which of the interop tests' Python modules are missing (found without importing them: importing
+# mcp alone takes seconds).
+missing_py="$(python3 - 2>/dev/null <<'PY' || echo "nats-py mcp>=2"
+import importlib.metadata as md, importlib.util as iu
+def major(dist):
+    try:
+        return int(md.version(dist).split(".")[0])
+    except Exception:
+        return -1
+out = []
+if iu.find_spec("nats") is None or major("nats-py") < 2:
+    out.append("nats-py")
+if iu.find_spec("mcp") is None or major("mcp") < 2:
+    out.append("mcp>=2")
+print(" ".join(out))
+PY
+)"
+# shellcheck disable=SC2206 # word splitting intended: package names have no spaces
+py_pkgs+=($missing_py)
+if [ "${#py_pkgs[@]}" -gt 0 ]; then
+  log "pip install ${py_pkgs[*]}"
+  python3 -m pip install -q "${py_pkgs[@]}"
+  # pyenv makes a command visible only after a rehash.
+  if have pyenv; then pyenv rehash >/dev/null 2>&1 || true; fi
+  hash -r
+fi
+if ! just --version >/dev/null 2>&1; then
+  scripts_dir="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+  [ -x "$scripts_dir/just" ] || die "just not found after pip install rust-just"
+  log "note: just is in $scripts_dir, which is not on PATH (add it, or run $scripts_dir/just)"
+  export PATH="$scripts_dir:$PATH"
+fi
+
+# --- Rust tools --------------------------------------------------------------------------------
+have cargo || die "cargo not found (install Rust with rustup first)"
 if ! cargo nextest --version >/dev/null 2>&1; then
-  echo "install-deps: cargo install cargo-nextest"
+  log "cargo install cargo-nextest --locked"
   cargo install -q cargo-nextest --locked
 fi
-echo "install-deps: ok ($(nats-server --version 2>&1 | head -1); just $(just --version 2>/dev/null | cut -d' ' -f2))"
+
+# --- what cannot be installed here -------------------------------------------------------------
+if ! have docker; then
+  log "warning: docker CLI not found; tests need a running Docker engine"
+elif ! docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then
+  log "warning: the Docker engine does not answer; tests need it running"
+fi
+
+nats_bin="${TETHER_NATS_SERVER:-$(command -v nats-server || echo /usr/sbin/nats-server)}"
+log "ok ($("$nats_bin" --version 2>&1 | head -1), $(just --version), $(cargo nextest --version 2>/dev/null | head -1))"

@@ -1,59 +1,428 @@
-//! The fixtures themselves work: start, kill/restart keeping JetStream data, cleanup, image.
+//! The fixtures themselves work against the real parts: start, kill/stop + restart keeping
+//! JetStream data, cleanup on drop and when the test process is killed, config errors, the
+//! busybox image, label cleanup.
+//!
+//! Tests that need a separate process (env overrides, being SIGKILLed) re-run this test binary
+//! on one `#[ignore]`d helper test with `--ignored --exact`.
 
-use std::time::Duration;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
+use async_nats::jetstream;
+use futures::StreamExt;
 use tether_testkit::NatsServer;
 
-#[tokio::test]
-async fn restart_keeps_port_and_jetstream_data() {
-    let mut s = NatsServer::start().await.expect("start");
-    let port = s.port();
-    let js = async_nats::jetstream::new(s.client().await.expect("client"));
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "KEEP".into(),
-        subjects: vec!["keep.>".into()],
-        storage: async_nats::jetstream::stream::StorageType::File,
+const HELPER_ENV: &str = "TETHER_TESTKIT_HELPER";
+
+/// Polls `cond` every 20 ms until it holds or `within` passes.
+async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Running, i.e. neither gone nor a zombie.
+fn process_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => {
+            // "pid (comm) S ..." — the state follows the last ')'.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
+            !matches!(state, Some('Z' | 'X') | None)
+        }
+    }
+}
+
+async fn refuses_connections(url: &str) -> bool {
+    !matches!(
+        tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url)).await,
+        Ok(Ok(_))
+    )
+}
+
+async fn stream_with_one_message(s: &NatsServer, name: &str) {
+    let js = jetstream::new(s.client().await.expect("client"));
+    js.create_stream(jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![format!("{}.>", name.to_lowercase())],
+        storage: jetstream::stream::StorageType::File,
         ..Default::default()
     })
     .await
-    .expect("stream");
-    js.publish("keep.a", "1".into())
+    .expect("create stream");
+    js.publish(format!("{}.a", name.to_lowercase()), "kept".into())
         .await
         .expect("publish")
         .await
         .expect("ack");
-    s.kill().await;
-    assert!(
-        async_nats::connect(s.url()).await.is_err()
-            || tokio::time::timeout(Duration::from_millis(1), async {})
-                .await
-                .is_ok()
-    );
-    s.restart().await.expect("restart");
-    assert_eq!(s.port(), port);
-    let js = async_nats::jetstream::new(s.client().await.expect("client"));
-    let mut stream = js.get_stream("KEEP").await.expect("stream survives");
-    assert_eq!(stream.info().await.expect("info").state.messages, 1);
+}
+
+async fn assert_message_kept(s: &NatsServer, name: &str) {
+    let js = jetstream::new(s.client().await.expect("client after restart"));
+    let stream = js.get_stream(name).await.expect("stream survives");
+    let msg = stream.get_raw_message(1).await.expect("message 1 survives");
+    assert_eq!(msg.payload.as_ref(), b"kept");
+}
+
+/// The helper's command line: this test binary, on one ignored test, with `envs`.
+fn helper(name: &str, envs: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
+    cmd.args([
+        name,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(HELPER_ENV, name);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn in_helper(name: &str) -> bool {
+    std::env::var(HELPER_ENV).is_ok_and(|v| v == name)
 }
 
 #[tokio::test]
-async fn drop_kills_the_server() {
+async fn start_answers_with_jetstream_on_loopback() {
+    let s = NatsServer::start().await.expect("start");
+    assert_eq!(s.url(), format!("nats://127.0.0.1:{}", s.port()));
+    let client = s.client().await.expect("client");
+    assert!(client.server_info().jetstream, "JetStream is on");
+    let mut sub = client.subscribe("ping").await.expect("subscribe");
+    client.publish("ping", "x".into()).await.expect("publish");
+    let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("message within 5 s")
+        .expect("message");
+    assert_eq!(m.payload.as_ref(), b"x");
+    assert!(s.store_dir().starts_with(std::env::temp_dir()));
+}
+
+#[tokio::test]
+async fn kill_and_restart_keep_port_and_jetstream_data() {
+    let mut s = NatsServer::start().await.expect("start");
+    let port = s.port();
+    let pid = s.pid().expect("pid");
+    stream_with_one_message(&s, "KEEP").await;
+
+    s.kill().await;
+    assert_eq!(s.pid(), None);
+    assert!(!process_running(pid), "killed server still runs");
+    assert!(refuses_connections(&s.url()).await, "killed server answers");
+    assert!(s.store_dir().is_dir(), "store kept after kill");
+    s.kill().await; // a second kill is a no-op
+
+    s.restart().await.expect("restart");
+    assert_eq!(s.port(), port);
+    assert_ne!(s.pid(), Some(pid));
+    assert_message_kept(&s, "KEEP").await;
+}
+
+#[tokio::test]
+async fn graceful_stop_and_restart_keep_data() {
+    let mut s = NatsServer::start().await.expect("start");
+    stream_with_one_message(&s, "GRACE").await;
+    let pid = s.pid().expect("pid");
+    s.stop().await;
+    assert!(!process_running(pid), "stopped server still runs");
+    assert!(
+        refuses_connections(&s.url()).await,
+        "stopped server answers"
+    );
+    s.stop().await; // a second stop is a no-op
+    s.restart().await.expect("restart");
+    assert_message_kept(&s, "GRACE").await;
+    // restart on a running server restarts it
+    let pid = s.pid().expect("pid");
+    s.restart().await.expect("restart while running");
+    assert!(!process_running(pid));
+    assert_message_kept(&s, "GRACE").await;
+}
+
+#[tokio::test]
+async fn drop_kills_the_server_and_removes_its_dir() {
     let s = NatsServer::start().await.expect("start");
     let url = s.url();
+    let pid = s.pid().expect("pid");
+    let dir = s.store_dir();
+    assert!(process_running(pid));
     drop(s);
-    let r = tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url)).await;
-    assert!(!matches!(r, Ok(Ok(_))), "server still answers after drop");
+    assert!(
+        !process_running(pid),
+        "server process still runs after drop"
+    );
+    assert!(
+        refuses_connections(&url).await,
+        "server still answers after drop"
+    );
+    assert!(!dir.exists(), "temp dir not removed: {}", dir.display());
+}
+
+#[tokio::test]
+async fn two_servers_get_different_ports() {
+    let a = NatsServer::start().await.expect("start a");
+    let b = NatsServer::start().await.expect("start b");
+    assert_ne!(a.port(), b.port());
+    assert_ne!(a.store_dir(), b.store_dir());
+}
+
+#[tokio::test]
+async fn extra_config_is_applied() {
+    let s = NatsServer::start_with_config("max_payload: 65536\nserver_name: testkit-extra")
+        .await
+        .expect("start with config");
+    let info = s.client().await.expect("client").server_info();
+    assert_eq!(info.max_payload, 65536);
+    assert_eq!(info.server_name, "testkit-extra");
+}
+
+#[tokio::test]
+async fn bad_extra_config_fails_fast_with_the_log() {
+    let started = Instant::now();
+    let err = NatsServer::start_with_config("this is { not valid")
+        .await
+        .expect_err("invalid config must fail");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("exited"), "{msg}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+#[ignore = "helper: run by missing_binary_is_explained in its own process"]
+async fn helper_start_with_env() {
+    if !in_helper("helper_start_with_env") {
+        return;
+    }
+    match NatsServer::start().await {
+        Ok(_) => println!("RESULT started"),
+        Err(e) => println!("RESULT error: {e:#}"),
+    }
 }
 
 #[test]
-fn busybox_image_runs() {
-    if !tether_testkit::docker::available() {
-        panic!("Docker engine is required for these tests");
+fn missing_binary_is_explained() {
+    let out = helper(
+        "helper_start_with_env",
+        &[("TETHER_NATS_SERVER", "/nonexistent/nats-server")],
+    )
+    .output()
+    .expect("run helper");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.find("RESULT").map(|i| &l[i..]))
+        .unwrap_or_else(|| panic!("helper printed no result: {stdout}"));
+    assert!(line.contains("error"), "{line}");
+    assert!(line.contains("TETHER_NATS_SERVER"), "{line}");
+    assert!(line.contains("/nonexistent/nats-server"), "{line}");
+}
+
+#[test]
+fn debian_path_is_used_when_usr_sbin_is_not_on_path() {
+    if !std::path::Path::new("/usr/sbin/nats-server").is_file() {
+        eprintln!("skipped: no /usr/sbin/nats-server on this machine");
+        return;
     }
-    let img = tether_testkit::docker::busybox_image().expect("image");
-    let out = std::process::Command::new("docker")
-        .args(["run", "--rm", &img, "echo", "hi"])
+    let mut cmd = helper("helper_start_with_env", &[("PATH", "/usr/bin:/bin")]);
+    let out = cmd
+        .env_remove("TETHER_NATS_SERVER")
         .output()
-        .expect("run");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+        .expect("run helper");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.find("RESULT").map(|i| &l[i..]))
+        .unwrap_or_else(|| panic!("helper printed no result: {stdout}"));
+    assert_eq!(line, "RESULT started");
+}
+
+#[tokio::test]
+#[ignore = "helper: run by server_dies_with_a_killed_test_process in its own process"]
+async fn helper_hold_server() {
+    if !in_helper("helper_hold_server") {
+        return;
+    }
+    let s = NatsServer::start().await.expect("start");
+    let dir = s.log_path().parent().expect("dir").display().to_string();
+    println!("SERVER {} {} {dir}", s.pid().expect("pid"), s.url());
+    // Held until the parent test SIGKILLs this process (bounded in case it never does).
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    drop(s);
+}
+
+#[tokio::test]
+async fn server_dies_with_a_killed_test_process() {
+    let mut child = helper("helper_hold_server", &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn helper");
+    let stdout = child.stdout.take().expect("stdout");
+    let line = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.find("SERVER ").map(|i| l[i..].to_string()))
+    });
+    let line = tokio::time::timeout(Duration::from_secs(20), line)
+        .await
+        .expect("helper started a server within 20 s")
+        .expect("join")
+        .expect("SERVER line");
+    let mut parts = line.split_whitespace().skip(1);
+    let pid: u32 = parts.next().and_then(|p| p.parse().ok()).expect("pid");
+    let url = parts.next().expect("url").to_string();
+    let dir = std::path::PathBuf::from(parts.next().expect("dir"));
+    assert!(dir.join("nats.conf").is_file(), "{}", dir.display());
+    assert!(process_running(pid));
+
+    child.kill().expect("SIGKILL helper"); // no Drop runs in there
+    child.wait().expect("reap helper");
+
+    assert!(
+        eventually(Duration::from_secs(5), || !process_running(pid)).await,
+        "nats-server {pid} outlived its killed test process"
+    );
+    assert!(refuses_connections(&url).await);
+    // A SIGKILLed process cannot remove its temp dir; this test does it for its helper.
+    std::fs::remove_dir_all(&dir).expect("remove the helper's temp dir");
+}
+
+#[test]
+fn cargo_bin_explains_how_to_build_a_missing_binary() {
+    let err = tether_testkit::cargo_bin("no-such-binary-xyz").expect_err("missing");
+    let msg = err.to_string();
+    assert!(msg.contains("no-such-binary-xyz"), "{msg}");
+    assert!(msg.contains("cargo build --workspace --bins"), "{msg}");
+}
+
+fn docker_out(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("docker").args(args).output().expect("docker");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn require_docker() {
+    assert!(
+        tether_testkit::docker::available(),
+        "the Docker engine is required for these tests"
+    );
+}
+
+#[test]
+fn busybox_image_runs_echo() {
+    require_docker();
+    let img = tether_testkit::docker::busybox_image().expect("image");
+    assert_eq!(img, tether_testkit::docker::BUSYBOX_IMAGE);
+    let (ok, stdout, stderr) = docker_out(&["run", "--rm", &img, "echo", "hi"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout, "hi\n");
+    // a second call finds the image and does not rebuild
+    assert_eq!(tether_testkit::docker::busybox_image().expect("again"), img);
+}
+
+/// Builds the image under a throwaway tag (so the shared tag in use by other tests is never
+/// removed) and checks its contents.
+#[test]
+fn busybox_image_contents() {
+    require_docker();
+    let tag = format!("tether-test/busybox:testkit-{}", std::process::id());
+    tether_testkit::docker::build_busybox_image(&tag).expect("build");
+    let script = "stat -c %a /tmp; test -d /work && echo work; \
+                  for a in sh ps sleep httpd wget nc; do which $a; done; \
+                  id -un; echo $PATH";
+    let (ok, stdout, stderr) = docker_out(&["run", "--rm", &tag, "sh", "-c", script]);
+    let (_, inspect, _) = docker_out(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config.Entrypoint}} {{json .Config.Cmd}}",
+        &tag,
+    ]);
+    let _ = docker_out(&["image", "rm", "-f", &tag]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        stdout,
+        "1777\nwork\n/bin/sh\n/bin/ps\n/bin/sleep\n/bin/httpd\n/bin/wget\n/bin/nc\nroot\n/bin\n"
+    );
+    assert_eq!(inspect.trim(), "null [\"sh\"]");
+}
+
+#[test]
+fn build_with_a_missing_busybox_is_explained() {
+    let out = Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "helper_build_with_env",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(HELPER_ENV, "helper_build_with_env")
+        .env("TETHER_BUSYBOX", "/nonexistent/busybox")
+        .output()
+        .expect("run helper");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.find("RESULT").map(|i| &l[i..]))
+        .unwrap_or_else(|| panic!("helper printed no result: {stdout}"));
+    assert!(line.contains("/nonexistent/busybox"), "{line}");
+    assert!(line.contains("busybox-static"), "{line}");
+}
+
+#[test]
+#[ignore = "helper: run by build_with_a_missing_busybox_is_explained in its own process"]
+fn helper_build_with_env() {
+    if !in_helper("helper_build_with_env") {
+        return;
+    }
+    match tether_testkit::docker::build_busybox_image("tether-test/busybox:never-built") {
+        Ok(()) => println!("RESULT built"),
+        Err(e) => println!("RESULT error: {e:#}"),
+    }
+}
+
+#[test]
+fn remove_labeled_removes_only_matching_containers() {
+    require_docker();
+    let img = tether_testkit::docker::busybox_image().expect("image");
+    let run = format!("testkit-{}", std::process::id());
+    let label = format!("{}={run}", tether_testkit::docker::TEST_RUN_LABEL);
+    let other = format!("{}={run}-other", tether_testkit::docker::TEST_RUN_LABEL);
+    for l in [&label, &label, &other] {
+        let (ok, _, stderr) = docker_out(&["create", "--label", l, &img, "sleep", "60"]);
+        assert!(ok, "{stderr}");
+    }
+    assert_eq!(
+        tether_testkit::docker::remove_labeled(&label).expect("rm"),
+        2
+    );
+    assert_eq!(
+        tether_testkit::docker::remove_labeled(&label).expect("rm"),
+        0
+    );
+    assert_eq!(
+        tether_testkit::docker::remove_labeled(&other).expect("rm"),
+        1
+    );
 }

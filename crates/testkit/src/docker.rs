@@ -1,0 +1,179 @@
+//! The Docker engine for tests, through the `docker` CLI.
+//!
+//! Test support only: the orchestrator itself talks to the engine through bollard. No image
+//! registry is reachable, so the one test image is built locally `FROM scratch` out of
+//! Debian's static busybox, once per machine (a file lock serialises parallel test processes).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use anyhow::Context;
+
+/// The tag of the test image built by [`busybox_image`].
+pub const BUSYBOX_IMAGE: &str = "tether-test/busybox:latest";
+
+/// The label that test-made containers may carry so [`remove_labeled`] can clean them up.
+pub const TEST_RUN_LABEL: &str = "tether.test.run";
+
+fn docker(args: &[&str]) -> anyhow::Result<Output> {
+    Command::new("docker").args(args).output().with_context(|| {
+        format!(
+            "run `docker {}` (is the docker CLI installed?)",
+            args.join(" ")
+        )
+    })
+}
+
+/// True when the Docker engine answers (`docker version` reaches the server).
+pub fn available() -> bool {
+    docker(&["version", "--format", "{{.Server.Version}}"]).is_ok_and(|o| o.status.success())
+}
+
+fn image_exists(tag: &str) -> bool {
+    docker(&["image", "inspect", "--format", "{{.Id}}", tag]).is_ok_and(|o| o.status.success())
+}
+
+/// Builds (when missing) `tether-test/busybox:latest`: `FROM scratch` with `/bin/busybox`
+/// (Debian's busybox-static; path from env `TETHER_BUSYBOX`, else `/bin/busybox`), a symlink
+/// per applet in `/bin` (like `busybox --install -s /bin`), `/tmp` (mode 1777), `/work`,
+/// minimal `/etc/passwd` and `/etc/group`, `PATH=/bin`, no entrypoint, `CMD ["sh"]`.
+/// Parallel test processes build it once: they wait on a file lock in the system temp dir.
+/// Returns the tag.
+pub fn busybox_image() -> anyhow::Result<String> {
+    if image_exists(BUSYBOX_IMAGE) {
+        return Ok(BUSYBOX_IMAGE.into());
+    }
+    let lock_path = std::env::temp_dir().join("tether-test-busybox.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("open {}", lock_path.display()))?;
+    // Released when `_guard` drops (also if this process dies).
+    let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("cannot lock {}: {e}", lock_path.display()))?;
+    if !image_exists(BUSYBOX_IMAGE) {
+        build_busybox_image(BUSYBOX_IMAGE)?;
+    }
+    Ok(BUSYBOX_IMAGE.into())
+}
+
+/// Builds the busybox test image under `tag` unconditionally (no lock; [`busybox_image`] is
+/// the entry point for tests that just need the image).
+pub fn build_busybox_image(tag: &str) -> anyhow::Result<()> {
+    let busybox = std::env::var("TETHER_BUSYBOX")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "/bin/busybox".into());
+    let ctx = tempfile::Builder::new()
+        .prefix("tether-busybox-ctx-")
+        .tempdir()
+        .context("create build context dir")?;
+    let root = ctx.path().join("root");
+    for d in ["bin", "tmp", "work", "etc", "root"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
+    std::fs::set_permissions(root.join("work"), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::copy(&busybox, root.join("bin/busybox")).with_context(|| {
+        format!("copy {busybox} (install Debian's busybox-static, or set TETHER_BUSYBOX)")
+    })?;
+    std::fs::set_permissions(
+        root.join("bin/busybox"),
+        std::fs::Permissions::from_mode(0o755),
+    )?;
+    let list = Command::new(&busybox)
+        .arg("--list")
+        .output()
+        .with_context(|| format!("run `{busybox} --list`"))?;
+    if !list.status.success() {
+        anyhow::bail!(
+            "`{busybox} --list` failed ({}): {}",
+            list.status,
+            String::from_utf8_lossy(&list.stderr)
+        );
+    }
+    let applets = String::from_utf8_lossy(&list.stdout);
+    let mut count = 0usize;
+    for applet in applets
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "busybox" && !a.contains('/'))
+    {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))
+            .with_context(|| format!("symlink applet {applet}"))?;
+        count += 1;
+    }
+    if count == 0 {
+        anyhow::bail!("`{busybox} --list` printed no applets");
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )?;
+    std::fs::write(root.join("etc/group"), "root:x:0:\nnobody:x:65534:\n")?;
+    write_dockerfile(ctx.path())?;
+    let ctx_arg = ctx.path().display().to_string();
+    let out = docker(&["build", "-q", "-t", tag, &ctx_arg])?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "`docker build -t {tag}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// `COPY` keeps the modes set in the context (1777 on /tmp), so no `RUN` step is needed.
+fn write_dockerfile(ctx: &Path) -> anyhow::Result<()> {
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\n\
+         COPY root/ /\n\
+         ENV PATH=/bin\n\
+         WORKDIR /\n\
+         CMD [\"sh\"]\n",
+    )
+    .context("write Dockerfile")
+}
+
+/// Removes (force, with anonymous volumes) every container matching the label filter `label`
+/// (`key` or `key=value`, e.g. `tether.test.run=<id>`). Returns how many were removed.
+pub fn remove_labeled(label: &str) -> anyhow::Result<usize> {
+    let filter = format!("label={label}");
+    let out = docker(&["ps", "-aq", "--no-trunc", "--filter", &filter])?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "`docker ps --filter {filter}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ids: Vec<&str> = stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut args = vec!["rm", "-f", "-v"];
+    args.extend(ids.iter().copied());
+    let out = docker(&args)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // A container that went away meanwhile (e.g. `--rm`) is not an error.
+    let real_errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.contains("No such container"))
+        .collect();
+    if !out.status.success() && !real_errors.is_empty() {
+        anyhow::bail!("`docker rm -f` failed: {}", real_errors.join("\n"));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count())
+}

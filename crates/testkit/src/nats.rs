@@ -1,0 +1,353 @@
+//! A real `nats-server` per test: free loopback port, temporary JetStream store, kill/restart
+//! on the same port and store, and no orphan when the test process dies.
+//!
+//! Design decision: the server is started through a tiny `sh` watchdog that `exec`s into
+//! `nats-server` (so the child's pid *is* the server's) after forking a watcher that blocks on
+//! the child's stdin pipe. The test process holds the only write end; when it goes away — also
+//! by SIGKILL from a test runner's timeout, when no `Drop` runs — the watcher sees EOF and
+//! kills the server. The watcher only kills while it is still the server's child (its parent
+//! pid is still the server's pid), so it never hits a reused pid after a deliberate kill.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+/// How long [`NatsServer::start`] and [`NatsServer::restart`] wait for the server to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`NatsServer::stop`] waits after SIGTERM before it kills.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Attempts at [`NatsServer::start`] when the picked port was taken in the meantime.
+const START_ATTEMPTS: usize = 3;
+
+/// `sh -c WATCHDOG tether-nats BIN CONF`: see the module doc. `exec 3<&0` keeps the stdin pipe
+/// for the watcher (an asynchronous list's own stdin is /dev/null); `/proc/self/stat` is read by
+/// the `read` builtin, so it describes the watcher itself; its 4th field is the parent pid.
+const WATCHDOG: &str = r#"exec 3<&0
+(
+  while read -r _ <&3; do :; done
+  read -r _ _ _ ppid _ </proc/self/stat
+  if [ "$ppid" = "$$" ]; then kill -9 "$$" 2>/dev/null; fi
+) &
+exec 3<&-
+exec "$1" -c "$2" </dev/null
+"#;
+
+/// A `nats-server -js` child process on a free `127.0.0.1` port with a temporary store.
+///
+/// Dropping it kills the server and removes the store and log (they live in one temp dir).
+pub struct NatsServer {
+    child: Option<Child>,
+    /// Write end of the watchdog's pipe; dropped after the server was signalled.
+    watchdog: Option<ChildStdin>,
+    port: u16,
+    dir: tempfile::TempDir,
+    extra_conf: String,
+}
+
+/// Why a spawn did not become a ready server.
+enum SpawnError {
+    /// The port was taken (by someone else, or not yet released after a kill).
+    PortInUse(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+impl From<SpawnError> for anyhow::Error {
+    fn from(e: SpawnError) -> Self {
+        match e {
+            SpawnError::PortInUse(e) | SpawnError::Other(e) => e,
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    // Bind and release: another process may take the port before the server does; `start`
+    // retries on that.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Where Debian's package puts the server (`/usr/sbin` is not on every user's `PATH`).
+const DEBIAN_NATS_SERVER: &str = "/usr/sbin/nats-server";
+
+/// The server binary: `TETHER_NATS_SERVER`, else `nats-server` on `PATH`, else Debian's path.
+fn binary() -> String {
+    if let Some(b) = std::env::var("TETHER_NATS_SERVER")
+        .ok()
+        .filter(|s| !s.is_empty())
+    {
+        return b;
+    }
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("nats-server").is_file()));
+    if !on_path && Path::new(DEBIAN_NATS_SERVER).is_file() {
+        return DEBIAN_NATS_SERVER.into();
+    }
+    "nats-server".into()
+}
+
+impl NatsServer {
+    /// Starts `nats-server -js` (binary from env `TETHER_NATS_SERVER`, else `nats-server` on
+    /// `PATH`) on a free `127.0.0.1` port with a temp store dir, and waits (polling, 10 s at
+    /// most) until it accepts a client connection and JetStream answers. The server logs to a
+    /// file in the temp dir; its tail is part of every start error.
+    pub async fn start() -> anyhow::Result<NatsServer> {
+        Self::start_with_config("").await
+    }
+
+    /// Like [`NatsServer::start`], with `extra_conf` appended to the generated config file
+    /// (nats-server config syntax, e.g. `max_payload: 1MB` or an `accounts { .. }` block).
+    /// `listen` and `jetstream` are set by the fixture.
+    pub async fn start_with_config(extra_conf: &str) -> anyhow::Result<NatsServer> {
+        let mut last = None;
+        for _ in 0..START_ATTEMPTS {
+            let dir = tempfile::Builder::new()
+                .prefix("tether-nats-")
+                .tempdir()
+                .context("create temp dir for nats-server")?;
+            let mut s = NatsServer {
+                child: None,
+                watchdog: None,
+                port: free_port()?,
+                dir,
+                extra_conf: extra_conf.to_string(),
+            };
+            match s.spawn_and_wait().await {
+                Ok(()) => return Ok(s),
+                Err(SpawnError::PortInUse(e)) => last = Some(e),
+                Err(SpawnError::Other(e)) => return Err(e),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| anyhow::anyhow!("nats-server did not start"))
+            .context(format!("no free port after {START_ATTEMPTS} attempts")))
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port (kept across [`NatsServer::restart`]).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The JetStream store dir (kept across [`NatsServer::kill`] and [`NatsServer::restart`]).
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// The server's log file (appended to across restarts).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats.log")
+    }
+
+    /// A plain client connection.
+    pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
+        async_nats::connect(self.url())
+            .await
+            .with_context(|| format!("connect to {}", self.url()))
+    }
+
+    /// Kills the server (SIGKILL) and waits for it; the store dir and port are kept for
+    /// [`NatsServer::restart`]. A no-op when it is not running.
+    pub async fn kill(&mut self) {
+        self.kill_now();
+    }
+
+    /// Stops the server gracefully: SIGTERM, then waits (5 s at most, SIGKILL after that).
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        self.watchdog = None;
+    }
+
+    /// Starts the server again on the same port with the same store dir (killing it first if
+    /// it still runs) and waits until it accepts connections and JetStream answers.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill_now();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match self.spawn_and_wait().await {
+                Ok(()) => return Ok(()),
+                // The port can linger for a moment after a kill, or someone else took it.
+                Err(SpawnError::PortInUse(e)) => {
+                    if Instant::now() >= deadline {
+                        return Err(e.context(format!("port {} stays in use", self.port)));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(SpawnError::Other(e)) => return Err(e),
+            }
+        }
+    }
+
+    fn conf_path(&self) -> PathBuf {
+        self.dir.path().join("nats.conf")
+    }
+
+    fn write_conf(&self) -> anyhow::Result<()> {
+        let store = self.store_dir();
+        let conf = format!(
+            "# written by tether-testkit\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: {store}\n}}\n{extra}\n",
+            port = self.port,
+            store = conf_string(&store),
+            extra = self.extra_conf,
+        );
+        std::fs::write(self.conf_path(), conf)
+            .with_context(|| format!("write {}", self.conf_path().display()))
+    }
+
+    async fn spawn_and_wait(&mut self) -> Result<(), SpawnError> {
+        self.write_conf().map_err(SpawnError::Other)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .and_then(|f| Ok((f.try_clone()?, f)))
+            .with_context(|| format!("open {}", self.log_path().display()))
+            .map_err(SpawnError::Other)?;
+        let bin = binary();
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(WATCHDOG)
+            .arg("tether-nats")
+            .arg(&bin)
+            .arg(self.conf_path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::from(log.0))
+            .stderr(Stdio::from(log.1))
+            .spawn()
+            .context("spawn sh for nats-server")
+            .map_err(SpawnError::Other)?;
+        self.watchdog = child.stdin.take();
+        self.child = Some(child);
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                self.watchdog = None;
+                let log = self.log_tail();
+                let e = anyhow::anyhow!(
+                    "`{bin} -c {}` exited ({status}); log:\n{log}",
+                    self.conf_path().display()
+                );
+                return Err(if log.contains("address already in use") {
+                    SpawnError::PortInUse(e)
+                } else if status.code() == Some(127) {
+                    SpawnError::Other(e.context(format!(
+                        "cannot run `{bin}`: install nats-server (scripts/install-deps.sh) or set TETHER_NATS_SERVER"
+                    )))
+                } else {
+                    SpawnError::Other(e)
+                });
+            }
+            if self.ready().await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.kill_now();
+                return Err(SpawnError::Other(anyhow::anyhow!(
+                    "nats-server on port {} not ready within {} s; log:\n{}",
+                    self.port,
+                    READY_TIMEOUT.as_secs(),
+                    self.log_tail()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Accepts a connection and JetStream answers. A raw `$JS.API.INFO` request works on 2.9
+    /// and 2.1x alike (the typed account query's reply shape differs between versions).
+    async fn ready(&self) -> bool {
+        let probe = async {
+            let client = async_nats::connect(self.url()).await.ok()?;
+            let reply = client.request("$JS.API.INFO", "".into()).await.ok()?;
+            let body = String::from_utf8_lossy(&reply.payload);
+            Some(body.contains("account_info") && !body.contains("\"error\""))
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), probe).await,
+            Ok(Some(true))
+        )
+    }
+
+    fn log_tail(&self) -> String {
+        log_tail(&self.log_path(), 20)
+    }
+
+    /// SIGKILL, then let the watchdog go (it sees that the server is gone), then reap.
+    fn kill_now(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            self.watchdog = None;
+            let _ = child.wait();
+        }
+        self.watchdog = None;
+    }
+}
+
+impl Drop for NatsServer {
+    /// Kills and reaps the server; the temp dir (store, log, config) is removed afterwards.
+    fn drop(&mut self) {
+        self.kill_now();
+    }
+}
+
+impl std::fmt::Debug for NatsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsServer")
+            .field("url", &self.url())
+            .field("pid", &self.pid())
+            .field("dir", &self.dir.path())
+            .finish()
+    }
+}
+
+/// A path as a double-quoted nats-server config string.
+fn conf_string(p: &Path) -> String {
+    let s = p.display().to_string();
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn log_tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(s) => {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("(no log at {}: {e})", path.display()),
+    }
+}
