@@ -1,1 +1,102 @@
-//! x
+//! The container-orchestrator node: agent spaces (one long-lived container per space) and
+//! other managed containers on one Docker host — the only node, and this the only crate, that
+//! talks to the Docker engine.
+//!
+//! # Layout
+//! - [`config`]: the node's settings (limits, defaults, the mount allowlist, host id).
+//! - [`spec`]: a create request validated into a complete, hardened [`spec::ContainerSpec`].
+//! - [`docker`]: the bollard wrapper — hardened create, managed-only list/inspect/stop/remove.
+//! - [`exec`]: commands with a deadline that kills inside the container, a capped output,
+//!   streaming.
+//! - [`space`]: space bindings in KV (`tether_spaces`).
+//! - [`events`]: the engine's event stream → `events.containers.<space>`.
+//! - [`reconcile`]: the janitor — bindings vs labels, expiry, reaping orphaned execs.
+//! - [`node`]: the endpoints (`containers.*`, `hosts.<host_id>.containers.*`).
+//!
+//! The one design decision to know: the engine's labels are the truth. Which space a
+//! container belongs to is its `tether.space` label (set only by this node, never from a
+//! request), which host manages it is `tether.host`, and anything without
+//! `tether.managed=true` and this host's id does not exist for the node. KV only maps a space
+//! to its container, and is reconciled against the labels.
+
+pub mod config;
+pub mod docker;
+pub mod events;
+pub mod exec;
+pub mod node;
+pub mod reconcile;
+pub mod space;
+pub mod spec;
+pub mod state;
+
+use std::sync::Arc;
+
+use tether_bus::{BusConfig, Node};
+
+pub use config::OrchestratorConfig;
+pub use state::Orchestrator;
+
+pub const NAME: &str = "container-orchestrator";
+
+/// Room left in a bus message for everything of a reply but the output text.
+const REPLY_OVERHEAD: usize = 16 * 1024;
+
+/// Connects to the engine, opens the bindings bucket, and builds the node (not started).
+pub async fn build(
+    bus: &BusConfig,
+    cfg: OrchestratorConfig,
+    client: &async_nats::Client,
+) -> anyhow::Result<Node> {
+    cfg.validate()?;
+    let host_id = cfg.resolved_host_id()?;
+    let engine = docker::Engine::connect(&cfg.docker_host, &host_id).await?;
+    let (host_cpus, host_memory_mb) = engine
+        .host_resources()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the engine's host resources: {e}"))?;
+    let js = async_nats::jetstream::new(client.clone());
+    let spaces = space::Spaces::open(&js, &cfg.spaces_bucket, cfg.kv_replicas).await?;
+    let max_payload = client.server_info().max_payload.max(64 * 1024);
+    let reply_budget = max_payload.saturating_sub(REPLY_OVERHEAD);
+    let max_output = usize::try_from(cfg.exec_max_output_bytes)
+        .unwrap_or(reply_budget)
+        .min(reply_budget);
+    let policy = spec::Policy {
+        container_nats_url: spec::container_nats_url(&cfg.container_nats_url, &bus.nats_url),
+        cfg,
+        host_id: host_id.clone(),
+        host_cpus,
+        host_memory_mb,
+    };
+    tracing::info!(host_id = %host_id, cpus = host_cpus, memory_mb = host_memory_mb, max_output, "orchestrator configured");
+    let o = Arc::new(Orchestrator::new(
+        engine,
+        spaces,
+        policy,
+        max_output,
+        reply_budget,
+    ));
+    let node = Node::new(NAME, env!("CARGO_PKG_VERSION"))
+        .description("agent spaces and managed containers on one Docker host")
+        .metadata("host_id", host_id);
+    let (o1, o2) = (o.clone(), o.clone());
+    Ok(node::endpoints(node, &o)
+        .task("engine-events", move |ctx| events::follow(o1, ctx))
+        .task("janitor", move |ctx| reconcile::janitor(o2, ctx)))
+}
+
+/// Connects, builds and serves until `shutdown`, then drains.
+pub async fn run(
+    bus: BusConfig,
+    cfg: OrchestratorConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = tether_bus::connect::connect(&bus, NAME, &stop).await?;
+    let node = build(&bus, cfg, &client).await?;
+    let handle = node.start_with_client(bus, client).await?;
+    shutdown.await;
+    let r = handle.shutdown().await;
+    stop.cancel();
+    r
+}

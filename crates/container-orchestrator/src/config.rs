@@ -1,0 +1,257 @@
+//! The orchestrator's own settings (top level of `tether.toml`, or `TETHER_<KEY>`), and the
+//! checks that turn them into the values the node runs with.
+//!
+//! Every limit has a default (used when a request leaves it at 0) and a maximum (a request
+//! above it is refused with 400); the engine's own bounds (host CPUs and memory) cap the
+//! maximums further when the node starts. Bind mounts are refused unless their host path lies
+//! under an `allowed_mounts` entry — the operator's allowlist, where `{space}` stands for the
+//! requesting space.
+
+use serde::{Deserialize, Serialize};
+
+/// What happens to a managed space container found with no binding in KV.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnboundPolicy {
+    /// Record a binding for it (its space had none).
+    #[default]
+    Adopt,
+    /// Stop and remove it.
+    Remove,
+}
+
+/// One host path (or folder) bind mounts may come from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AllowedMount {
+    /// Absolute host path; `{space}` is replaced by the requesting space.
+    pub path: String,
+    /// Whether a request may mount it read-write (it is read-only unless the request asks).
+    #[serde(default)]
+    pub writable: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct OrchestratorConfig {
+    /// This Docker host's id in subjects (`hosts.<host_id>.containers.*`), labels and
+    /// bindings. Empty = the machine's hostname. One orchestrator per engine and host id.
+    pub host_id: String,
+    /// Docker endpoint (`unix:///var/run/docker.sock`, `tcp://…`); empty = `DOCKER_HOST` or
+    /// the local socket.
+    pub docker_host: String,
+    /// KV bucket of space bindings (space → host, container).
+    pub spaces_bucket: String,
+    pub kv_replicas: usize,
+    /// `TETHER_NATS_URL` given to containers. Empty = the node's own bus URL with loopback
+    /// hosts replaced by `host.docker.internal` (mapped to the host gateway).
+    pub container_nats_url: String,
+
+    pub default_memory_mb: i32,
+    pub max_memory_mb: i32,
+    pub default_cpu_limit: f64,
+    pub max_cpu_limit: f64,
+    pub default_pids_limit: i32,
+    pub max_pids_limit: i32,
+    /// Lifetime of a container when the request names none (`tether.expires`).
+    pub default_ttl_seconds: i32,
+    pub max_ttl_seconds: i32,
+    /// Network of space containers when the request names none.
+    pub space_network_mode: String,
+    /// Network of tool and relic containers when the request names none.
+    pub tool_network_mode: String,
+    /// Size of each writable (tmpfs) path.
+    pub tmpfs_size_mb: u32,
+    pub allowed_mounts: Vec<AllowedMount>,
+    pub unbound_policy: UnboundPolicy,
+    /// Run the engine's init (tini) as PID 1, so killed commands' orphans are reaped.
+    pub use_init: bool,
+    /// Command of a space container when the request names none: stays up, stops on SIGTERM.
+    pub idle_command: Vec<String>,
+    /// json-file log rotation of every container.
+    pub log_max_size: String,
+    pub log_max_files: u32,
+    pub stop_grace_seconds: i32,
+
+    pub exec_default_timeout_seconds: f64,
+    pub exec_max_timeout_seconds: f64,
+    pub exec_default_output_bytes: i32,
+    /// Also capped by the bus's max payload (the reply must fit in one message).
+    pub exec_max_output_bytes: i32,
+    /// Execs served at once by this node (more wait in the subscription).
+    pub max_concurrent_execs: usize,
+    /// How often the janitor removes expired containers, reconciles and reaps.
+    pub janitor_interval_seconds: u64,
+    /// Reconcile leaves bindings and containers younger than this alone (a create may be in
+    /// flight between the engine call and the KV write).
+    pub reconcile_grace_seconds: u64,
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        Self {
+            host_id: String::new(),
+            docker_host: String::new(),
+            spaces_bucket: "tether_spaces".into(),
+            kv_replicas: 1,
+            container_nats_url: String::new(),
+            default_memory_mb: 512,
+            max_memory_mb: 65_536,
+            default_cpu_limit: 1.0,
+            max_cpu_limit: 64.0,
+            default_pids_limit: 256,
+            max_pids_limit: 32_768,
+            default_ttl_seconds: 86_400,
+            max_ttl_seconds: 30 * 86_400,
+            space_network_mode: "bridge".into(),
+            tool_network_mode: "none".into(),
+            tmpfs_size_mb: 256,
+            allowed_mounts: Vec::new(),
+            unbound_policy: UnboundPolicy::Adopt,
+            use_init: true,
+            idle_command: vec![
+                "sh".into(),
+                "-c".into(),
+                "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done".into(),
+            ],
+            log_max_size: "10m".into(),
+            log_max_files: 3,
+            stop_grace_seconds: 10,
+            exec_default_timeout_seconds: 300.0,
+            exec_max_timeout_seconds: 86_400.0,
+            exec_default_output_bytes: 256 * 1024,
+            exec_max_output_bytes: 8 * 1024 * 1024,
+            max_concurrent_execs: 64,
+            janitor_interval_seconds: 30,
+            reconcile_grace_seconds: 60,
+        }
+    }
+}
+
+/// A configuration the node cannot run with (the binary exits 64).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid orchestrator configuration: {0}")]
+pub struct InvalidConfig(pub String);
+
+impl OrchestratorConfig {
+    /// The host id in use: the configured one (which must be a valid subject token) or the
+    /// hostname made into one.
+    pub fn resolved_host_id(&self) -> Result<String, InvalidConfig> {
+        if !self.host_id.is_empty() {
+            if !tether_bus::subject::is_valid_token(&self.host_id) {
+                return Err(InvalidConfig(format!(
+                    "host_id {:?} must be 1-128 characters of A-Z a-z 0-9 - _",
+                    self.host_id
+                )));
+            }
+            return Ok(self.host_id.clone());
+        }
+        let raw = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(sanitize_host_id(&raw))
+    }
+
+    /// Checks values that would otherwise fail at the first request.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        self.resolved_host_id()?;
+        let bad = |m: &str| Err(InvalidConfig(m.to_string()));
+        if !tether_bus::subject::is_valid_token(&self.spaces_bucket) {
+            return bad("spaces_bucket must be a valid bucket name");
+        }
+        if self.default_memory_mb < 6 || self.default_memory_mb > self.max_memory_mb {
+            return bad("default_memory_mb must be at least 6 and at most max_memory_mb");
+        }
+        if !(self.default_cpu_limit > 0.0 && self.default_cpu_limit <= self.max_cpu_limit) {
+            return bad("default_cpu_limit must be positive and at most max_cpu_limit");
+        }
+        if self.default_pids_limit < 8 || self.default_pids_limit > self.max_pids_limit {
+            return bad("default_pids_limit must be at least 8 and at most max_pids_limit");
+        }
+        if self.default_ttl_seconds <= 0 || self.default_ttl_seconds > self.max_ttl_seconds {
+            return bad("default_ttl_seconds must be positive and at most max_ttl_seconds");
+        }
+        if !(self.exec_default_timeout_seconds > 0.0
+            && self.exec_default_timeout_seconds <= self.exec_max_timeout_seconds)
+        {
+            return bad(
+                "exec_default_timeout_seconds must be positive and at most exec_max_timeout_seconds",
+            );
+        }
+        if self.exec_default_output_bytes <= 0
+            || self.exec_default_output_bytes > self.exec_max_output_bytes
+        {
+            return bad(
+                "exec_default_output_bytes must be positive and at most exec_max_output_bytes",
+            );
+        }
+        if self.max_concurrent_execs == 0 || self.janitor_interval_seconds == 0 {
+            return bad("max_concurrent_execs and janitor_interval_seconds must be at least 1");
+        }
+        if self.idle_command.is_empty() {
+            return bad("idle_command must not be empty");
+        }
+        for m in &self.allowed_mounts {
+            if !m.path.starts_with('/') || m.path.split('/').any(|s| s == "..") {
+                return Err(InvalidConfig(format!(
+                    "allowed_mounts path {:?} must be absolute, without `..`",
+                    m.path
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A hostname as a subject token: anything outside A-Z a-z 0-9 - _ becomes `-`.
+pub fn sanitize_host_id(raw: &str) -> String {
+    let s: String = raw
+        .chars()
+        .take(128)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if s.is_empty() { "localhost".into() } else { s }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        OrchestratorConfig::default().validate().expect("valid");
+    }
+
+    #[test]
+    fn host_id_is_checked_or_derived() {
+        let c = OrchestratorConfig {
+            host_id: "bad.id".into(),
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+        assert_eq!(sanitize_host_id("box.example.org"), "box-example-org");
+        assert_eq!(sanitize_host_id(""), "localhost");
+    }
+
+    #[test]
+    fn bad_limits_are_refused() {
+        let c = OrchestratorConfig {
+            default_memory_mb: 2,
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+        let c = OrchestratorConfig {
+            allowed_mounts: vec![AllowedMount {
+                path: "relative".into(),
+                writable: false,
+            }],
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,610 @@
+//! The Docker engine, through bollard — the only place in tether that talks to it.
+//!
+//! Two rules are enforced here rather than by callers: every container is created from a
+//! validated [`ContainerSpec`] with the hardened host config (all capabilities dropped,
+//! `no-new-privileges`, memory/CPU/pids limits always set, never privileged, bounded logs),
+//! and only containers labelled `tether.managed=true` *and* `tether.host=<this host>` are
+//! ever listed, inspected for callers, stopped or removed; anything else on the engine is
+//! "not found" to the node.
+//!
+//! Engine failures become an [`EngineError`] with a small kind, mapped to one status code
+//! in one place (`From<EngineError> for Problem`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bollard::Docker;
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, HostConfig,
+    HostConfigLogConfig, Mount, MountType, RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, InspectContainerOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+};
+use tether_bus::Problem;
+use tether_proto::{ContainerInfo, MountSpec, ResourceLimits};
+
+use crate::config::OrchestratorConfig;
+use crate::spec::{
+    ContainerSpec, LABEL_EXPIRES, LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_SESSION, LABEL_SPACE,
+};
+
+const MIB: i64 = 1024 * 1024;
+
+/// Why an engine call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineErrorKind {
+    NotFound,
+    Conflict,
+    /// The engine refused the request as invalid.
+    Refused,
+    Unavailable,
+    Timeout,
+    Other,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct EngineError {
+    kind: EngineErrorKind,
+    message: String,
+}
+
+impl EngineError {
+    pub fn new(kind: EngineErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+    pub fn kind(&self) -> EngineErrorKind {
+        self.kind
+    }
+}
+
+impl From<bollard::errors::Error> for EngineError {
+    fn from(e: bollard::errors::Error) -> Self {
+        use bollard::errors::Error as B;
+        match e {
+            B::DockerResponseServerError {
+                status_code,
+                message,
+            } => {
+                let kind = match status_code {
+                    404 => EngineErrorKind::NotFound,
+                    409 => EngineErrorKind::Conflict,
+                    400 | 422 => EngineErrorKind::Refused,
+                    _ if message.contains("is not running") || message.contains("is paused") => {
+                        EngineErrorKind::Conflict
+                    }
+                    _ => EngineErrorKind::Other,
+                };
+                EngineError::new(kind, message)
+            }
+            B::RequestTimeoutError => EngineError::new(
+                EngineErrorKind::Timeout,
+                "the Docker engine did not answer in time",
+            ),
+            e @ (B::IOError { .. }
+            | B::HyperResponseError { .. }
+            | B::HyperLegacyError { .. }
+            | B::SocketNotFoundError(_)) => EngineError::new(
+                EngineErrorKind::Unavailable,
+                format!("the Docker engine is unavailable: {e}"),
+            ),
+            other => EngineError::new(EngineErrorKind::Other, other.to_string()),
+        }
+    }
+}
+
+impl From<EngineError> for Problem {
+    fn from(e: EngineError) -> Problem {
+        match e.kind {
+            EngineErrorKind::NotFound => Problem::not_found(e.message),
+            EngineErrorKind::Conflict => Problem::conflict(e.message),
+            EngineErrorKind::Refused => {
+                Problem::unprocessable(format!("the engine refused: {}", e.message))
+            }
+            EngineErrorKind::Unavailable => Problem::unavailable(e.message),
+            EngineErrorKind::Timeout => Problem::timeout(e.message),
+            EngineErrorKind::Other => Problem::new(502, format!("engine error: {}", e.message)),
+        }
+    }
+}
+
+/// The immutable identity of a managed container (its labels never change).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Meta {
+    pub id: String,
+    pub name: String,
+    pub space: String,
+    pub session_id: String,
+    pub kind: String,
+    pub image: String,
+}
+
+/// Cached identities, by id and by name; bounded, and forgotten on `destroy`/`rename`.
+#[derive(Default)]
+struct MetaCache {
+    map: HashMap<String, Arc<Meta>>,
+}
+
+const META_CACHE_MAX: usize = 8192;
+
+/// The engine, scoped to this host's managed containers.
+#[derive(Clone)]
+pub struct Engine {
+    docker: Docker,
+    host_id: Arc<str>,
+    cache: Arc<Mutex<MetaCache>>,
+}
+
+impl Engine {
+    /// Connects (`docker_host`, else `DOCKER_HOST` or the local socket) and negotiates the
+    /// API version down to what the engine speaks.
+    pub async fn connect(docker_host: &str, host_id: &str) -> anyhow::Result<Engine> {
+        let docker = if docker_host.is_empty() {
+            Docker::connect_with_local_defaults()
+        } else {
+            Docker::connect_with_host(docker_host)
+        }
+        .map_err(|e| anyhow::anyhow!("cannot reach the Docker engine: {e}"))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the Docker engine: {e}"))?;
+        Ok(Engine {
+            docker,
+            host_id: Arc::from(host_id),
+            cache: Arc::default(),
+        })
+    }
+
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    pub fn host_id(&self) -> &str {
+        &self.host_id
+    }
+
+    /// CPUs and memory (MiB) of the engine's host.
+    pub async fn host_resources(&self) -> Result<(f64, i64), EngineError> {
+        let info = self.docker.info().await?;
+        let cpus = info.ncpu.unwrap_or(1).max(1) as f64;
+        let mem = info.mem_total.unwrap_or(i64::MAX) / MIB;
+        Ok((cpus, mem))
+    }
+
+    pub async fn image_exists(&self, image: &str) -> Result<bool, EngineError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let e = EngineError::from(e);
+                if e.kind == EngineErrorKind::NotFound {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    fn is_ours(&self, labels: Option<&HashMap<String, String>>) -> bool {
+        labels.is_some_and(|l| {
+            l.get(LABEL_MANAGED).is_some_and(|v| v == "true")
+                && l.get(LABEL_HOST).is_some_and(|v| *v == *self.host_id)
+        })
+    }
+
+    fn not_managed(&self, what: &str) -> EngineError {
+        EngineError::new(
+            EngineErrorKind::NotFound,
+            format!("no managed container `{what}` on host `{}`", self.host_id),
+        )
+    }
+
+    /// Inspects a container and checks it is one of ours (anything else is "not found").
+    pub async fn inspect_managed(
+        &self,
+        id_or_name: &str,
+    ) -> Result<(Arc<Meta>, ContainerInspectResponse), EngineError> {
+        self.inspect_managed_with(id_or_name, false).await
+    }
+
+    pub async fn inspect_managed_with(
+        &self,
+        id_or_name: &str,
+        size: bool,
+    ) -> Result<(Arc<Meta>, ContainerInspectResponse), EngineError> {
+        let opts = InspectContainerOptionsBuilder::default().size(size).build();
+        let c = match self.docker.inspect_container(id_or_name, Some(opts)).await {
+            Ok(c) => c,
+            Err(e) => {
+                let e = EngineError::from(e);
+                if e.kind == EngineErrorKind::NotFound {
+                    self.forget(id_or_name);
+                    return Err(self.not_managed(id_or_name));
+                }
+                return Err(e);
+            }
+        };
+        let labels = c.config.as_ref().and_then(|c| c.labels.as_ref());
+        if !self.is_ours(labels) {
+            return Err(self.not_managed(id_or_name));
+        }
+        let l = labels.cloned().unwrap_or_default();
+        let meta = Arc::new(Meta {
+            id: c.id.clone().unwrap_or_default(),
+            name: c
+                .name
+                .clone()
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_string(),
+            space: l.get(LABEL_SPACE).cloned().unwrap_or_default(),
+            session_id: l.get(LABEL_SESSION).cloned().unwrap_or_default(),
+            kind: l.get(LABEL_KIND).cloned().unwrap_or_default(),
+            image: c
+                .config
+                .as_ref()
+                .and_then(|c| c.image.clone())
+                .unwrap_or_default(),
+        });
+        self.remember(&meta);
+        Ok((meta, c))
+    }
+
+    /// The identity of a managed container, from the cache when known.
+    pub async fn managed(&self, id_or_name: &str) -> Result<Arc<Meta>, EngineError> {
+        let key = id_or_name.trim_start_matches('/');
+        if let Some(m) = self.cached(key) {
+            return Ok(m);
+        }
+        Ok(self.inspect_managed(key).await?.0)
+    }
+
+    fn cached(&self, key: &str) -> Option<Arc<Meta>> {
+        let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        c.map.get(key).cloned()
+    }
+
+    fn remember(&self, m: &Arc<Meta>) {
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if c.map.len() >= META_CACHE_MAX {
+            c.map.clear();
+        }
+        c.map.insert(m.id.clone(), m.clone());
+        c.map.insert(m.name.clone(), m.clone());
+    }
+
+    /// Drops a container (by id or name) from the cache, with its other key.
+    pub fn forget(&self, id_or_name: &str) {
+        let key = id_or_name.trim_start_matches('/');
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = c.map.remove(key) {
+            c.map.remove(&m.id);
+            c.map.remove(&m.name);
+        }
+        // A short id may have been used: drop entries whose id starts with it.
+        if key.len() >= 12 && key.chars().all(|ch| ch.is_ascii_hexdigit()) {
+            c.map.retain(|_, m| !m.id.starts_with(key));
+        }
+    }
+
+    /// This host's managed containers, optionally filtered by space, session and kind.
+    pub async fn list_managed(
+        &self,
+        space: &str,
+        session: &str,
+        kind: &str,
+    ) -> Result<Vec<ContainerSummary>, EngineError> {
+        let mut labels = vec![
+            format!("{LABEL_MANAGED}=true"),
+            format!("{LABEL_HOST}={}", self.host_id),
+        ];
+        for (k, v) in [
+            (LABEL_SPACE, space),
+            (LABEL_SESSION, session),
+            (LABEL_KIND, kind),
+        ] {
+            if !v.is_empty() {
+                labels.push(format!("{k}={v}"));
+            }
+        }
+        let filters = HashMap::from([("label".to_string(), labels)]);
+        let opts = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self.docker.list_containers(Some(opts)).await?;
+        // The engine filtered already; checking again costs nothing and keeps the rule local.
+        Ok(list
+            .into_iter()
+            .filter(|c| self.is_ours(c.labels.as_ref()))
+            .collect())
+    }
+
+    /// Creates a container from a validated spec with the hardened host config.
+    pub async fn create(
+        &self,
+        spec: &ContainerSpec,
+        cfg: &OrchestratorConfig,
+    ) -> Result<String, EngineError> {
+        let opts = CreateContainerOptionsBuilder::default()
+            .name(&spec.name)
+            .build();
+        let r = self
+            .docker
+            .create_container(Some(opts), create_body(spec, cfg))
+            .await?;
+        Ok(r.id)
+    }
+
+    pub async fn start(&self, id: &str) -> Result<(), EngineError> {
+        Ok(self.docker.start_container(id, None).await?)
+    }
+
+    pub async fn stop(&self, id: &str, grace_seconds: i32) -> Result<(), EngineError> {
+        let opts = StopContainerOptionsBuilder::default()
+            .t(grace_seconds)
+            .build();
+        Ok(self.docker.stop_container(id, Some(opts)).await?)
+    }
+
+    /// Kills (if running) and removes, with anonymous volumes. Gone already counts as done.
+    pub async fn remove(&self, id: &str) -> Result<(), EngineError> {
+        let opts = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
+        let r = self.docker.remove_container(id, Some(opts)).await;
+        self.forget(id);
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = EngineError::from(e);
+                match e.kind {
+                    EngineErrorKind::NotFound => Ok(()),
+                    // "removal already in progress"
+                    EngineErrorKind::Conflict if e.message.contains("in progress") => Ok(()),
+                    _ => Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// The engine's create body for a spec: the hardened defaults live here.
+pub fn create_body(spec: &ContainerSpec, cfg: &OrchestratorConfig) -> ContainerCreateBody {
+    let memory = i64::from(spec.memory_mb) * MIB;
+    let tmpfs: HashMap<String, String> = spec
+        .writable_paths
+        .iter()
+        .map(|p| {
+            (
+                p.clone(),
+                format!(
+                    "rw,exec,nosuid,nodev,size={}m,mode=1777",
+                    cfg.tmpfs_size_mb
+                        .min(u32::try_from(spec.memory_mb).unwrap_or(u32::MAX))
+                ),
+            )
+        })
+        .collect();
+    let mounts: Vec<Mount> = spec
+        .mounts
+        .iter()
+        .map(|m| Mount {
+            target: Some(m.target.clone()),
+            source: Some(m.source.clone()),
+            typ: Some(MountType::BIND),
+            read_only: Some(!m.writable),
+            ..Default::default()
+        })
+        .collect();
+    let host = HostConfig {
+        memory: Some(memory),
+        // Equal to memory: no swap on top.
+        memory_swap: Some(memory),
+        nano_cpus: Some((spec.cpu_limit * 1e9).round() as i64),
+        pids_limit: Some(i64::from(spec.pids_limit)),
+        cap_drop: Some(vec!["ALL".into()]),
+        cap_add: Some(Vec::new()),
+        privileged: Some(false),
+        security_opt: Some(vec!["no-new-privileges:true".into()]),
+        readonly_rootfs: Some(spec.read_only_root),
+        tmpfs: Some(tmpfs),
+        mounts: Some(mounts),
+        network_mode: Some(spec.network_mode.clone()),
+        extra_hosts: Some(spec.extra_hosts.clone()),
+        init: Some(cfg.use_init),
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        }),
+        log_config: Some(HostConfigLogConfig {
+            typ: Some("json-file".into()),
+            config: Some(HashMap::from([
+                ("max-size".to_string(), cfg.log_max_size.clone()),
+                ("max-file".to_string(), cfg.log_max_files.max(1).to_string()),
+            ])),
+        }),
+        ..Default::default()
+    };
+    ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        cmd: spec.cmd.clone(),
+        env: Some(spec.env.clone()),
+        working_dir: spec.workdir.clone(),
+        labels: Some(spec.labels.clone()),
+        stop_timeout: Some(i64::from(cfg.stop_grace_seconds)),
+        host_config: Some(host),
+        ..Default::default()
+    }
+}
+
+fn label(l: &HashMap<String, String>, k: &str) -> String {
+    l.get(k).cloned().unwrap_or_default()
+}
+
+/// What callers see of an inspected managed container.
+pub fn info_from_inspect(c: &ContainerInspectResponse, host_id: &str) -> ContainerInfo {
+    let labels = c
+        .config
+        .as_ref()
+        .and_then(|c| c.labels.clone())
+        .unwrap_or_default();
+    let state = c.state.as_ref();
+    let hc = c.host_config.as_ref();
+    let created = c.created.clone().unwrap_or_default();
+    let expires = label(&labels, LABEL_EXPIRES);
+    let ttl = match (
+        chrono::DateTime::parse_from_rfc3339(&created),
+        chrono::DateTime::parse_from_rfc3339(&expires),
+    ) {
+        (Ok(a), Ok(b)) => i32::try_from((b - a).num_seconds().max(0)).unwrap_or(i32::MAX),
+        _ => 0,
+    };
+    let mut writable_paths: Vec<String> = hc
+        .and_then(|h| h.tmpfs.as_ref())
+        .map(|t| t.keys().cloned().collect())
+        .unwrap_or_default();
+    writable_paths.sort();
+    let mounts = hc
+        .and_then(|h| h.mounts.as_ref())
+        .map(|ms| {
+            ms.iter()
+                .map(|m| MountSpec {
+                    source: m.source.clone().unwrap_or_default(),
+                    target: m.target.clone().unwrap_or_default(),
+                    writable: !m.read_only.unwrap_or(false),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let fin = state
+        .and_then(|s| s.finished_at.clone())
+        .unwrap_or_default();
+    ContainerInfo {
+        container_id: c.id.clone().unwrap_or_default(),
+        container_name: c
+            .name
+            .clone()
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
+        image: c
+            .config
+            .as_ref()
+            .and_then(|c| c.image.clone())
+            .unwrap_or_default(),
+        space: label(&labels, LABEL_SPACE),
+        session_id: label(&labels, LABEL_SESSION),
+        kind: label(&labels, LABEL_KIND),
+        host_id: host_id.to_string(),
+        state: state
+            .and_then(|s| s.status)
+            .map(|s| s.to_string())
+            .unwrap_or_default(),
+        exit_code: state
+            .and_then(|s| s.exit_code)
+            .map(|c| i32::try_from(c).unwrap_or(-1))
+            .unwrap_or_default(),
+        oom_killed: state.and_then(|s| s.oom_killed).unwrap_or(false),
+        created_at: created,
+        started_at: state
+            .and_then(|s| s.started_at.clone())
+            .filter(|s| !s.starts_with("0001-"))
+            .unwrap_or_default(),
+        finished_at: if fin.starts_with("0001-") {
+            String::new()
+        } else {
+            fin
+        },
+        expires_at: expires,
+        resource_limits: hc.map(|h| ResourceLimits {
+            memory_mb: i32::try_from(h.memory.unwrap_or(0) / MIB).unwrap_or(i32::MAX),
+            cpu_limit: h.nano_cpus.unwrap_or(0) as f64 / 1e9,
+            pids_limit: i32::try_from(h.pids_limit.unwrap_or(0)).unwrap_or(i32::MAX),
+            timeout_seconds: ttl,
+        }),
+        network_mode: hc.and_then(|h| h.network_mode.clone()).unwrap_or_default(),
+        read_only_root: hc.and_then(|h| h.readonly_rootfs).unwrap_or(false),
+        writable_paths,
+        mounts,
+        labels,
+    }
+}
+
+/// What callers see of a listed managed container (the engine's summary is shorter).
+pub fn info_from_summary(c: &ContainerSummary, host_id: &str) -> ContainerInfo {
+    let labels = c.labels.clone().unwrap_or_default();
+    ContainerInfo {
+        container_id: c.id.clone().unwrap_or_default(),
+        container_name: c
+            .names
+            .as_ref()
+            .and_then(|n| n.first())
+            .map(|n| n.trim_start_matches('/').to_string())
+            .unwrap_or_default(),
+        image: c.image.clone().unwrap_or_default(),
+        space: label(&labels, LABEL_SPACE),
+        session_id: label(&labels, LABEL_SESSION),
+        kind: label(&labels, LABEL_KIND),
+        host_id: host_id.to_string(),
+        state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+        created_at: c
+            .created
+            .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default(),
+        expires_at: label(&labels, LABEL_EXPIRES),
+        network_mode: c
+            .host_config
+            .as_ref()
+            .and_then(|h| h.network_mode.clone())
+            .unwrap_or_default(),
+        labels,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Policy, validate_create};
+
+    #[test]
+    fn create_body_is_hardened() {
+        let policy = Policy {
+            cfg: OrchestratorConfig::default(),
+            host_id: "h".into(),
+            host_cpus: 2.0,
+            host_memory_mb: 4096,
+            container_nats_url: "nats://host.docker.internal:4222".into(),
+        };
+        let req = tether_proto::CreateContainerRequest {
+            image: "img".into(),
+            ..Default::default()
+        };
+        let spec = validate_create(&req, "s", "a", &policy, chrono::Utc::now()).expect("spec");
+        let b = create_body(&spec, &policy.cfg);
+        let h = b.host_config.expect("host config");
+        assert_eq!(h.cap_drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(h.privileged, Some(false));
+        assert_eq!(
+            h.security_opt,
+            Some(vec!["no-new-privileges:true".to_string()])
+        );
+        assert_eq!(h.memory, Some(512 * MIB));
+        assert_eq!(h.memory_swap, h.memory);
+        assert_eq!(h.nano_cpus, Some(1_000_000_000));
+        assert_eq!(h.pids_limit, Some(256));
+        assert_eq!(h.readonly_rootfs, Some(true));
+        assert!(h.tmpfs.expect("tmpfs").contains_key("/tmp"));
+        assert_eq!(h.init, Some(true));
+        assert_eq!(b.labels.expect("labels")[LABEL_MANAGED], "true");
+    }
+}

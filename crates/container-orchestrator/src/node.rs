@@ -1,0 +1,885 @@
+//! The endpoints: `containers.<op>` and `hosts.<host_id>.containers.<op>`.
+//!
+//! Every operation on an existing container goes through [`resolve`]: the target is named by
+//! `container` (id or name) or by `space` (its bound container), and the caller must be an
+//! operator or belong to the container's `tether.space` label — the label, not a request
+//! field, decides. A request on the shared subject for a space bound on another host is
+//! forwarded to that host's subject with the caller's own headers (so the other node checks
+//! the token again); a request on a host subject is never forwarded further.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::query_parameters::{LogsOptionsBuilder, StatsOptionsBuilder};
+use futures::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tether_bus::{Caller, Endpoint, Node, Problem, Request, Scope};
+use tether_proto::{
+    ContainerInfo, ContainerList, ContainerRef, ContainerStats, CreateContainerRequest,
+    ExecRequest, ExecResult, ListContainersRequest, LogsReply, LogsRequest, RemoveContainerRequest,
+    RemovedContainer, SpaceBinding, StopContainerRequest,
+};
+
+use crate::docker::{EngineError, EngineErrorKind, Meta, info_from_inspect, info_from_summary};
+use crate::exec::{ExecSpec, StreamTo};
+use crate::space::Reserve;
+use crate::spec::{Kind, parse_command, validate_abs_path, validate_create, validate_env};
+use crate::state::Orchestrator;
+
+type O = Arc<Orchestrator>;
+
+/// Adds every endpoint, on the shared and on the host-addressed subjects.
+pub fn endpoints(mut node: Node, o: &O) -> Node {
+    let max_execs = o.policy.cfg.max_concurrent_execs;
+    for (prefix, addressed) in [
+        ("containers".to_string(), false),
+        (format!("hosts.{}.containers", o.host_id), true),
+    ] {
+        macro_rules! ep {
+            ($op:literal, $f:ident, $scope:expr) => {{
+                let o = o.clone();
+                Endpoint::new(format!("{prefix}.{}", $op), move |r| {
+                    $f(o.clone(), addressed, r)
+                })
+                .scope($scope)
+            }};
+        }
+        node = node
+            .endpoint(ep!("create", create, Scope::ContainersWrite))
+            .endpoint(ep!("start", start, Scope::ContainersWrite))
+            .endpoint(ep!("stop", stop, Scope::ContainersWrite))
+            .endpoint(ep!("remove", remove, Scope::ContainersWrite))
+            .endpoint(ep!("list", list, Scope::ContainersRead))
+            .endpoint(ep!("inspect", inspect, Scope::ContainersRead))
+            .endpoint(ep!("exec", exec, Scope::ContainersExec).max_concurrency(max_execs))
+            .endpoint(ep!("logs", logs, Scope::ContainersRead))
+            .endpoint(ep!("stats", stats, Scope::ContainersRead));
+    }
+    node
+}
+
+fn traceparent<T>(req: &Request<T>) -> Option<String> {
+    tether_bus::telemetry::current_traceparent().or_else(|| {
+        req.headers
+            .get(tether_bus::telemetry::TRACEPARENT)
+            .map(|v| v.as_str().to_string())
+    })
+}
+
+/// The container a request acts on.
+enum Target {
+    Local(Arc<Meta>),
+    /// The space is bound on another host.
+    Remote(String),
+}
+
+fn is_valid_container_ref(s: &str) -> bool {
+    let s = s.strip_prefix('/').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// Resolves `container` / `space` to a managed container the caller may act on.
+async fn resolve(
+    o: &Orchestrator,
+    caller: &Caller,
+    container: &str,
+    space: &str,
+) -> Result<Target, Problem> {
+    if !space.is_empty() {
+        if !tether_bus::subject::is_valid_token(space) {
+            return Err(Problem::bad_request(format!(
+                "`space` {space:?} must be 1-128 characters of A-Z a-z 0-9 - _"
+            )));
+        }
+        caller.space_for(space)?;
+    }
+    if !container.is_empty() {
+        if !is_valid_container_ref(container) {
+            return Err(Problem::bad_request(format!(
+                "`container` {container:?} is not a container id or name"
+            )));
+        }
+        let meta = o.engine.managed(container).await?;
+        if caller.space_for(&meta.space).is_err() {
+            return Err(Problem::forbidden(format!(
+                "container `{container}` belongs to another space; agent `{}` may act only in `{}`",
+                caller.agent_id, caller.space
+            )));
+        }
+        if !space.is_empty() && meta.space != space {
+            return Err(Problem::bad_request(format!(
+                "container `{container}` is not in space `{space}`"
+            )));
+        }
+        return Ok(Target::Local(meta));
+    }
+    let space = caller.space_for(space)?;
+    let (b, _) = o
+        .spaces
+        .get(&space)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("space `{space}` has no container")))?;
+    if b.host_id != o.host_id {
+        return Ok(Target::Remote(b.host_id));
+    }
+    if b.container_id.is_empty() {
+        return Err(Problem::conflict(format!(
+            "the container of space `{space}` is being created"
+        )));
+    }
+    let meta = o.engine.managed(&b.container_id).await.map_err(|e| {
+        if e.kind() == EngineErrorKind::NotFound {
+            Problem::not_found(format!(
+                "space `{space}` is bound to container `{}`, which no longer exists",
+                b.container_name
+            ))
+        } else {
+            e.into()
+        }
+    })?;
+    if meta.space != space {
+        return Err(Problem::conflict(format!(
+            "space `{space}` is bound to a container labelled for `{}`",
+            meta.space
+        )));
+    }
+    Ok(Target::Local(meta))
+}
+
+/// Sends the request on to the host that holds the space, as the caller.
+async fn forward<T, R>(req: &Request<T>, host: &str, op: &str, wait: Duration) -> Result<R, Problem>
+where
+    T: prost::Message + Serialize,
+    R: prost::Message + DeserializeOwned + Default,
+{
+    let subject = req.ctx.subject(&format!("hosts.{host}.containers.{op}"));
+    let body = req.encoding.encode(&req.body)?;
+    let request = async_nats::client::Request::new()
+        .payload(body)
+        .headers(req.headers.clone())
+        .timeout(Some(wait));
+    let msg = req
+        .ctx
+        .client
+        .send_request(subject, request)
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => Problem::unavailable(format!(
+                "the space is bound on host `{host}`, where no orchestrator answers"
+            )),
+            async_nats::RequestErrorKind::TimedOut => {
+                Problem::timeout(format!("host `{host}` did not answer in time"))
+            }
+            _ => Problem::unavailable(format!("cannot reach host `{host}`: {e}")),
+        })?;
+    if let Some(p) = Problem::from_reply(msg.headers.as_ref(), &msg.payload) {
+        return Err(p);
+    }
+    req.encoding.decode::<R>(&msg.payload)
+}
+
+/// Resolves, forwarding to the owning host when the request came on the shared subject.
+macro_rules! target_or_forward {
+    ($o:expr, $req:expr, $addressed:expr, $op:literal, $wait:expr) => {{
+        let caller = $req.caller()?.clone();
+        match resolve(&$o, &caller, &$req.body.container, &$req.body.space).await? {
+            Target::Local(m) => m,
+            Target::Remote(host) if !$addressed => {
+                return forward(&$req, &host, $op, $wait).await;
+            }
+            Target::Remote(host) => {
+                return Err(Problem::conflict(format!(
+                    "the space is bound on host `{host}`, not `{}`; send to hosts.{host}.containers.{}",
+                    $o.host_id, $op
+                )));
+            }
+        }
+    }};
+}
+
+const FORWARD_WAIT: Duration = Duration::from_secs(60);
+
+async fn create(
+    o: O,
+    _addressed: bool,
+    req: Request<CreateContainerRequest>,
+) -> Result<ContainerInfo, Problem> {
+    let caller = req.caller()?;
+    let space = caller.space_for(&req.body.space)?;
+    let spec = validate_create(
+        &req.body,
+        &space,
+        &caller.agent_id,
+        &o.policy,
+        chrono::Utc::now(),
+    )?;
+    if !o.engine.image_exists(&spec.image).await? {
+        return Err(Problem::unprocessable(format!(
+            "image `{}` is not on host `{}` (the orchestrator never pulls: build or load it first)",
+            spec.image, o.host_id
+        )));
+    }
+    let tp = traceparent(&req);
+    o.note_trace(&spec.name, tp.as_deref());
+    let mut binding = SpaceBinding {
+        space: space.clone(),
+        host_id: o.host_id.clone(),
+        container_id: String::new(),
+        container_name: spec.name.clone(),
+        session_id: spec.session_id.clone(),
+        bound_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        bound_by: caller.agent_id.clone(),
+    };
+    let reservation = if spec.kind == Kind::Space {
+        Some(reserve(&o, &binding).await?)
+    } else {
+        None
+    };
+    let release = |rev: Option<u64>| {
+        let o = o.clone();
+        let space = space.clone();
+        async move {
+            if let Some(rev) = rev
+                && let Err(e) = o.spaces.unbind_at(&space, rev).await
+            {
+                tracing::warn!(space = %space, error = %e, "cannot release space reservation");
+            }
+        }
+    };
+    let id = match o.engine.create(&spec, &o.policy.cfg).await {
+        Ok(id) => id,
+        Err(e) => {
+            release(reservation).await;
+            return Err(match e.kind() {
+                EngineErrorKind::Conflict => {
+                    Problem::conflict(format!("cannot create `{}`: {e}", spec.name))
+                }
+                EngineErrorKind::NotFound | EngineErrorKind::Refused => {
+                    Problem::unprocessable(format!("the engine refused the container: {e}"))
+                }
+                _ => e.into(),
+            });
+        }
+    };
+    o.note_trace(&id, tp.as_deref());
+    // From here a failure removes what was made: a bad request leaves nothing behind.
+    let undo = |rev: Option<u64>| {
+        let o = o.clone();
+        let id = id.clone();
+        let release = release(rev);
+        async move {
+            if let Err(e) = o.engine.remove(&id).await {
+                tracing::warn!(container = %id, error = %e, "cannot remove half-made container");
+            }
+            release.await;
+        }
+    };
+    let mut rev = reservation;
+    if let Some(r) = reservation {
+        binding.container_id = id.clone();
+        match o.spaces.bind(&binding, r).await {
+            Ok(new_rev) => rev = Some(new_rev),
+            Err(p) => {
+                undo(None).await;
+                return Err(p);
+            }
+        }
+    }
+    if spec.start
+        && let Err(e) = o.engine.start(&id).await
+    {
+        undo(rev).await;
+        return Err(match e.kind() {
+            EngineErrorKind::Unavailable | EngineErrorKind::Timeout => e.into(),
+            _ => Problem::unprocessable(format!("the container could not start: {e}")),
+        });
+    }
+    tracing::info!(container = %id, name = %spec.name, space = %space, kind = spec.kind.as_str(), by = %caller.agent_id, "container created");
+    let (_, c) = o.engine.inspect_managed(&id).await?;
+    Ok(info_from_inspect(&c, &o.host_id))
+}
+
+/// Reserves a space for a new container (one container per space).
+async fn reserve(o: &Orchestrator, b: &SpaceBinding) -> Result<u64, Problem> {
+    for _ in 0..2 {
+        match o.spaces.reserve(b).await? {
+            Reserve::Reserved(rev) => return Ok(rev),
+            Reserve::Exists(existing, rev) => {
+                if existing.host_id != o.host_id {
+                    return Err(Problem::conflict(format!(
+                        "space `{}` already has a container on host `{}`",
+                        b.space, existing.host_id
+                    )));
+                }
+                if existing.container_id.is_empty() {
+                    let age = chrono::DateTime::parse_from_rfc3339(&existing.bound_at)
+                        .map(|t| chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+                        .unwrap_or_default();
+                    if age.num_seconds()
+                        < i64::try_from(o.policy.cfg.reconcile_grace_seconds).unwrap_or(i64::MAX)
+                    {
+                        return Err(Problem::conflict(format!(
+                            "the container of space `{}` is being created",
+                            b.space
+                        )));
+                    }
+                } else {
+                    match o.engine.inspect_managed(&existing.container_id).await {
+                        Ok(_) => {
+                            return Err(Problem::conflict(format!(
+                                "space `{}` already has container `{}` ({})",
+                                b.space, existing.container_name, existing.container_id
+                            )));
+                        }
+                        Err(e) if e.kind() == EngineErrorKind::NotFound => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                // A stale record (its container is gone): drop it and try again.
+                o.spaces.unbind_at(&b.space, rev).await?;
+            }
+        }
+    }
+    Err(Problem::conflict(format!(
+        "space `{}` is being changed concurrently; try again",
+        b.space
+    )))
+}
+
+async fn start(
+    o: O,
+    addressed: bool,
+    req: Request<ContainerRef>,
+) -> Result<ContainerInfo, Problem> {
+    let m = target_or_forward!(o, req, addressed, "start", FORWARD_WAIT);
+    o.note_trace(&m.id, traceparent(&req).as_deref());
+    o.engine.start(&m.id).await?;
+    let (_, c) = o.engine.inspect_managed(&m.id).await?;
+    Ok(info_from_inspect(&c, &o.host_id))
+}
+
+async fn stop(
+    o: O,
+    addressed: bool,
+    req: Request<StopContainerRequest>,
+) -> Result<ContainerInfo, Problem> {
+    let grace = match req.body.grace_seconds {
+        0 => o.policy.cfg.stop_grace_seconds,
+        g if !(1..=300).contains(&g) => {
+            return Err(Problem::bad_request(format!(
+                "`grace_seconds` must be between 1 and 300 (got {g})"
+            )));
+        }
+        g => g,
+    };
+    let m = target_or_forward!(o, req, addressed, "stop", FORWARD_WAIT);
+    o.note_trace(&m.id, traceparent(&req).as_deref());
+    o.engine.stop(&m.id, grace).await?;
+    tracing::info!(container = %m.id, space = %m.space, by = %req.caller()?.agent_id, "container stopped");
+    let (_, c) = o.engine.inspect_managed(&m.id).await?;
+    Ok(info_from_inspect(&c, &o.host_id))
+}
+
+async fn remove(
+    o: O,
+    addressed: bool,
+    req: Request<RemoveContainerRequest>,
+) -> Result<RemovedContainer, Problem> {
+    let m = target_or_forward!(o, req, addressed, "remove", FORWARD_WAIT);
+    o.note_trace(&m.id, traceparent(&req).as_deref());
+    let is_space = m.kind == Kind::Space.as_str();
+    let bound = is_space
+        && o.spaces
+            .get(&m.space)
+            .await?
+            .is_some_and(|(b, _)| b.host_id == o.host_id && b.container_id == m.id);
+    o.engine.remove(&m.id).await?;
+    // The engine's `destroy` event may drop the binding first; either way it is gone.
+    if bound {
+        o.spaces.unbind_if(&m.space, &o.host_id, &m.id).await?;
+    }
+    let unbound = bound;
+    tracing::info!(container = %m.id, space = %m.space, by = %req.caller()?.agent_id, "container removed");
+    Ok(RemovedContainer {
+        container_id: m.id.clone(),
+        container_name: m.name.clone(),
+        space: m.space.clone(),
+        unbound,
+    })
+}
+
+async fn list(
+    o: O,
+    _addressed: bool,
+    req: Request<ListContainersRequest>,
+) -> Result<ContainerList, Problem> {
+    let caller = req.caller()?;
+    let b = &req.body;
+    for (what, v) in [("space", &b.space), ("session_id", &b.session_id)] {
+        if !v.is_empty() && !tether_bus::subject::is_valid_token(v) {
+            return Err(Problem::bad_request(format!(
+                "`{what}` {v:?} must be 1-128 characters of A-Z a-z 0-9 - _"
+            )));
+        }
+    }
+    if !b.kind.is_empty() {
+        Kind::parse(&b.kind)?;
+    }
+    let space = if caller.is_operator() {
+        b.space.clone()
+    } else {
+        caller.space_for(&b.space)?
+    };
+    let list = o
+        .engine
+        .list_managed(&space, &b.session_id, &b.kind)
+        .await?;
+    let mut containers: Vec<ContainerInfo> = list
+        .iter()
+        .map(|c| info_from_summary(c, &o.host_id))
+        .collect();
+    containers.sort_by(|a, b| a.container_name.cmp(&b.container_name));
+    Ok(ContainerList {
+        containers,
+        host_id: o.host_id.clone(),
+    })
+}
+
+async fn inspect(
+    o: O,
+    addressed: bool,
+    req: Request<ContainerRef>,
+) -> Result<ContainerInfo, Problem> {
+    let m = target_or_forward!(o, req, addressed, "inspect", FORWARD_WAIT);
+    let (_, c) = o.engine.inspect_managed(&m.id).await?;
+    Ok(info_from_inspect(&c, &o.host_id))
+}
+
+fn validate_user(u: &str) -> Result<Option<String>, Problem> {
+    if u.is_empty() {
+        return Ok(None);
+    }
+    let part = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    };
+    let ok = u.len() <= 64
+        && match u.split_once(':') {
+            Some((a, b)) => part(a) && part(b),
+            None => part(u),
+        };
+    if ok {
+        Ok(Some(u.to_string()))
+    } else {
+        Err(Problem::bad_request(format!(
+            "`user` {u:?} must be a user, uid, or user:group"
+        )))
+    }
+}
+
+/// Checked exec parameters.
+struct ExecParams {
+    cmd: Vec<String>,
+    workdir: Option<String>,
+    env: Vec<String>,
+    user: Option<String>,
+    timeout: Duration,
+    max_output: usize,
+    stream: Option<String>,
+}
+
+fn validate_exec(
+    o: &Orchestrator,
+    caller: &Caller,
+    b: &ExecRequest,
+) -> Result<ExecParams, Problem> {
+    let cmd = parse_command(b.command.as_ref())?
+        .ok_or_else(|| Problem::bad_request("`command` is required"))?;
+    let workdir = if b.workdir.is_empty() {
+        None
+    } else {
+        Some(validate_abs_path("workdir", &b.workdir)?)
+    };
+    let env = validate_env(&b.env)?;
+    let user = validate_user(&b.user)?;
+    let cfg = &o.policy.cfg;
+    let t = b.timeout_seconds;
+    let timeout = if !t.is_finite() || t < 0.0 {
+        return Err(Problem::bad_request(format!(
+            "`timeout_seconds` must be positive (got {t})"
+        )));
+    } else if t == 0.0 {
+        cfg.exec_default_timeout_seconds
+    } else if t > cfg.exec_max_timeout_seconds {
+        return Err(Problem::bad_request(format!(
+            "`timeout_seconds` must be at most {} (got {t})",
+            cfg.exec_max_timeout_seconds
+        )));
+    } else {
+        t
+    };
+    let max_output = match b.max_output_bytes {
+        0 => usize::try_from(cfg.exec_default_output_bytes)
+            .unwrap_or(o.max_output)
+            .min(o.max_output),
+        n if n < 0 => {
+            return Err(Problem::bad_request(format!(
+                "`max_output_bytes` must be positive (got {n})"
+            )));
+        }
+        n if usize::try_from(n).unwrap_or(usize::MAX) > o.max_output => {
+            return Err(Problem::bad_request(format!(
+                "`max_output_bytes` must be at most {} (got {n})",
+                o.max_output
+            )));
+        }
+        n => usize::try_from(n).unwrap_or(o.max_output),
+    };
+    let stream = match (b.stream, b.stream_subject.as_str()) {
+        (false, "") => None,
+        (false, _) => {
+            return Err(Problem::bad_request(
+                "`stream_subject` is set but `stream` is not",
+            ));
+        }
+        (true, "") => {
+            return Err(Problem::bad_request(
+                "`stream: true` needs a `stream_subject` (e.g. a fresh _INBOX subject)",
+            ));
+        }
+        (true, s) => {
+            let inbox = s.starts_with("_INBOX.");
+            if !tether_bus::subject::is_valid_publish_subject(s)
+                || s.starts_with('$')
+                || !(inbox || caller.is_operator())
+            {
+                return Err(Problem::bad_request(format!(
+                    "`stream_subject` {s:?} must be an _INBOX. subject without wildcards"
+                )));
+            }
+            Some(s.to_string())
+        }
+    };
+    Ok(ExecParams {
+        cmd,
+        workdir,
+        env,
+        user,
+        timeout: Duration::from_secs_f64(timeout),
+        max_output,
+        stream,
+    })
+}
+
+async fn exec(o: O, addressed: bool, req: Request<ExecRequest>) -> Result<ExecResult, Problem> {
+    let caller = req.caller()?.clone();
+    let p = validate_exec(&o, &caller, &req.body)?;
+    let wait = p.timeout + Duration::from_secs(30);
+    let m = target_or_forward!(o, req, addressed, "exec", wait);
+    let oom_before = o.oom_count(&m.id);
+    let spec = ExecSpec {
+        container_id: m.id.clone(),
+        cmd: p.cmd,
+        workdir: p.workdir,
+        env: p.env,
+        user: p.user,
+        stdin: (!req.body.stdin.is_empty()).then(|| req.body.stdin.clone().into()),
+        timeout: p.timeout,
+        max_output: p.max_output,
+        stream: p.stream.map(|subject| StreamTo {
+            client: req.ctx.client.clone(),
+            subject,
+        }),
+    };
+    let out = match crate::exec::run(o.engine.docker(), spec).await {
+        Ok(out) => out,
+        Err(e) if e.kind() == EngineErrorKind::NotFound => {
+            // The cached identity was stale: the container is gone.
+            o.engine.forget(&m.id);
+            return Err(Problem::not_found(format!(
+                "container `{}` no longer exists",
+                m.name
+            )));
+        }
+        Err(e) => return Err(exec_problem(e)),
+    };
+    // An OOM kill shows as SIGKILL; the engine's `oom` event tells the two apart.
+    let oom_killed =
+        out.exit_code == 137 && o.oom_after(&m.id, oom_before, Duration::from_secs(1)).await;
+    let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let cut = fit_json(&mut stdout, &mut stderr, o.reply_budget);
+    Ok(ExecResult {
+        exit_code: out.exit_code,
+        stdout,
+        stderr,
+        truncated: out.truncated || cut,
+        timed_out: out.timed_out,
+        duration_ms: u32::try_from(out.duration.as_millis()).unwrap_or(u32::MAX),
+        oom_killed,
+        container_id: m.id.clone(),
+        output_bytes: out.output_bytes,
+    })
+}
+
+fn exec_problem(e: EngineError) -> Problem {
+    match e.kind() {
+        EngineErrorKind::Conflict => Problem::conflict(format!("cannot exec: {e}")),
+        _ => e.into(),
+    }
+}
+
+/// Bytes a string takes inside a JSON string literal.
+fn json_len(s: &str) -> usize {
+    s.chars()
+        .map(|c| match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        })
+        .sum()
+}
+
+fn cut_json(s: &mut String, max: usize) {
+    let mut used = 0;
+    let mut end = s.len();
+    for (i, c) in s.char_indices() {
+        used += json_len(c.encode_utf8(&mut [0; 4]));
+        if used > max {
+            end = i;
+            break;
+        }
+    }
+    s.truncate(end);
+}
+
+/// Trims output so its JSON form fits `budget`; true when anything was cut.
+fn fit_json(stdout: &mut String, stderr: &mut String, budget: usize) -> bool {
+    let (a, b) = (json_len(stdout), json_len(stderr));
+    if a + b <= budget {
+        return false;
+    }
+    let half = budget / 2;
+    let (max_a, max_b) = if b <= half {
+        (budget - b, b)
+    } else if a <= half {
+        (a, budget - a)
+    } else {
+        (half, budget - half)
+    };
+    cut_json(stdout, max_a);
+    cut_json(stderr, max_b);
+    true
+}
+
+async fn logs(o: O, addressed: bool, req: Request<LogsRequest>) -> Result<LogsReply, Problem> {
+    let b = &req.body;
+    let tail = match b.tail {
+        0 => 1000,
+        t if !(1..=100_000).contains(&t) => {
+            return Err(Problem::bad_request(format!(
+                "`tail` must be between 1 and 100000 (got {t})"
+            )));
+        }
+        t => t,
+    };
+    if b.since < 0 || b.since > i64::from(i32::MAX) {
+        return Err(Problem::bad_request("`since` must be unix seconds"));
+    }
+    let cap = match b.max_bytes {
+        0 => usize::try_from(o.policy.cfg.exec_default_output_bytes)
+            .unwrap_or(o.max_output)
+            .min(o.max_output),
+        n if n < 0 || usize::try_from(n).unwrap_or(usize::MAX) > o.max_output => {
+            return Err(Problem::bad_request(format!(
+                "`max_bytes` must be between 1 and {} (got {n})",
+                o.max_output
+            )));
+        }
+        n => usize::try_from(n).unwrap_or(o.max_output),
+    };
+    let m = target_or_forward!(o, req, addressed, "logs", FORWARD_WAIT);
+    let opts = LogsOptionsBuilder::default()
+        .follow(false)
+        .stdout(true)
+        .stderr(true)
+        .since(i32::try_from(b.since).unwrap_or(0))
+        .timestamps(b.timestamps)
+        .tail(&tail.to_string())
+        .build();
+    let mut stream = o.engine.docker().logs(&m.id, Some(opts));
+    let (mut out, mut err) = (Vec::<u8>::new(), Vec::<u8>::new());
+    // Logs come oldest first and the newest are kept: each buffer is bounded to twice the
+    // cap while reading, then cut to the cap.
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut dropped = false;
+        while let Some(item) = stream.next().await {
+            let (buf, msg) = match item.map_err(EngineError::from)? {
+                bollard::container::LogOutput::StdErr { message } => (&mut err, message),
+                bollard::container::LogOutput::StdOut { message }
+                | bollard::container::LogOutput::Console { message } => (&mut out, message),
+                bollard::container::LogOutput::StdIn { .. } => continue,
+            };
+            buf.extend_from_slice(&msg);
+            if buf.len() > 2 * cap {
+                let cut = buf.len() - cap;
+                buf.drain(..cut);
+                dropped = true;
+            }
+        }
+        Ok::<bool, EngineError>(dropped)
+    })
+    .await;
+    let mut truncated = match read {
+        Ok(r) => r?,
+        Err(_) => true,
+    };
+    // Keep the newest output within the cap (logs are read oldest first).
+    let total = out.len() + err.len();
+    if total > cap {
+        truncated = true;
+        let keep_err = err.len().min((cap / 2).max(cap.saturating_sub(out.len())));
+        let keep_out = (cap - keep_err).min(out.len());
+        out.drain(..out.len().saturating_sub(keep_out));
+        err.drain(..err.len().saturating_sub(keep_err));
+    }
+    let mut stdout = String::from_utf8_lossy(&out).into_owned();
+    let mut stderr = String::from_utf8_lossy(&err).into_owned();
+    truncated |= fit_json(&mut stdout, &mut stderr, o.reply_budget);
+    Ok(LogsReply {
+        stdout,
+        stderr,
+        truncated,
+        container_id: m.id.clone(),
+    })
+}
+
+async fn stats(
+    o: O,
+    addressed: bool,
+    req: Request<ContainerRef>,
+) -> Result<ContainerStats, Problem> {
+    let m = target_or_forward!(o, req, addressed, "stats", FORWARD_WAIT);
+    let opts = StatsOptionsBuilder::default()
+        .stream(false)
+        .one_shot(false)
+        .build();
+    let s = tokio::time::timeout(
+        Duration::from_secs(20),
+        o.engine.docker().stats(&m.id, Some(opts)).next(),
+    )
+    .await
+    .map_err(|_| Problem::timeout("the engine did not give stats in time"))?
+    .ok_or_else(|| Problem::new(502, "the engine gave no stats"))?
+    .map_err(EngineError::from)?;
+    let (_, c) = o.engine.inspect_managed_with(&m.id, true).await?;
+    let cpu = s.cpu_stats.as_ref();
+    let pre = s.precpu_stats.as_ref();
+    let total = |c: Option<&bollard::models::ContainerCpuStats>| {
+        c.and_then(|c| c.cpu_usage.as_ref())
+            .and_then(|u| u.total_usage)
+            .unwrap_or(0)
+    };
+    let system = |c: Option<&bollard::models::ContainerCpuStats>| {
+        c.and_then(|c| c.system_cpu_usage).unwrap_or(0)
+    };
+    let online = cpu.and_then(|c| c.online_cpus).unwrap_or(1).max(1);
+    let cpu_delta = total(cpu).saturating_sub(total(pre)) as f64;
+    let sys_delta = system(cpu).saturating_sub(system(pre)) as f64;
+    let cpu_percent = if sys_delta > 0.0 {
+        cpu_delta / sys_delta * f64::from(online) * 100.0
+    } else {
+        0.0
+    };
+    let mem = s.memory_stats.as_ref();
+    let usage = mem.and_then(|m| m.usage).unwrap_or(0);
+    // Page cache is reclaimable: subtract it as `docker stats` does.
+    let cache = mem
+        .and_then(|m| m.stats.as_ref())
+        .and_then(|st| st.get("total_inactive_file").or(st.get("inactive_file")))
+        .copied()
+        .unwrap_or(0);
+    let used = usage.saturating_sub(cache);
+    let limit = mem.and_then(|m| m.limit).unwrap_or(0);
+    let (rx, tx) = s
+        .networks
+        .as_ref()
+        .map(|n| {
+            n.values().fold((0u64, 0u64), |(r, t), v| {
+                (r + v.rx_bytes.unwrap_or(0), t + v.tx_bytes.unwrap_or(0))
+            })
+        })
+        .unwrap_or((0, 0));
+    let (br, bw) = s
+        .blkio_stats
+        .as_ref()
+        .and_then(|b| b.io_service_bytes_recursive.as_ref())
+        .map(|entries| {
+            entries.iter().fold((0u64, 0u64), |(r, w), e| {
+                match e.op.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                    Some("read") => (r + e.value.unwrap_or(0), w),
+                    Some("write") => (r, w + e.value.unwrap_or(0)),
+                    _ => (r, w),
+                }
+            })
+        })
+        .unwrap_or((0, 0));
+    Ok(ContainerStats {
+        container_id: m.id.clone(),
+        container_name: m.name.clone(),
+        cpu_percent,
+        cpu_total_ns: total(cpu),
+        online_cpus: online,
+        memory_usage_bytes: used,
+        memory_limit_bytes: limit,
+        memory_percent: if limit > 0 {
+            used as f64 / limit as f64 * 100.0
+        } else {
+            0.0
+        },
+        pids_current: s.pids_stats.as_ref().and_then(|p| p.current).unwrap_or(0),
+        pids_limit: s.pids_stats.as_ref().and_then(|p| p.limit).unwrap_or(0),
+        network_rx_bytes: rx,
+        network_tx_bytes: tx,
+        block_read_bytes: br,
+        block_write_bytes: bw,
+        disk_rw_bytes: c.size_rw.unwrap_or(0),
+        read_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_budget_is_kept() {
+        let mut a = "\0".repeat(1000);
+        let mut b = "x".repeat(10);
+        assert!(fit_json(&mut a, &mut b, 600));
+        assert!(json_len(&a) + json_len(&b) <= 600);
+        assert_eq!(b.len(), 10, "the short one is kept whole");
+        let mut a = "hello\n".to_string();
+        let mut b = String::new();
+        assert!(!fit_json(&mut a, &mut b, 100));
+        assert_eq!(a, "hello\n");
+    }
+
+    #[test]
+    fn users_and_refs() {
+        assert!(validate_user("1000:1000").is_ok());
+        assert!(validate_user("nobody").is_ok());
+        assert!(validate_user("a b").is_err());
+        assert!(validate_user("a:").is_err());
+        assert!(is_valid_container_ref("abc123"));
+        assert!(is_valid_container_ref("/tether-space-s1"));
+        assert!(!is_valid_container_ref("../x"));
+        assert!(!is_valid_container_ref(""));
+    }
+}

@@ -1,0 +1,854 @@
+//! Validation of a create request into a [`ContainerSpec`]: every field checked, every
+//! default filled in, before anything reaches the engine.
+//!
+//! Pure (no I/O besides resolving symlinks of allowed bind mounts), so the whole policy —
+//! limits, names, reserved labels and environment, network modes, the mount allowlist — is
+//! tested by calling [`validate_create`] directly. A request that fails here creates nothing.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tether_bus::Problem;
+use tether_proto::{CreateContainerRequest, MountSpec, ResourceLimits};
+
+use crate::config::OrchestratorConfig;
+
+pub const LABEL_MANAGED: &str = "tether.managed";
+pub const LABEL_SPACE: &str = "tether.space";
+pub const LABEL_SESSION: &str = "tether.session";
+pub const LABEL_KIND: &str = "tether.kind";
+pub const LABEL_EXPIRES: &str = "tether.expires";
+pub const LABEL_HOST: &str = "tether.host";
+pub const LABEL_CREATED_BY: &str = "tether.created_by";
+
+/// Environment names the orchestrator sets itself; a request may not.
+pub const RESERVED_ENV: &[&str] = &[
+    "TETHER_NATS_URL",
+    "TETHER_SPACE",
+    "TETHER_SESSION",
+    "TETHER_EXEC_ID",
+    "TETHER_EXEC_DEADLINE",
+];
+
+/// Engine minimum for a memory limit.
+pub const MIN_MEMORY_MB: i32 = 6;
+pub const MIN_PIDS: i32 = 8;
+
+/// What a container is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Space,
+    Tool,
+    Relic,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Result<Kind, Problem> {
+        match s {
+            "" | "space" => Ok(Kind::Space),
+            "tool" => Ok(Kind::Tool),
+            "relic" => Ok(Kind::Relic),
+            other => Err(Problem::bad_request(format!(
+                "`kind` must be space, tool or relic (got {other:?})"
+            ))),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Space => "space",
+            Kind::Tool => "tool",
+            Kind::Relic => "relic",
+        }
+    }
+}
+
+/// The bounds requests are checked against (config capped by the engine's host).
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub cfg: OrchestratorConfig,
+    pub host_id: String,
+    /// CPUs of the Docker host (the engine refuses more).
+    pub host_cpus: f64,
+    /// Memory of the Docker host in MiB.
+    pub host_memory_mb: i64,
+    /// `TETHER_NATS_URL` for containers.
+    pub container_nats_url: String,
+}
+
+impl Policy {
+    pub fn max_memory_mb(&self) -> i64 {
+        i64::from(self.cfg.max_memory_mb).min(self.host_memory_mb.max(i64::from(MIN_MEMORY_MB)))
+    }
+    pub fn max_cpu(&self) -> f64 {
+        self.cfg.max_cpu_limit.min(self.host_cpus.max(0.01))
+    }
+}
+
+/// A bind mount that passed the allowlist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: String,
+    pub target: String,
+    pub writable: bool,
+}
+
+/// A validated, complete container definition.
+#[derive(Clone, Debug)]
+pub struct ContainerSpec {
+    pub image: String,
+    pub name: String,
+    pub space: String,
+    pub session_id: String,
+    pub kind: Kind,
+    /// `KEY=value`, the orchestrator's own variables included.
+    pub env: Vec<String>,
+    pub cmd: Option<Vec<String>>,
+    pub workdir: Option<String>,
+    /// Every label, `tether.*` included.
+    pub labels: HashMap<String, String>,
+    pub memory_mb: i32,
+    pub cpu_limit: f64,
+    pub pids_limit: i32,
+    pub ttl_seconds: i32,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    pub network_mode: String,
+    pub extra_hosts: Vec<String>,
+    pub read_only_root: bool,
+    /// Paths mounted as tmpfs (writable on a read-only root).
+    pub writable_paths: Vec<String>,
+    pub mounts: Vec<BindMount>,
+    pub start: bool,
+}
+
+impl ContainerSpec {
+    pub fn limits(&self) -> ResourceLimits {
+        ResourceLimits {
+            memory_mb: self.memory_mb,
+            cpu_limit: self.cpu_limit,
+            pids_limit: self.pids_limit,
+            timeout_seconds: self.ttl_seconds,
+        }
+    }
+}
+
+fn bad(msg: impl Into<String>) -> Problem {
+    Problem::bad_request(msg)
+}
+
+/// Docker's container name rule, bounded: `[a-zA-Z0-9][a-zA-Z0-9_.-]+`, at most 128.
+pub fn is_valid_container_name(s: &str) -> bool {
+    let s = s.strip_prefix('/').unwrap_or(s);
+    let mut chars = s.chars();
+    s.len() >= 2
+        && s.len() <= 128
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// An image reference the engine could know: `name[:tag][@digest]`, plain characters only.
+pub fn is_valid_image_ref(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@'))
+        && !s.contains("//")
+        && !s.contains("..")
+}
+
+fn is_env_name(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 256
+        && k.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Checks a request's environment: valid names, no NUL, nothing reserved, bounded.
+pub fn validate_env(env: &HashMap<String, String>) -> Result<Vec<String>, Problem> {
+    if env.len() > 256 {
+        return Err(bad("`env` may hold at most 256 variables"));
+    }
+    let mut out = Vec::with_capacity(env.len());
+    let mut keys: Vec<&String> = env.keys().collect();
+    keys.sort();
+    for k in keys {
+        let v = &env[k];
+        if !is_env_name(k) {
+            return Err(bad(format!(
+                "`env` name {k:?} must match [A-Za-z_][A-Za-z0-9_]*"
+            )));
+        }
+        if RESERVED_ENV.contains(&k.as_str()) {
+            return Err(bad(format!(
+                "`env` {k} is set by the orchestrator and cannot be given"
+            )));
+        }
+        if v.contains('\0') || v.len() > 32 * 1024 {
+            return Err(bad(format!(
+                "`env` {k}: value must be at most 32 KiB, without NUL"
+            )));
+        }
+        out.push(format!("{k}={v}"));
+    }
+    Ok(out)
+}
+
+/// A command from a `Value`: a string runs under `sh -c`, a list of strings is the argv.
+pub fn parse_command(
+    v: Option<&tether_proto::pbjson_types::Value>,
+) -> Result<Option<Vec<String>>, Problem> {
+    use tether_proto::pbjson_types::value::Kind as V;
+    let Some(v) = v else { return Ok(None) };
+    let argv = match &v.kind {
+        None | Some(V::NullValue(_)) => return Ok(None),
+        Some(V::StringValue(s)) if s.trim().is_empty() => {
+            return Err(bad("`command` is an empty string"));
+        }
+        Some(V::StringValue(s)) => vec!["sh".to_string(), "-c".to_string(), s.clone()],
+        Some(V::ListValue(l)) => {
+            let mut argv = Vec::with_capacity(l.values.len());
+            for item in &l.values {
+                match &item.kind {
+                    Some(V::StringValue(s)) => argv.push(s.clone()),
+                    _ => return Err(bad("`command` as a list must hold only strings")),
+                }
+            }
+            if argv.is_empty() || argv[0].is_empty() {
+                return Err(bad("`command` as a list must name a program first"));
+            }
+            argv
+        }
+        Some(_) => {
+            return Err(bad(
+                "`command` must be a string (run by `sh -c`) or a list of strings (argv)",
+            ));
+        }
+    };
+    let total: usize = argv.iter().map(String::len).sum();
+    if total > 128 * 1024 || argv.len() > 4096 || argv.iter().any(|a| a.contains('\0')) {
+        return Err(bad(
+            "`command` must be at most 128 KiB and 4096 arguments, without NUL",
+        ));
+    }
+    Ok(Some(argv))
+}
+
+/// An absolute, normalized path (no `..`, `.` or empty segments), bounded; a trailing `/`
+/// is dropped.
+pub fn validate_abs_path(what: &str, p: &str) -> Result<String, Problem> {
+    let refuse = || {
+        bad(format!(
+            "`{what}` {p:?} must be an absolute path without `..`, `.`, `//`, `:` or `,`"
+        ))
+    };
+    if !p.starts_with('/')
+        || p.len() > 1024
+        || p.chars().any(|c| c.is_control() || c == ',' || c == ':')
+    {
+        return Err(refuse());
+    }
+    let trimmed = p.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Ok("/".into());
+    }
+    if trimmed
+        .split('/')
+        .skip(1)
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Err(refuse());
+    }
+    Ok(trimmed.to_string())
+}
+
+fn is_under(path: &str, dir: &str) -> bool {
+    let dir = dir.trim_end_matches('/');
+    dir.is_empty() || path == dir || path.starts_with(&format!("{dir}/"))
+}
+
+/// Paths a mount or tmpfs may never cover.
+fn is_forbidden_target(p: &str) -> bool {
+    p == "/" || ["/proc", "/sys", "/dev"].iter().any(|d| is_under(p, d))
+}
+
+fn validate_mounts(
+    mounts: &[MountSpec],
+    policy: &Policy,
+    space: &str,
+) -> Result<Vec<BindMount>, Problem> {
+    if mounts.len() > 32 {
+        return Err(bad("at most 32 `mounts`"));
+    }
+    let mut out = Vec::new();
+    for m in mounts {
+        let source = validate_abs_path("mounts.source", &m.source)?;
+        let target = validate_abs_path("mounts.target", &m.target)?;
+        if is_forbidden_target(&target) {
+            return Err(bad(format!(
+                "`mounts.target` {target:?} may not be /, /proc, /sys or /dev"
+            )));
+        }
+        let allowed = |path: &str| {
+            policy.cfg.allowed_mounts.iter().find(|a| {
+                let dir = a.path.replace("{space}", space);
+                is_under(path, &dir) && dir != "/" && !dir.is_empty()
+            })
+        };
+        let entry = allowed(&source).ok_or_else(|| {
+            Problem::forbidden(format!(
+                "host path {source:?} is not under a path the operator allows for mounts"
+            ))
+        })?;
+        if m.writable && !entry.writable {
+            return Err(Problem::forbidden(format!(
+                "host path {source:?} may only be mounted read-only"
+            )));
+        }
+        // A symlink inside an allowed folder must not lead out of it (checked when the path
+        // is visible to this process, i.e. the node runs on the Docker host).
+        if let Ok(real) = std::fs::canonicalize(Path::new(&source)) {
+            let real = real.to_string_lossy().into_owned();
+            let still = allowed(&real).is_some_and(|e| !m.writable || e.writable);
+            if !still {
+                return Err(Problem::forbidden(format!(
+                    "host path {source:?} resolves to {real:?}, outside the allowed paths"
+                )));
+            }
+        }
+        out.push(BindMount {
+            source,
+            target,
+            writable: m.writable,
+        });
+    }
+    Ok(out)
+}
+
+fn validate_limits(
+    l: Option<&ResourceLimits>,
+    policy: &Policy,
+) -> Result<(i32, f64, i32, i32), Problem> {
+    let d = ResourceLimits::default();
+    let l = l.unwrap_or(&d);
+    let cfg = &policy.cfg;
+    let memory = match l.memory_mb {
+        0 => cfg.default_memory_mb,
+        m if m < 0 => {
+            return Err(bad(format!(
+                "`resource_limits.memory_mb` is negative ({m})"
+            )));
+        }
+        m if m < MIN_MEMORY_MB => {
+            return Err(bad(format!(
+                "`resource_limits.memory_mb` must be at least {MIN_MEMORY_MB} (got {m})"
+            )));
+        }
+        m if i64::from(m) > policy.max_memory_mb() => {
+            return Err(bad(format!(
+                "`resource_limits.memory_mb` must be at most {} on this host (got {m})",
+                policy.max_memory_mb()
+            )));
+        }
+        m => m,
+    };
+    let cpu = l.cpu_limit;
+    let cpu = if !cpu.is_finite() {
+        return Err(bad("`resource_limits.cpu_limit` must be a number"));
+    } else if cpu == 0.0 {
+        cfg.default_cpu_limit.min(policy.max_cpu())
+    } else if cpu < 0.01 {
+        return Err(bad(format!(
+            "`resource_limits.cpu_limit` must be at least 0.01 (got {cpu})"
+        )));
+    } else if cpu > policy.max_cpu() {
+        return Err(bad(format!(
+            "`resource_limits.cpu_limit` must be at most {} on this host (got {cpu})",
+            policy.max_cpu()
+        )));
+    } else {
+        cpu
+    };
+    let pids = match l.pids_limit {
+        0 => cfg.default_pids_limit,
+        p if p < MIN_PIDS || p > cfg.max_pids_limit => {
+            return Err(bad(format!(
+                "`resource_limits.pids_limit` must be between {MIN_PIDS} and {} (got {p})",
+                cfg.max_pids_limit
+            )));
+        }
+        p => p,
+    };
+    let ttl = match l.timeout_seconds {
+        0 => cfg.default_ttl_seconds,
+        t if t < 0 || t > cfg.max_ttl_seconds => {
+            return Err(bad(format!(
+                "`resource_limits.timeout_seconds` (container lifetime) must be between 1 and {} (got {t})",
+                cfg.max_ttl_seconds
+            )));
+        }
+        t => t,
+    };
+    Ok((memory, cpu, pids, ttl))
+}
+
+fn validate_network(mode: &str, kind: Kind, policy: &Policy) -> Result<String, Problem> {
+    let mode = if mode.is_empty() {
+        match kind {
+            Kind::Space => policy.cfg.space_network_mode.clone(),
+            Kind::Tool | Kind::Relic => policy.cfg.tool_network_mode.clone(),
+        }
+    } else {
+        mode.to_string()
+    };
+    if mode == "host" || mode.contains(':') {
+        return Err(Problem::forbidden(format!(
+            "`network_mode` {mode:?} is not allowed (host and container namespaces are never shared)"
+        )));
+    }
+    if !is_valid_container_name(&mode) && mode.len() > 1 {
+        return Err(bad(format!(
+            "`network_mode` {mode:?} is not a network name"
+        )));
+    }
+    Ok(mode)
+}
+
+fn validate_extra_hosts(hosts: &[String]) -> Result<Vec<String>, Problem> {
+    if hosts.len() > 32 {
+        return Err(bad("at most 32 `extra_hosts`"));
+    }
+    hosts
+        .iter()
+        .map(|h| {
+            let (name, addr) = h
+                .split_once(':')
+                .ok_or_else(|| bad(format!("`extra_hosts` entry {h:?} must be name:address")))?;
+            let name_ok = !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+            let addr_ok = addr == "host-gateway" || addr.parse::<std::net::IpAddr>().is_ok();
+            if name_ok && addr_ok {
+                Ok(h.clone())
+            } else {
+                Err(bad(format!(
+                    "`extra_hosts` entry {h:?} must be name:IP or name:host-gateway"
+                )))
+            }
+        })
+        .collect()
+}
+
+fn validate_labels(labels: &HashMap<String, String>) -> Result<(), Problem> {
+    if labels.len() > 64 {
+        return Err(bad("at most 64 `labels`"));
+    }
+    for (k, v) in labels {
+        let ok = !k.is_empty()
+            && k.len() <= 128
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+        if !ok {
+            return Err(bad(format!("label name {k:?} is not valid")));
+        }
+        if k.to_ascii_lowercase().starts_with("tether.") {
+            return Err(bad(format!(
+                "label {k:?}: the `tether.` prefix is reserved for the orchestrator"
+            )));
+        }
+        if v.len() > 4096 || v.contains('\0') {
+            return Err(bad(format!("label {k:?}: value too long or has NUL")));
+        }
+    }
+    Ok(())
+}
+
+/// Validates a create request for `space` (already authorized) made by `agent_id`.
+pub fn validate_create(
+    req: &CreateContainerRequest,
+    space: &str,
+    agent_id: &str,
+    policy: &Policy,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<ContainerSpec, Problem> {
+    if req.image.is_empty() {
+        return Err(bad("`image` is required"));
+    }
+    if !is_valid_image_ref(&req.image) {
+        return Err(bad(format!(
+            "`image` {:?} is not an image reference",
+            req.image
+        )));
+    }
+    if !tether_bus::subject::is_valid_token(space) {
+        return Err(bad(format!(
+            "`space` {space:?} must be 1-128 characters of A-Z a-z 0-9 - _"
+        )));
+    }
+    if !req.session_id.is_empty() && !tether_bus::subject::is_valid_token(&req.session_id) {
+        return Err(bad(format!(
+            "`session_id` {:?} must be 1-128 characters of A-Z a-z 0-9 - _",
+            req.session_id
+        )));
+    }
+    let kind = Kind::parse(&req.kind)?;
+    let name = if req.name.is_empty() {
+        let short = uuid::Uuid::new_v4().simple().to_string();
+        let mut n = format!("tether-{}-{space}", kind.as_str());
+        n.truncate(110);
+        format!("{n}-{}", &short[..8])
+    } else if is_valid_container_name(&req.name) {
+        req.name.trim_start_matches('/').to_string()
+    } else {
+        return Err(bad(format!(
+            "`name` {:?} must match [a-zA-Z0-9][a-zA-Z0-9_.-]+ and be at most 128 characters",
+            req.name
+        )));
+    };
+    let (memory_mb, cpu_limit, pids_limit, ttl_seconds) =
+        validate_limits(req.resource_limits.as_ref(), policy)?;
+    let mut env = validate_env(&req.env)?;
+    let cmd = match parse_command(req.command.as_ref())? {
+        Some(c) => Some(c),
+        None if kind == Kind::Space => Some(policy.cfg.idle_command.clone()),
+        None => None,
+    };
+    let workdir = if req.workdir.is_empty() {
+        None
+    } else {
+        Some(validate_abs_path("workdir", &req.workdir)?)
+    };
+    validate_labels(&req.labels)?;
+    let network_mode = validate_network(&req.network_mode, kind, policy)?;
+    let mut extra_hosts = validate_extra_hosts(&req.extra_hosts)?;
+    let mounts = validate_mounts(&req.mounts, policy, space)?;
+
+    let read_only_root = !req.writable_root;
+    let mut writable_paths: Vec<String> = Vec::new();
+    if read_only_root {
+        writable_paths.push("/tmp".into());
+        if let Some(w) = &workdir
+            && !is_forbidden_target(w)
+        {
+            writable_paths.push(w.clone());
+        }
+    }
+    if req.writable_paths.len() > 16 {
+        return Err(bad("at most 16 `writable_paths`"));
+    }
+    for p in &req.writable_paths {
+        let p = validate_abs_path("writable_paths", p)?;
+        if is_forbidden_target(&p) {
+            return Err(bad(format!(
+                "`writable_paths` {p:?} may not be /, /proc, /sys or /dev"
+            )));
+        }
+        if !writable_paths.contains(&p) {
+            writable_paths.push(p);
+        }
+    }
+    if let Some(m) = mounts.iter().find(|m| writable_paths.contains(&m.target)) {
+        return Err(bad(format!(
+            "{:?} is both a mount target and a writable path",
+            m.target
+        )));
+    }
+
+    let nats_url = policy.container_nats_url.clone();
+    if network_mode != "none"
+        && nats_url.contains("host.docker.internal")
+        && !extra_hosts
+            .iter()
+            .any(|h| h.starts_with("host.docker.internal:"))
+    {
+        extra_hosts.push("host.docker.internal:host-gateway".into());
+    }
+    env.push(format!("TETHER_NATS_URL={nats_url}"));
+    env.push(format!("TETHER_SPACE={space}"));
+    env.push(format!("TETHER_SESSION={}", req.session_id));
+
+    let expires_at = now + chrono::Duration::seconds(i64::from(ttl_seconds));
+    let mut labels = req.labels.clone();
+    labels.insert(LABEL_MANAGED.into(), "true".into());
+    labels.insert(LABEL_SPACE.into(), space.into());
+    labels.insert(LABEL_SESSION.into(), req.session_id.clone());
+    labels.insert(LABEL_KIND.into(), kind.as_str().into());
+    labels.insert(
+        LABEL_EXPIRES.into(),
+        expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    );
+    labels.insert(LABEL_HOST.into(), policy.host_id.clone());
+    labels.insert(LABEL_CREATED_BY.into(), agent_id.into());
+
+    Ok(ContainerSpec {
+        image: req.image.clone(),
+        name,
+        space: space.into(),
+        session_id: req.session_id.clone(),
+        kind,
+        env,
+        cmd,
+        workdir,
+        labels,
+        memory_mb,
+        cpu_limit,
+        pids_limit,
+        ttl_seconds,
+        expires_at,
+        network_mode,
+        extra_hosts,
+        read_only_root,
+        writable_paths,
+        mounts,
+        start: !req.create_only,
+    })
+}
+
+/// The `TETHER_NATS_URL` for containers: loopback hosts of the node's URL(s) become
+/// `host.docker.internal`, which the orchestrator maps to the host gateway.
+pub fn container_nats_url(configured: &str, bus_url: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
+    bus_url
+        .split(',')
+        .map(|u| {
+            let u = u.trim();
+            ["127.0.0.1", "localhost", "[::1]", "0.0.0.0"]
+                .iter()
+                .fold(u.to_string(), |acc, h| {
+                    acc.replace(&format!("//{h}:"), "//host.docker.internal:")
+                        .replace(&format!("//{h}/"), "//host.docker.internal/")
+                })
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AllowedMount;
+
+    fn policy() -> Policy {
+        Policy {
+            cfg: OrchestratorConfig {
+                allowed_mounts: vec![
+                    AllowedMount {
+                        path: "/srv/secrets".into(),
+                        writable: false,
+                    },
+                    AllowedMount {
+                        path: "/srv/agents/{space}".into(),
+                        writable: true,
+                    },
+                ],
+                ..Default::default()
+            },
+            host_id: "h1".into(),
+            host_cpus: 2.0,
+            host_memory_mb: 4096,
+            container_nats_url: "nats://host.docker.internal:4222".into(),
+        }
+    }
+
+    fn req() -> CreateContainerRequest {
+        CreateContainerRequest {
+            image: "tether-test/busybox:latest".into(),
+            ..Default::default()
+        }
+    }
+
+    fn check(r: CreateContainerRequest) -> Result<ContainerSpec, Problem> {
+        validate_create(&r, "s1", "a1", &policy(), chrono::Utc::now())
+    }
+
+    #[test]
+    fn defaults_are_hardened_and_labelled() {
+        let s = check(req()).expect("valid");
+        assert_eq!(s.kind, Kind::Space);
+        assert_eq!(
+            (s.memory_mb, s.cpu_limit, s.pids_limit),
+            (512, 1.0, 256),
+            "limits always set"
+        );
+        assert!(s.read_only_root);
+        assert_eq!(s.writable_paths, vec!["/tmp".to_string()]);
+        assert_eq!(s.labels[LABEL_MANAGED], "true");
+        assert_eq!(s.labels[LABEL_SPACE], "s1");
+        assert_eq!(s.labels[LABEL_HOST], "h1");
+        assert_eq!(s.labels[LABEL_KIND], "space");
+        assert!(s.labels.contains_key(LABEL_EXPIRES));
+        assert!(s.env.contains(&"TETHER_SPACE=s1".to_string()));
+        assert!(
+            s.env
+                .iter()
+                .any(|e| e.starts_with("TETHER_NATS_URL=nats://"))
+        );
+        assert!(
+            s.extra_hosts
+                .contains(&"host.docker.internal:host-gateway".to_string())
+        );
+        assert_eq!(s.network_mode, "bridge");
+        assert!(s.cmd.is_some(), "a space container gets the idle command");
+        assert!(s.name.starts_with("tether-space-s1-"));
+    }
+
+    #[test]
+    fn bad_limits_are_refused() {
+        let cases = [
+            (-1, 0.0, 0, 0),
+            (3, 0.0, 0, 0),
+            (1_000_000, 0.0, 0, 0),
+            (0, -1.0, 0, 0),
+            (0, 65.0, 0, 0),
+            (0, 3.0, 0, 0), // more than the host's 2 CPUs
+            (0, f64::NAN, 0, 0),
+            (0, 0.0, -5, 0),
+            (0, 0.0, 1_000_000, 0),
+            (0, 0.0, 0, -1),
+        ];
+        for (m, c, p, t) in cases {
+            let mut r = req();
+            r.resource_limits = Some(ResourceLimits {
+                memory_mb: m,
+                cpu_limit: c,
+                pids_limit: p,
+                timeout_seconds: t,
+            });
+            let e = check(r).expect_err("must be refused");
+            assert_eq!(e.status, 400, "{m} {c} {p} {t}: {e}");
+            assert!(e.detail.contains("resource_limits"), "{e}");
+        }
+    }
+
+    #[test]
+    fn names_images_env_labels() {
+        for n in ["-x", "a", "has space", "x/y", &"n".repeat(200)] {
+            let mut r = req();
+            r.name = n.to_string();
+            assert_eq!(check(r).expect_err(n).status, 400, "{n}");
+        }
+        for i in ["", "UPPER SPACE", "a//b", "../x", "-x"] {
+            let mut r = req();
+            r.image = i.to_string();
+            assert_eq!(check(r).expect_err(i).status, 400, "{i}");
+        }
+        let mut r = req();
+        r.env.insert("TETHER_SPACE".into(), "other".into());
+        assert!(
+            check(r)
+                .expect_err("reserved")
+                .detail
+                .contains("TETHER_SPACE")
+        );
+        let mut r = req();
+        r.env.insert("1BAD".into(), "x".into());
+        assert_eq!(check(r).expect_err("name").status, 400);
+        let mut r = req();
+        r.labels.insert("tether.space".into(), "other".into());
+        assert!(check(r).expect_err("label").detail.contains("reserved"));
+        let mut r = req();
+        r.kind = "daemon".into();
+        assert_eq!(check(r).expect_err("kind").status, 400);
+    }
+
+    #[test]
+    fn network_modes() {
+        let mut r = req();
+        r.network_mode = "host".into();
+        assert_eq!(check(r).expect_err("host").status, 403);
+        let mut r = req();
+        r.network_mode = "container:abc".into();
+        assert_eq!(check(r).expect_err("container").status, 403);
+        let mut r = req();
+        r.kind = "tool".into();
+        let s = check(r).expect("tool");
+        assert_eq!(s.network_mode, "none");
+        assert!(s.extra_hosts.is_empty());
+        assert!(s.cmd.is_none());
+        let mut r = req();
+        r.extra_hosts = vec!["db:not-an-ip".into()];
+        assert_eq!(check(r).expect_err("extra").status, 400);
+    }
+
+    #[test]
+    fn mounts_follow_the_allowlist() {
+        let m = |source: &str, target: &str, writable: bool| MountSpec {
+            source: source.into(),
+            target: target.into(),
+            writable,
+        };
+        let mut r = req();
+        r.mounts = vec![
+            m("/srv/secrets/api", "/run/secrets", false),
+            m("/srv/agents/s1/auth", "/home/auth", true),
+        ];
+        let s = check(r).expect("allowed");
+        assert_eq!(s.mounts.len(), 2);
+        assert!(!s.mounts[0].writable);
+        for (mm, status) in [
+            (m("/etc", "/x", false), 403),
+            (m("/srv/secrets2/x", "/x", false), 403),
+            (m("/srv/secrets", "/x", true), 403),
+            (m("/srv/agents/s2/auth", "/x", false), 403),
+            (m("/srv/secrets/../../etc", "/x", false), 400),
+            (m("relative", "/x", false), 400),
+            (m("/srv/secrets", "/proc/x", false), 400),
+            (m("/srv/secrets", "/", false), 400),
+        ] {
+            let mut r = req();
+            r.mounts = vec![mm.clone()];
+            assert_eq!(check(r).expect_err("refused").status, status, "{mm:?}");
+        }
+    }
+
+    #[test]
+    fn commands() {
+        use tether_proto::to_pb_value;
+        let c = |v: serde_json::Value| parse_command(Some(&to_pb_value(v)));
+        assert_eq!(
+            c(serde_json::json!("echo hi")).expect("s"),
+            Some(vec!["sh".into(), "-c".into(), "echo hi".into()])
+        );
+        assert_eq!(
+            c(serde_json::json!(["true"])).expect("l"),
+            Some(vec!["true".into()])
+        );
+        assert!(c(serde_json::json!(5)).is_err());
+        assert!(c(serde_json::json!([])).is_err());
+        assert!(c(serde_json::json!([1])).is_err());
+        assert!(c(serde_json::json!("  ")).is_err());
+        assert_eq!(c(serde_json::Value::Null).expect("null"), None);
+    }
+
+    #[test]
+    fn writable_paths_and_workdir() {
+        let mut r = req();
+        r.workdir = "/work".into();
+        r.writable_paths = vec!["/data".into()];
+        let s = check(r).expect("ok");
+        assert_eq!(s.writable_paths, vec!["/tmp", "/work", "/data"]);
+        let mut r = req();
+        r.writable_paths = vec!["/proc".into()];
+        assert_eq!(check(r).expect_err("proc").status, 400);
+        let mut r = req();
+        r.writable_root = true;
+        assert!(check(r).expect("rw").writable_paths.is_empty());
+    }
+
+    #[test]
+    fn nats_url_for_containers() {
+        assert_eq!(
+            container_nats_url("", "nats://127.0.0.1:4222,nats://localhost:4223"),
+            "nats://host.docker.internal:4222,nats://host.docker.internal:4223"
+        );
+        assert_eq!(
+            container_nats_url("nats://bus:4222", "x"),
+            "nats://bus:4222"
+        );
+    }
+}

@@ -1,0 +1,135 @@
+//! The node's shared state: the engine, the bindings, the policy, and three small in-memory
+//! tables fed by requests and engine events (all bounded, all safe to lose on restart).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::docker::Engine;
+use crate::space::Spaces;
+use crate::spec::Policy;
+
+/// Entries kept at most per table; beyond that a table starts afresh.
+const TABLE_MAX: usize = 8192;
+
+pub struct Orchestrator {
+    pub engine: Engine,
+    pub spaces: Spaces,
+    pub policy: Policy,
+    pub host_id: String,
+    /// Largest `max_output_bytes` a request may ask (config capped by the bus payload limit).
+    pub max_output: usize,
+    /// Bytes the text of a reply may take so the whole reply fits one bus message.
+    pub reply_budget: usize,
+    /// OOM kills seen per container id (from the engine's `oom` events).
+    oom: Mutex<HashMap<String, u64>>,
+    /// Last `traceparent` of a request that acted on a container (by id and by name), so the
+    /// lifecycle events it caused carry it.
+    traces: Mutex<HashMap<String, String>>,
+    /// Containers whose exec processes must be reaped at a time (unix seconds).
+    reap_at: Mutex<HashMap<String, i64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Orchestrator {
+    pub fn new(
+        engine: Engine,
+        spaces: Spaces,
+        policy: Policy,
+        max_output: usize,
+        reply_budget: usize,
+    ) -> Self {
+        Self {
+            host_id: policy.host_id.clone(),
+            engine,
+            spaces,
+            policy,
+            max_output,
+            reply_budget,
+            oom: Mutex::default(),
+            traces: Mutex::default(),
+            reap_at: Mutex::default(),
+        }
+    }
+
+    pub fn note_oom(&self, container_id: &str) {
+        let mut m = lock(&self.oom);
+        if m.len() >= TABLE_MAX {
+            m.clear();
+        }
+        *m.entry(container_id.to_string()).or_default() += 1;
+    }
+
+    pub fn oom_count(&self, container_id: &str) -> u64 {
+        lock(&self.oom).get(container_id).copied().unwrap_or(0)
+    }
+
+    /// Waits (up to `within`) for the OOM count of a container to pass `before`.
+    pub async fn oom_after(&self, container_id: &str, before: u64, within: Duration) -> bool {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            if self.oom_count(container_id) > before {
+                return true;
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn note_trace(&self, key: &str, traceparent: Option<&str>) {
+        let Some(tp) = traceparent.filter(|t| !t.is_empty()) else {
+            return;
+        };
+        let mut m = lock(&self.traces);
+        if m.len() >= TABLE_MAX {
+            m.clear();
+        }
+        m.insert(key.to_string(), tp.to_string());
+    }
+
+    pub fn trace_of(&self, id: &str, name: &str) -> Option<String> {
+        let m = lock(&self.traces);
+        m.get(id).or_else(|| m.get(name)).cloned()
+    }
+
+    /// Forgets what the tables hold about a removed container.
+    pub fn forget(&self, id: &str, name: &str) {
+        lock(&self.oom).remove(id);
+        {
+            let mut t = lock(&self.traces);
+            t.remove(id);
+            t.remove(name);
+        }
+        lock(&self.reap_at).remove(id);
+        self.engine.forget(id);
+    }
+
+    /// Asks for a reaper pass in `container_id` at `at` (the earliest request wins).
+    pub fn schedule_reap(&self, container_id: &str, at: i64) {
+        let mut m = lock(&self.reap_at);
+        if m.len() >= TABLE_MAX {
+            return;
+        }
+        let e = m.entry(container_id.to_string()).or_insert(at);
+        *e = (*e).min(at);
+    }
+
+    /// Containers whose reaper pass is due at `now`, taken off the schedule.
+    pub fn due_reaps(&self, now: i64) -> Vec<String> {
+        let mut m = lock(&self.reap_at);
+        let due: Vec<String> = m
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &due {
+            m.remove(id);
+        }
+        due
+    }
+}

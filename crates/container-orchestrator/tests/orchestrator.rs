@@ -1,0 +1,938 @@
+//! The orchestrator against the real Docker engine and a real nats-server: every acceptance
+//! point of issue 4 (round trip, isolation between spaces, limits, bad input, events,
+//! recovery, never touching what is not ours).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use serde_json::json;
+
+#[tokio::test]
+async fn echo_hello_round_trip_and_exit_codes() {
+    let f = fleet().await;
+    let space = unique("s");
+    let t = f.agent(&unique("a"), &space, SCOPES).await;
+    let mut events =
+        f.c.subscribe(format!("events.containers.{space}"))
+            .await
+            .expect("sub");
+    let info = f.create_space(&t, json!({"workdir": "/work"})).await;
+    assert_eq!(info["space"], space.as_str());
+    assert_eq!(info["kind"], "space");
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["host_id"], f.host_id.as_str());
+    // Hardened: read-only root, limits always set, labels.
+    assert_eq!(info["read_only_root"], true);
+    assert_eq!(info["resource_limits"]["memory_mb"], 512);
+    assert_eq!(info["resource_limits"]["pids_limit"], 256);
+    assert_eq!(info["resource_limits"]["cpu_limit"], 1.0);
+    assert_eq!(info["labels"]["tether.managed"], "true");
+    assert!(
+        info["labels"]["tether.expires"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty())
+    );
+    let id = info["container_id"].as_str().expect("id").to_string();
+    let hc = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.Privileged}} {{.HostConfig.CapDrop}} {{.HostConfig.SecurityOpt}} {{.HostConfig.PidsLimit}} {{.HostConfig.Memory}} {{.HostConfig.NanoCpus}}",
+        &id,
+    ]);
+    assert_eq!(
+        hc,
+        "false [ALL] [no-new-privileges:true] 256 536870912 1000000000"
+    );
+    let created = next_event(&mut events, "tether.container.created").await;
+    assert_eq!(created["data"]["container_id"], id.as_str());
+    assert_eq!(created["specversion"], "1.0");
+    assert!(created["traceparent"].is_string());
+    next_event(&mut events, "tether.container.started").await;
+
+    // The binding is in KV.
+    let b = f.binding(&space).await.expect("bound");
+    assert_eq!(b["container_id"], id.as_str());
+    assert_eq!(b["host_id"], f.host_id.as_str());
+
+    let r = f
+        .exec(&t, json!({"command": "echo hello"}))
+        .await
+        .expect("exec");
+    assert_eq!(r["stdout"], "hello\n");
+    assert_eq!(r["exit_code"], 0);
+    assert_eq!(r["timed_out"], false);
+    assert_eq!(r["truncated"], false);
+
+    let r = f
+        .exec(&t, json!({"command": "echo oops >&2; exit 3"}))
+        .await
+        .expect("exec");
+    assert_eq!(r["exit_code"], 3);
+    assert_eq!(r["stderr"], "oops\n");
+
+    // argv form, its environment, workdir, stdin, the writable workdir on a read-only root.
+    let r = f
+        .exec(
+            &t,
+            json!({"command": ["sh", "-c", "echo $TETHER_SPACE $FOO $(pwd); cat; touch /ro 2>/dev/null || echo ro; touch x && echo rw"],
+                   "env": {"FOO": "bar"}, "stdin": "from-stdin\n"}),
+        )
+        .await
+        .expect("exec");
+    assert_eq!(
+        r["stdout"],
+        format!("{space} bar /work\nfrom-stdin\nro\nrw\n").as_str()
+    );
+    let r = f
+        .exec(&t, json!({"command": "id -u", "user": "65534"}))
+        .await
+        .expect("exec as user");
+    assert_eq!(r["stdout"], "65534\n");
+
+    // inspect, list, logs, stats through the bus.
+    let i = callj(&f.c, "containers.inspect", &t, json!({}))
+        .await
+        .expect("inspect");
+    assert_eq!(i["container_id"], id.as_str());
+    let l = callj(&f.c, "containers.list", &t, json!({}))
+        .await
+        .expect("list");
+    assert_eq!(l["containers"].as_array().expect("list").len(), 1);
+    let lg = callj(&f.c, "containers.logs", &t, json!({"tail": 10}))
+        .await
+        .expect("logs");
+    assert_eq!(lg["container_id"], id.as_str());
+    let st = callj(&f.c, "containers.stats", &t, json!({}))
+        .await
+        .expect("stats");
+    assert_eq!(num(&st["memory_limit_bytes"]), 512 * 1024 * 1024);
+    assert!(num(&st["pids_current"]) >= 1);
+    assert_eq!(num(&st["pids_limit"]), 256);
+
+    // Host-addressed twin.
+    let r = f
+        .exec_on(
+            &format!("hosts.{}.containers.exec", f.host_id),
+            &t,
+            json!({"command": "echo twin"}),
+        )
+        .await
+        .expect("twin");
+    assert_eq!(r["stdout"], "twin\n");
+
+    // stop, start, remove; the binding goes with the container.
+    let s = callj(&f.c, "containers.stop", &t, json!({"grace_seconds": 5}))
+        .await
+        .expect("stop");
+    assert_eq!(s["state"], "exited");
+    let ex = next_event(&mut events, "tether.container.exited").await;
+    assert_eq!(ex["data"]["container_id"], id.as_str());
+    let s = callj(&f.c, "containers.start", &t, json!({}))
+        .await
+        .expect("start");
+    assert_eq!(s["state"], "running");
+    let rm = callj(&f.c, "containers.remove", &t, json!({}))
+        .await
+        .expect("remove");
+    assert_eq!(rm["unbound"], true);
+    next_event(&mut events, "tether.container.removed").await;
+    assert!(f.binding(&space).await.is_none());
+    assert!(f.engine_containers().is_empty());
+}
+
+#[tokio::test]
+async fn agents_cannot_touch_another_space() {
+    let f = fleet().await;
+    let (sa, sb) = (unique("sa"), unique("sb"));
+    let ta = f.agent(&unique("a"), &sa, SCOPES).await;
+    let tb = f.agent(&unique("b"), &sb, SCOPES).await;
+    f.create_space(&ta, json!({})).await;
+    let b = f.create_space(&tb, json!({})).await;
+    let b_id = b["container_id"].as_str().expect("id").to_string();
+    let b_name = b["container_name"].as_str().expect("name").to_string();
+    let before = docker(&[
+        "inspect",
+        "-f",
+        "{{.State.StartedAt}} {{.State.Status}} {{.RestartCount}}",
+        &b_id,
+    ]);
+
+    let ops = [
+        ("containers.exec", json!({"command": "touch /tmp/pwned"})),
+        ("containers.inspect", json!({})),
+        ("containers.stop", json!({})),
+        ("containers.remove", json!({})),
+        ("containers.start", json!({})),
+        ("containers.logs", json!({})),
+        ("containers.stats", json!({})),
+    ];
+    let host_prefix = format!("hosts.{}.", f.host_id);
+    for (subject, base) in &ops {
+        for target in [
+            json!({"container": b_id}),
+            json!({"container": &b_id[..12]}),
+            json!({"container": b_name}),
+            json!({"space": sb}),
+            json!({"container": b_id, "space": sa}),
+        ] {
+            let mut body = base.clone();
+            for (k, v) in target.as_object().expect("obj") {
+                body[k] = v.clone();
+            }
+            for s in [subject.to_string(), format!("{host_prefix}{subject}")] {
+                let e = callj(&f.c, &s, &ta, body.clone())
+                    .await
+                    .expect_err("must be refused");
+                assert_eq!(e.0, 403, "{s} {body}: {e:?}");
+            }
+        }
+    }
+    // Nor can A create into B's space, nor list it.
+    let e = callj(
+        &f.c,
+        "containers.create",
+        &ta,
+        json!({"image": f.image, "space": sb}),
+    )
+    .await
+    .expect_err("create in another space");
+    assert_eq!(e.0, 403);
+    let e = callj(&f.c, "containers.list", &ta, json!({"space": sb}))
+        .await
+        .expect_err("list another space");
+    assert_eq!(e.0, 403);
+    let l = callj(&f.c, "containers.list", &ta, json!({}))
+        .await
+        .expect("own list");
+    assert!(
+        l["containers"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .all(|c| c["space"] == sa.as_str())
+    );
+
+    // B's container is untouched.
+    let after = docker(&[
+        "inspect",
+        "-f",
+        "{{.State.StartedAt}} {{.State.Status}} {{.RestartCount}}",
+        &b_id,
+    ]);
+    assert_eq!(before, after);
+    let r = f
+        .exec(&tb, json!({"command": "ls /tmp/pwned 2>&1; echo ok"}))
+        .await
+        .expect("B execs");
+    assert!(r["stdout"].as_str().expect("out").ends_with("ok\n"));
+    assert!(
+        !r["stdout"]
+            .as_str()
+            .expect("out")
+            .starts_with("/tmp/pwned\n")
+    );
+    // An operator may act on any space.
+    let r = f
+        .exec(&f.op, json!({"space": sb, "command": "echo op"}))
+        .await
+        .expect("operator exec");
+    assert_eq!(r["stdout"], "op\n");
+}
+
+#[tokio::test]
+async fn memory_hog_is_oom_killed_and_reported() {
+    let f = fleet().await;
+    let space = unique("s");
+    let t = f.agent(&unique("a"), &space, SCOPES).await;
+    let mut events =
+        f.c.subscribe(format!("events.containers.{space}"))
+            .await
+            .expect("sub");
+    f.create_space(&t, json!({"resource_limits": {"memory_mb": 16}}))
+        .await;
+    let r = f
+        .exec(
+            &t,
+            json!({"command": "head -c 200m /dev/zero | tail", "timeout_seconds": 60}),
+        )
+        .await
+        .expect("exec");
+    assert_eq!(r["exit_code"], 137, "{r}");
+    assert_eq!(r["oom_killed"], true, "{r}");
+    assert_eq!(r["timed_out"], false);
+    let ev = next_event(&mut events, "tether.container.oom").await;
+    assert_eq!(ev["data"]["space"], space.as_str());
+    // The container and the node carry on.
+    let r = f
+        .exec(&t, json!({"command": "echo alive"}))
+        .await
+        .expect("exec");
+    assert_eq!(r["stdout"], "alive\n");
+
+    // A container whose main process is the hog: exited, OOM-killed, and said so.
+    let tool = callj(
+        &f.c,
+        "containers.create",
+        &t,
+        json!({"image": f.image, "kind": "tool", "command": "head -c 200m /dev/zero | tail",
+               "resource_limits": {"memory_mb": 16}}),
+    )
+    .await
+    .expect("tool");
+    let id = tool["container_id"].as_str().expect("id").to_string();
+    let ex = loop {
+        let ev = next_event(&mut events, "tether.container.exited").await;
+        if ev["data"]["container_id"] == id.as_str() {
+            break ev;
+        }
+    };
+    assert_eq!(ex["data"]["exit_code"].as_f64(), Some(137.0));
+    let i = callj(&f.c, "containers.inspect", &t, json!({"container": id}))
+        .await
+        .expect("inspect");
+    assert_eq!(i["oom_killed"], true);
+    assert_eq!(i["state"], "exited");
+}
+
+#[tokio::test]
+async fn fork_bomb_is_held_by_the_pids_limit() {
+    let f = fleet().await;
+    let (s1, s2) = (unique("bomb"), unique("calm"));
+    let t1 = f.agent(&unique("a"), &s1, SCOPES).await;
+    let t2 = f.agent(&unique("b"), &s2, SCOPES).await;
+    let bomb = f
+        .create_space(&t1, json!({"resource_limits": {"pids_limit": 32}}))
+        .await;
+    let bomb_id = bomb["container_id"].as_str().expect("id").to_string();
+    f.create_space(&t2, json!({})).await;
+    let started = Instant::now();
+    // Forks until the pids limit says no, the children keep every pid but one, and the
+    // command stays alive (without forking) past its deadline.
+    let bomb_exec = f.exec(
+        &t1,
+        json!({"command": "(while :; do sleep 1000 & done); exec sleep 1000", "timeout_seconds": 5, "max_output_bytes": 4096}),
+    );
+    let others = async {
+        // While it runs, the node serves others and their containers work.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let pids = docker(&["inspect", "-f", "{{.HostConfig.PidsLimit}}", &bomb_id]);
+        assert_eq!(pids, "32");
+        for _ in 0..3 {
+            let r = f
+                .exec(&t2, json!({"command": "echo calm"}))
+                .await
+                .expect("exec");
+            assert_eq!(r["stdout"], "calm\n");
+        }
+        let cgroup_pids = docker(&["exec", &bomb_id, "cat", "/sys/fs/cgroup/pids/pids.current"]);
+        if let Ok(n) = cgroup_pids.parse::<u32>() {
+            assert!(n <= 32, "pids held at the limit: {n}");
+        }
+        callj(&f.c, "containers.list", &t2, json!({}))
+            .await
+            .expect("list");
+    };
+    let (r, ()) = tokio::join!(bomb_exec, others);
+    let r = r.expect("bomb exec answered");
+    assert_eq!(r["timed_out"], true, "{r}");
+    assert!(
+        r["stderr"].as_str().expect("stderr").contains("can't fork"),
+        "{r}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(45));
+    // The bomb is gone from its container: only init, the idle loop and ps are left.
+    eventually(Duration::from_secs(30), "bomb processes gone", || async {
+        let r = f
+            .exec(&t1, json!({"command": "ps -o pid,comm | wc -l"}))
+            .await
+            .ok()?;
+        let n: u32 = r["stdout"].as_str()?.trim().parse().ok()?;
+        // header + docker-init + sh + sleep + exec sh + ps + wc
+        (n <= 8).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn timeout_kills_the_process_tree_and_output_is_capped() {
+    let f = fleet().await;
+    let space = unique("s");
+    let t = f.agent(&unique("a"), &space, SCOPES).await;
+    f.create_space(&t, json!({})).await;
+
+    let started = Instant::now();
+    let r = f
+        .exec(
+            &t,
+            json!({"command": "echo before; sleep 101 & env -i sleep 102 & sleep 100", "timeout_seconds": 2}),
+        )
+        .await
+        .expect("exec");
+    let took = started.elapsed();
+    assert_eq!(r["timed_out"], true, "{r}");
+    assert_eq!(r["stdout"], "before\n", "output made so far");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(8),
+        "about 2 s: {took:?}"
+    );
+    assert_eq!(r["exit_code"], 137);
+    eventually(Duration::from_secs(5), "sleeps gone", || async {
+        let r = f.exec(&t, json!({"command": "ps -o args"})).await.ok()?;
+        let ps = r["stdout"].as_str()?.to_string();
+        (!ps.contains("sleep 10")).then_some(())
+    })
+    .await;
+
+    // 100 MB of output: at most the cap, and said so.
+    let r = f
+        .exec(
+            &t,
+            json!({"command": "head -c 100000000 /dev/zero | tr '\\0' a; echo done >&2", "max_output_bytes": 65536, "timeout_seconds": 120}),
+        )
+        .await
+        .expect("exec");
+    assert_eq!(r["exit_code"], 0);
+    assert_eq!(r["truncated"], true);
+    let out = r["stdout"].as_str().expect("stdout").len() + r["stderr"].as_str().expect("e").len();
+    assert!(out <= 65536, "{out}");
+    assert_eq!(num(&r["output_bytes"]), 100_000_005);
+    // The default cap holds too, and binary output still fits one reply.
+    let r = f
+        .exec(&t, json!({"command": "head -c 3000000 /dev/zero"}))
+        .await
+        .expect("exec");
+    assert_eq!(r["truncated"], true);
+    assert!(r["stdout"].as_str().expect("stdout").len() <= 256 * 1024);
+}
+
+#[tokio::test]
+async fn streamed_output_arrives_in_order() {
+    let f = fleet().await;
+    let space = unique("s");
+    let t = f.agent(&unique("a"), &space, SCOPES).await;
+    f.create_space(&t, json!({})).await;
+    let inbox = f.c.new_inbox();
+    let mut sub = f.c.subscribe(inbox.clone()).await.expect("sub");
+    let r = f
+        .exec(
+            &t,
+            json!({"command": "for i in 1 2 3 4 5; do echo line$i; sleep 0.1; done; echo err >&2",
+                   "stream": true, "stream_subject": inbox}),
+        )
+        .await
+        .expect("exec");
+    assert_eq!(r["stdout"], "line1\nline2\nline3\nline4\nline5\n");
+    let mut seqs = Vec::new();
+    let mut text = String::new();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("chunk in time")
+            .expect("open");
+        let h = m.headers.expect("headers");
+        seqs.push(
+            h.get("Tether-Stream-Seq")
+                .expect("seq")
+                .as_str()
+                .parse::<u64>()
+                .expect("n"),
+        );
+        let kind = h.get("Tether-Stream").expect("kind").as_str().to_string();
+        if kind == "end" {
+            assert_eq!(h.get("Tether-Exit-Code").expect("code").as_str(), "0");
+            break;
+        }
+        if kind == "stdout" {
+            text.push_str(&String::from_utf8_lossy(&m.payload));
+        }
+    }
+    assert_eq!(text, "line1\nline2\nline3\nline4\nline5\n");
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1) && seqs[0] == 1,
+        "{seqs:?}"
+    );
+    // Only inbox subjects for agents.
+    let e = f
+        .exec(
+            &t,
+            json!({"command": "true", "stream": true, "stream_subject": "$KV.tether_spaces.x"}),
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(e.0, 400);
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_creates_nothing() {
+    let f = fleet().await;
+    let space = unique("s");
+    let t = f.agent(&unique("a"), &space, SCOPES).await;
+    let reader = f.agent(&unique("r"), &space, &["containers:read"]).await;
+    let before = f.engine_containers();
+    let img = f.image.clone();
+    let name = unique("bad");
+    let creates = [
+        (
+            json!({"image": "tether-test/no-such-image:latest", "name": name}),
+            422,
+            "no-such-image",
+        ),
+        (json!({"image": img, "name": "bad name!"}), 400, "name"),
+        (json!({"image": img, "name": "-x"}), 400, "name"),
+        (json!({}), 400, "image"),
+        (
+            json!({"image": img, "resource_limits": {"memory_mb": -1}}),
+            400,
+            "memory_mb",
+        ),
+        (
+            json!({"image": img, "resource_limits": {"memory_mb": 1_000_000_000}}),
+            400,
+            "memory_mb",
+        ),
+        (
+            json!({"image": img, "resource_limits": {"cpu_limit": -0.5}}),
+            400,
+            "cpu_limit",
+        ),
+        (
+            json!({"image": img, "resource_limits": {"cpu_limit": 1000}}),
+            400,
+            "cpu_limit",
+        ),
+        (
+            json!({"image": img, "resource_limits": {"pids_limit": -1}}),
+            400,
+            "pids_limit",
+        ),
+        (
+            json!({"image": img, "resource_limits": {"timeout_seconds": -5}}),
+            400,
+            "timeout_seconds",
+        ),
+        (json!({"image": img, "kind": "daemon"}), 400, "kind"),
+        (
+            json!({"image": img, "network_mode": "host"}),
+            403,
+            "network_mode",
+        ),
+        (
+            json!({"image": img, "mounts": [{"source": "/etc", "target": "/x"}]}),
+            403,
+            "/etc",
+        ),
+        (
+            json!({"image": img, "env": {"TETHER_SPACE": "x"}}),
+            400,
+            "TETHER_SPACE",
+        ),
+        (
+            json!({"image": img, "labels": {"tether.managed": "false"}}),
+            400,
+            "reserved",
+        ),
+        (json!({"image": img, "command": 5}), 400, "command"),
+        (json!({"image": img, "imgae": "typo"}), 400, "imgae"),
+    ];
+    for (body, status, word) in creates {
+        let e = callj(&f.c, "containers.create", &t, body.clone())
+            .await
+            .expect_err("refused");
+        assert_eq!(e.0, status, "{body}: {e:?}");
+        assert!(
+            e.1.contains(word),
+            "{body}: detail {:?} should mention {word}",
+            e.1
+        );
+    }
+    for raw in ["{nope", "[1,2]", "\"x\""] {
+        let e = call(&f.c, "containers.create", Some(&t), raw)
+            .await
+            .expect_err("malformed");
+        assert_eq!(e.0, 400, "{raw}");
+    }
+    // Unknown containers and spaces without one.
+    for (subject, body) in [
+        (
+            "containers.exec",
+            json!({"container": "no-such-container", "command": "true"}),
+        ),
+        (
+            "containers.inspect",
+            json!({"container": "no-such-container"}),
+        ),
+        ("containers.stop", json!({"container": "no-such-container"})),
+        (
+            "containers.remove",
+            json!({"container": "no-such-container"}),
+        ),
+        ("containers.exec", json!({"command": "true"})),
+    ] {
+        let e = callj(&f.c, subject, &t, body.clone())
+            .await
+            .expect_err("404");
+        assert_eq!(e.0, 404, "{subject} {body}: {e:?}");
+    }
+    // Exec parameters are checked before anything runs.
+    f.create_space(&t, json!({})).await;
+    let made = f.engine_containers();
+    assert_eq!(made.len(), before.len() + 1);
+    for (body, word) in [
+        (
+            json!({"command": "true", "timeout_seconds": -1}),
+            "timeout_seconds",
+        ),
+        (
+            json!({"command": "true", "timeout_seconds": 100000}),
+            "timeout_seconds",
+        ),
+        (
+            json!({"command": "true", "max_output_bytes": -1}),
+            "max_output_bytes",
+        ),
+        (
+            json!({"command": "true", "max_output_bytes": 2000000000}),
+            "max_output_bytes",
+        ),
+        (json!({}), "command"),
+        (json!({"command": []}), "command"),
+        (json!({"command": "true", "user": "a b"}), "user"),
+        (json!({"command": "true", "workdir": "../x"}), "workdir"),
+        (json!({"command": "true", "container": "../x"}), "container"),
+        (json!({"command": "true", "stream": true}), "stream_subject"),
+    ] {
+        let e = f.exec(&t, body.clone()).await.expect_err("refused");
+        assert_eq!(e.0, 400, "{body}: {e:?}");
+        assert!(e.1.contains(word), "{body}: {e:?}");
+    }
+    let e = callj(&f.c, "containers.stop", &t, json!({"grace_seconds": -3}))
+        .await
+        .expect_err("grace");
+    assert_eq!(e.0, 400);
+    // No token, wrong scope, a second space container.
+    let e = call(&f.c, "containers.create", None, "{}")
+        .await
+        .expect_err("401");
+    assert_eq!(e.0, 401);
+    let e = callj(&f.c, "containers.create", &reader, json!({"image": img}))
+        .await
+        .expect_err("403");
+    assert_eq!(e.0, 403);
+    let e = callj(&f.c, "containers.exec", &reader, json!({"command": "true"}))
+        .await
+        .expect_err("403");
+    assert_eq!(e.0, 403);
+    let e = callj(&f.c, "containers.create", &t, json!({"image": img}))
+        .await
+        .expect_err("one per space");
+    assert_eq!(e.0, 409);
+    // Nothing else was created on the engine.
+    assert_eq!(f.engine_containers(), made);
+    assert!(docker(&["ps", "-aq", "--filter", &format!("name={name}")]).is_empty());
+}
+
+#[tokio::test]
+async fn container_removed_behind_its_back_is_unbound() {
+    let f = fleet().await;
+    let space = unique("s");
+    let t = f.agent(&unique("a"), &space, SCOPES).await;
+    let mut events =
+        f.c.subscribe(format!("events.containers.{space}"))
+            .await
+            .expect("sub");
+    let info = f.create_space(&t, json!({})).await;
+    let id = info["container_id"].as_str().expect("id").to_string();
+    docker(&["rm", "-f", &id]);
+    let ev = next_event(&mut events, "tether.container.removed").await;
+    assert_eq!(ev["data"]["container_id"], id.as_str());
+    eventually(Duration::from_secs(10), "binding dropped", || async {
+        f.binding(&space).await.is_none().then_some(())
+    })
+    .await;
+    let e = f
+        .exec(&t, json!({"command": "true"}))
+        .await
+        .expect_err("gone");
+    assert_eq!(e.0, 404);
+    // The space can have a new container.
+    f.create_space(&t, json!({})).await;
+}
+
+#[tokio::test]
+async fn expired_containers_are_removed_by_the_janitor() {
+    let f = fleet().await;
+    let space = unique("s");
+    let t = f.agent(&unique("a"), &space, SCOPES).await;
+    f.create_space(&t, json!({"resource_limits": {"timeout_seconds": 2}}))
+        .await;
+    let keep = callj(
+        &f.c,
+        "containers.create",
+        &t,
+        json!({"image": f.image, "kind": "tool", "command": "sleep 600"}),
+    )
+    .await
+    .expect("tool");
+    eventually(
+        Duration::from_secs(15),
+        "expired container removed",
+        || async { (f.engine_containers().len() == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        f.engine_containers(),
+        vec![keep["container_id"].as_str().expect("id").to_string()]
+    );
+    eventually(Duration::from_secs(5), "binding dropped", || async {
+        f.binding(&space).await.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unmanaged_containers_are_never_listed_nor_touched() {
+    let mut f = fleet_with(true, |c| {
+        c.unbound_policy = tether_container_orchestrator::config::UnboundPolicy::Remove;
+        c.reconcile_grace_seconds = 0;
+    })
+    .await;
+    let plain = unique("plain");
+    let other_host = unique("elsewhere");
+    f.cleanup.names.push(plain.clone());
+    f.cleanup.names.push(other_host.clone());
+    let run = |name: &str, labels: &[&str]| {
+        let mut args = vec!["run", "-d", "--name", name];
+        for l in labels {
+            args.push("--label");
+            args.push(l);
+        }
+        args.extend([f.image.as_str(), "sleep", "600"]);
+        docker(&args)
+    };
+    let plain_id = run(&plain, &[]);
+    let other_label = format!("tether.host={}-x", f.host_id);
+    let other_id = run(
+        &other_host,
+        &[
+            "tether.managed=true",
+            "tether.kind=space",
+            "tether.space=zzz",
+            &other_label,
+        ],
+    );
+    assert!(!plain_id.is_empty() && !other_id.is_empty());
+    let l = callj(&f.c, "containers.list", &f.op, json!({}))
+        .await
+        .expect("list");
+    assert!(l["containers"].as_array().expect("list").is_empty(), "{l}");
+    for name in [&plain, &other_host] {
+        for (subject, body) in [
+            ("containers.inspect", json!({"container": name})),
+            (
+                "containers.exec",
+                json!({"container": name, "command": "touch /tmp/x"}),
+            ),
+            ("containers.stop", json!({"container": name})),
+            ("containers.remove", json!({"container": name})),
+            ("containers.logs", json!({"container": name})),
+        ] {
+            let e = callj(&f.c, subject, &f.op, body)
+                .await
+                .expect_err("not ours");
+            assert_eq!(e.0, 404, "{subject} {name}");
+        }
+    }
+    // Several janitor passes (remove policy, no grace) later, both still run, untouched.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in [&plain_id, &other_id] {
+        assert_eq!(
+            docker(&["inspect", "-f", "{{.State.Running}} {{.RestartCount}}", id]),
+            "true 0"
+        );
+        let ls = docker(&["exec", id, "ls", "/tmp"]);
+        assert!(ls.is_empty(), "{ls}");
+    }
+}
+
+#[tokio::test]
+async fn host_addressed_twins_and_forwarding() {
+    let mut f = fleet().await;
+    let other = unique("t2");
+    f.cleanup.host_ids.push(other.clone());
+    let _second = start_orchestrator(&f.nats.url(), orch_config(&other)).await;
+    let space = unique("s");
+    let t = f.agent(&unique("a"), &space, SCOPES).await;
+    // Created on the second host, addressed.
+    let info = callj(
+        &f.c,
+        &format!("hosts.{other}.containers.create"),
+        &t,
+        json!({"image": f.image}),
+    )
+    .await
+    .expect("create on host 2");
+    assert_eq!(info["host_id"], other.as_str());
+    // The shared subject reaches it from either node (forwarded when needed).
+    for i in 0..8 {
+        let r = f
+            .exec(&t, json!({"command": format!("echo {i}")}))
+            .await
+            .expect("exec via shared subject");
+        assert_eq!(r["stdout"], format!("{i}\n").as_str());
+    }
+    // The first host neither lists nor serves it when addressed itself.
+    let e = f
+        .exec_on(
+            &format!("hosts.{}.containers.exec", f.host_id),
+            &t,
+            json!({"command": "true"}),
+        )
+        .await
+        .expect_err("bound elsewhere");
+    assert_eq!(e.0, 409);
+    let l = callj(
+        &f.c,
+        &format!("hosts.{}.containers.list", f.host_id),
+        &f.op,
+        json!({}),
+    )
+    .await
+    .expect("list");
+    assert!(l["containers"].as_array().expect("list").is_empty());
+    // One container per space across hosts.
+    let e = callj(
+        &f.c,
+        &format!("hosts.{}.containers.create", f.host_id),
+        &t,
+        json!({"image": f.image}),
+    )
+    .await
+    .expect_err("space bound on host 2");
+    assert_eq!(e.0, 409);
+}
+
+/// The binary as a child process, killed with SIGKILL mid-work and started again.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_node(url: &str, host_id: &str) -> Child {
+    Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_container-orchestrator"))
+            .env("TETHER_NATS_URL", url)
+            .env("TETHER_HOST_ID", host_id)
+            .env("TETHER_JANITOR_INTERVAL_SECONDS", "1")
+            .env("TETHER_RECONCILE_GRACE_SECONDS", "3")
+            .env("TETHER_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn container-orchestrator"),
+    )
+}
+
+async fn wait_up(f: &Fleet, host_id: &str) {
+    let subject = format!("hosts.{host_id}.containers.list");
+    eventually(Duration::from_secs(30), "orchestrator answers", || async {
+        call(&f.c, &subject, Some(&f.op), "{}")
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigkill_restart_keeps_bindings_and_leaves_no_orphans() {
+    let f = fleet_with(false, |_| {}).await;
+    let mut node = spawn_node(&f.nats.url(), &f.host_id);
+    wait_up(&f, &f.host_id).await;
+    let (s1, s2, s3) = (unique("keep"), unique("gone"), unique("adopt"));
+    let t1 = f.agent(&unique("a"), &s1, SCOPES).await;
+    let t2 = f.agent(&unique("b"), &s2, SCOPES).await;
+    let t3 = f.agent(&unique("c"), &s3, SCOPES).await;
+    let c1 = f.create_space(&t1, json!({})).await;
+    let c2 = f.create_space(&t2, json!({})).await;
+    let c3 = f.create_space(&t3, json!({})).await;
+
+    // Mid-work: an exec with a 4 s deadline is running when the node dies.
+    let inflight = {
+        let c = f.c.clone();
+        let t = t1.clone();
+        tokio::spawn(async move {
+            let _ = callj(
+                &c,
+                "containers.exec",
+                &t,
+                json!({"command": "sleep 300", "timeout_seconds": 4}),
+            )
+            .await;
+        })
+    };
+    eventually(Duration::from_secs(10), "sleep running", || async {
+        let ps = docker(&["exec", c1["container_id"].as_str()?, "ps", "-o", "args"]);
+        ps.contains("sleep 300").then_some(())
+    })
+    .await;
+    let _ = node.0.kill(); // SIGKILL
+    let _ = node.0.wait();
+    inflight.abort();
+
+    // While it is down: one container vanishes, one binding is lost.
+    docker(&["rm", "-f", c2["container_id"].as_str().expect("id")]);
+    let js = async_nats::jetstream::new(f.c.clone());
+    js.get_key_value("tether_spaces")
+        .await
+        .expect("bucket")
+        .delete(&s3)
+        .await
+        .expect("delete binding");
+
+    let _node = spawn_node(&f.nats.url(), &f.host_id);
+    wait_up(&f, &f.host_id).await;
+    // Every binding whose container lives is still (or again) there; the vanished one is not.
+    let b1 = f.binding(&s1).await.expect("s1 still bound");
+    assert_eq!(b1["container_id"], c1["container_id"]);
+    let b3 = eventually(Duration::from_secs(15), "s3 adopted", || async {
+        f.binding(&s3).await
+    })
+    .await;
+    assert_eq!(b3["container_id"], c3["container_id"]);
+    assert_eq!(b3["bound_by"], "reconcile");
+    eventually(Duration::from_secs(10), "s2 unbound", || async {
+        f.binding(&s2).await.is_none().then_some(())
+    })
+    .await;
+    // Exec works again.
+    let r = f
+        .exec(&t1, json!({"command": "echo back"}))
+        .await
+        .expect("exec");
+    assert_eq!(r["stdout"], "back\n");
+    let r = f
+        .exec(&t3, json!({"command": "echo adopted"}))
+        .await
+        .expect("exec");
+    assert_eq!(r["stdout"], "adopted\n");
+    // The exec orphaned by the crash is killed once its deadline passes.
+    eventually(Duration::from_secs(15), "orphaned exec reaped", || async {
+        let r = f.exec(&t1, json!({"command": "ps -o args"})).await.ok()?;
+        (!r["stdout"].as_str()?.contains("sleep 300")).then_some(())
+    })
+    .await;
+    // No orphan: the engine's managed containers are exactly the bound ones.
+    let mut bound = vec![
+        c1["container_id"].as_str().expect("id").to_string(),
+        c3["container_id"].as_str().expect("id").to_string(),
+    ];
+    bound.sort();
+    assert_eq!(f.engine_containers(), bound);
+}
