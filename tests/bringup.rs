@@ -73,6 +73,10 @@ fn up_default_launch_file_then_ps_then_ctrl_c_leaves_nothing() {
         table.contains("container-orchestrator") && table.contains("containers.exec"),
         "{table}"
     );
+    assert!(
+        table.contains("shell-server") && table.contains("shell.exec"),
+        "{table}"
+    );
 
     // A call through the fleet with an operator token made offline from the dev key.
     let token = Command::new(&tether)
