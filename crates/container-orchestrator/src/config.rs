@@ -84,6 +84,26 @@ pub struct OrchestratorConfig {
     /// Reconcile leaves bindings and containers younger than this alone (a create may be in
     /// flight between the engine call and the KV write).
     pub reconcile_grace_seconds: u64,
+
+    /// KV bucket of tool runs (`exec.<id>`) and idempotency keys (`idem.<space>.<key>`).
+    pub tool_results_bucket: String,
+    /// How long a run's record (and an idempotency key) is kept.
+    pub tool_results_ttl_seconds: u64,
+    /// JetStream stream of async tool jobs (`jobs.tools.>`).
+    pub tool_jobs_stream: String,
+    /// Async jobs this node runs at once (0 = this node takes no jobs).
+    pub tool_workers: usize,
+    /// Sync runs this node serves at once (more wait in the subscription).
+    pub max_concurrent_tools: usize,
+    /// Seconds the bus waits for a job's ack or progress note before another worker gets it.
+    pub tool_job_ack_wait_seconds: u64,
+    /// Deliveries of a job before the bus gives up on it.
+    pub tool_job_max_deliver: i64,
+    /// A run's deadline when the request names none, and the most it may name.
+    pub tool_default_timeout_seconds: i32,
+    pub tool_max_timeout_seconds: i32,
+    /// KV bucket of sessions (expiry, closed), read by every orchestrator's janitor.
+    pub sessions_bucket: String,
 }
 
 impl Default for OrchestratorConfig {
@@ -123,6 +143,16 @@ impl Default for OrchestratorConfig {
             max_concurrent_execs: 64,
             janitor_interval_seconds: 30,
             reconcile_grace_seconds: 60,
+            tool_results_bucket: "tether_tool_results".into(),
+            tool_results_ttl_seconds: 86_400,
+            tool_jobs_stream: "TETHER_TOOL_JOBS".into(),
+            tool_workers: 4,
+            max_concurrent_tools: 32,
+            tool_job_ack_wait_seconds: 30,
+            tool_job_max_deliver: 5,
+            tool_default_timeout_seconds: 300,
+            tool_max_timeout_seconds: 3600,
+            sessions_bucket: "tether_sessions".into(),
         }
     }
 }
@@ -186,6 +216,33 @@ impl OrchestratorConfig {
         }
         if self.max_concurrent_execs == 0 || self.janitor_interval_seconds == 0 {
             return bad("max_concurrent_execs and janitor_interval_seconds must be at least 1");
+        }
+        for b in [
+            &self.tool_results_bucket,
+            &self.tool_jobs_stream,
+            &self.sessions_bucket,
+        ] {
+            if !tether_bus::subject::is_valid_token(b) {
+                return Err(InvalidConfig(format!(
+                    "bucket and stream names must be valid tokens (got {b:?})"
+                )));
+            }
+        }
+        if self.tool_default_timeout_seconds <= 0
+            || self.tool_default_timeout_seconds > self.tool_max_timeout_seconds
+        {
+            return bad(
+                "tool_default_timeout_seconds must be positive and at most tool_max_timeout_seconds",
+            );
+        }
+        if self.max_concurrent_tools == 0
+            || self.tool_job_ack_wait_seconds == 0
+            || self.tool_job_max_deliver < 1
+            || self.tool_results_ttl_seconds == 0
+        {
+            return bad(
+                "max_concurrent_tools, tool_job_ack_wait_seconds, tool_job_max_deliver and tool_results_ttl_seconds must be at least 1",
+            );
         }
         if self.idle_command.is_empty() {
             return bad("idle_command must not be empty");

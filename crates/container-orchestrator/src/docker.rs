@@ -376,6 +376,57 @@ impl Engine {
     }
 }
 
+/// A container's logs as (stdout, stderr, truncated), the newest output kept within `cap`
+/// bytes of both together. Logs come oldest first: each buffer is bounded to twice the cap
+/// while reading, then cut to the cap (stderr keeps at least half of it when both overflow).
+/// A read that takes over 30 s ends with what arrived, marked truncated.
+pub async fn read_logs(
+    docker: &Docker,
+    id: &str,
+    opts: bollard::query_parameters::LogsOptions,
+    cap: usize,
+) -> Result<(String, String, bool), EngineError> {
+    use futures::StreamExt;
+    let cap = cap.max(1);
+    let mut stream = docker.logs(id, Some(opts));
+    let (mut out, mut err) = (Vec::<u8>::new(), Vec::<u8>::new());
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let mut dropped = false;
+        while let Some(item) = stream.next().await {
+            let (buf, msg) = match item.map_err(EngineError::from)? {
+                bollard::container::LogOutput::StdErr { message } => (&mut err, message),
+                bollard::container::LogOutput::StdOut { message }
+                | bollard::container::LogOutput::Console { message } => (&mut out, message),
+                bollard::container::LogOutput::StdIn { .. } => continue,
+            };
+            buf.extend_from_slice(&msg);
+            if buf.len() > 2 * cap {
+                let cut = buf.len() - cap;
+                buf.drain(..cut);
+                dropped = true;
+            }
+        }
+        Ok::<bool, EngineError>(dropped)
+    })
+    .await;
+    let mut truncated = match read {
+        Ok(r) => r?,
+        Err(_) => true,
+    };
+    if out.len() + err.len() > cap {
+        truncated = true;
+        let keep_err = err.len().min((cap / 2).max(cap.saturating_sub(out.len())));
+        let keep_out = (cap - keep_err).min(out.len());
+        out.drain(..out.len().saturating_sub(keep_out));
+        err.drain(..err.len().saturating_sub(keep_err));
+    }
+    Ok((
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+        truncated,
+    ))
+}
+
 /// The engine's create body for a spec: the hardened defaults live here.
 pub fn create_body(spec: &ContainerSpec, cfg: &OrchestratorConfig) -> ContainerCreateBody {
     let memory = i64::from(spec.memory_mb) * MIB;

@@ -12,6 +12,10 @@
 //! - [`events`]: the engine's event stream → `events.containers.<space>`.
 //! - [`reconcile`]: the janitor — bindings vs labels, expiry, reaping orphaned execs.
 //! - [`node`]: the endpoints (`containers.*`, `hosts.<host_id>.containers.*`).
+//! - [`tools`]: tool runs (`tools.*`): one-shot containers, sync or as durable jobs, records
+//!   in KV.
+//! - [`relics`]: session service containers (`relics.*`) with health checks.
+//! - [`sessions`]: session networks and records, `sessions.cleanup`, the tool janitor.
 //!
 //! The one design decision to know: the engine's labels are the truth. Which space a
 //! container belongs to is its `tether.space` label (set only by this node, never from a
@@ -25,9 +29,12 @@ pub mod events;
 pub mod exec;
 pub mod node;
 pub mod reconcile;
+pub mod relics;
+pub mod sessions;
 pub mod space;
 pub mod spec;
 pub mod state;
+pub mod tools;
 
 use std::sync::Arc;
 
@@ -76,13 +83,21 @@ pub async fn build(
         max_output,
         reply_budget,
     ));
+    let t = Arc::new(tools::Tools::open(o.clone(), bus, &js).await?);
     let node = Node::new(NAME, env!("CARGO_PKG_VERSION"))
-        .description("agent spaces and managed containers on one Docker host")
+        .description("agent spaces, tool runs and relics on one Docker host")
         .metadata("host_id", host_id);
     let (o1, o2) = (o.clone(), o.clone());
-    Ok(node::endpoints(node, &o)
+    let (t1, t2, t3) = (t.clone(), t.clone(), t.clone());
+    let node = node::endpoints(node, &o);
+    let node = tools::endpoints(node, &t);
+    let node = relics::endpoints(node, &t);
+    Ok(sessions::endpoints(node, &t)
         .task("engine-events", move |ctx| events::follow(o1, ctx))
-        .task("janitor", move |ctx| reconcile::janitor(o2, ctx)))
+        .task("janitor", move |ctx| reconcile::janitor(o2, ctx))
+        .task("tool-workers", move |ctx| tools::workers(t1, ctx))
+        .task("tool-cancels", move |ctx| tools::cancel_listener(t2, ctx))
+        .task("tool-janitor", move |ctx| sessions::janitor(t3, ctx)))
 }
 
 /// Connects, builds and serves until `shutdown`, then drains.

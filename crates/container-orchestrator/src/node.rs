@@ -713,44 +713,8 @@ async fn logs(o: O, addressed: bool, req: Request<LogsRequest>) -> Result<LogsRe
         .timestamps(b.timestamps)
         .tail(&tail.to_string())
         .build();
-    let mut stream = o.engine.docker().logs(&m.id, Some(opts));
-    let (mut out, mut err) = (Vec::<u8>::new(), Vec::<u8>::new());
-    // Logs come oldest first and the newest are kept: each buffer is bounded to twice the
-    // cap while reading, then cut to the cap.
-    let read = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut dropped = false;
-        while let Some(item) = stream.next().await {
-            let (buf, msg) = match item.map_err(EngineError::from)? {
-                bollard::container::LogOutput::StdErr { message } => (&mut err, message),
-                bollard::container::LogOutput::StdOut { message }
-                | bollard::container::LogOutput::Console { message } => (&mut out, message),
-                bollard::container::LogOutput::StdIn { .. } => continue,
-            };
-            buf.extend_from_slice(&msg);
-            if buf.len() > 2 * cap {
-                let cut = buf.len() - cap;
-                buf.drain(..cut);
-                dropped = true;
-            }
-        }
-        Ok::<bool, EngineError>(dropped)
-    })
-    .await;
-    let mut truncated = match read {
-        Ok(r) => r?,
-        Err(_) => true,
-    };
-    // Keep the newest output within the cap (logs are read oldest first).
-    let total = out.len() + err.len();
-    if total > cap {
-        truncated = true;
-        let keep_err = err.len().min((cap / 2).max(cap.saturating_sub(out.len())));
-        let keep_out = (cap - keep_err).min(out.len());
-        out.drain(..out.len().saturating_sub(keep_out));
-        err.drain(..err.len().saturating_sub(keep_err));
-    }
-    let mut stdout = String::from_utf8_lossy(&out).into_owned();
-    let mut stderr = String::from_utf8_lossy(&err).into_owned();
+    let (mut stdout, mut stderr, mut truncated) =
+        crate::docker::read_logs(o.engine.docker(), &m.id, opts, cap).await?;
     truncated |= fit_json(&mut stdout, &mut stderr, o.reply_budget);
     Ok(LogsReply {
         stdout,

@@ -21,6 +21,9 @@ pub const LABEL_EXPIRES: &str = "tether.expires";
 pub const LABEL_HOST: &str = "tether.host";
 pub const LABEL_CREATED_BY: &str = "tether.created_by";
 
+/// Names of session networks start with this; requests may not name such a network.
+pub const SESSION_NETWORK_PREFIX: &str = "tether-session.";
+
 /// Environment names the orchestrator sets itself; a request may not.
 pub const RESERVED_ENV: &[&str] = &[
     "TETHER_NATS_URL",
@@ -405,6 +408,11 @@ fn validate_network(mode: &str, kind: Kind, policy: &Policy) -> Result<String, P
     if mode == "host" || mode.contains(':') {
         return Err(Problem::forbidden(format!(
             "`network_mode` {mode:?} is not allowed (host and container namespaces are never shared)"
+        )));
+    }
+    if mode.starts_with(SESSION_NETWORK_PREFIX) {
+        return Err(Problem::forbidden(format!(
+            "`network_mode` {mode:?}: session networks are joined only by the session's relics and tools (`network: session`)"
         )));
     }
     if !is_valid_container_name(&mode) && mode.len() > 1 {

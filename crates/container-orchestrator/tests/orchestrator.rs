@@ -814,46 +814,10 @@ async fn host_addressed_twins_and_forwarding() {
     assert_eq!(e.0, 409);
 }
 
-/// The binary as a child process, killed with SIGKILL mid-work and started again.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_node(url: &str, host_id: &str) -> Child {
-    Child(
-        std::process::Command::new(env!("CARGO_BIN_EXE_container-orchestrator"))
-            .env("TETHER_NATS_URL", url)
-            .env("TETHER_HOST_ID", host_id)
-            .env("TETHER_JANITOR_INTERVAL_SECONDS", "1")
-            .env("TETHER_RECONCILE_GRACE_SECONDS", "3")
-            .env("TETHER_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn container-orchestrator"),
-    )
-}
-
-async fn wait_up(f: &Fleet, host_id: &str) {
-    let subject = format!("hosts.{host_id}.containers.list");
-    eventually(Duration::from_secs(30), "orchestrator answers", || async {
-        call(&f.c, &subject, Some(&f.op), "{}")
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn sigkill_restart_keeps_bindings_and_leaves_no_orphans() {
     let f = fleet_with(false, |_| {}).await;
-    let mut node = spawn_node(&f.nats.url(), &f.host_id);
+    let mut node = spawn_node(&f.nats.url(), &f.host_id, None, &[]);
     wait_up(&f, &f.host_id).await;
     let (s1, s2, s3) = (unique("keep"), unique("gone"), unique("adopt"));
     let t1 = f.agent(&unique("a"), &s1, SCOPES).await;
@@ -896,7 +860,7 @@ async fn sigkill_restart_keeps_bindings_and_leaves_no_orphans() {
         .await
         .expect("delete binding");
 
-    let _node = spawn_node(&f.nats.url(), &f.host_id);
+    let _node = spawn_node(&f.nats.url(), &f.host_id, None, &[]);
     wait_up(&f, &f.host_id).await;
     // Every binding whose container lives is still (or again) there; the vanished one is not.
     let b1 = f.binding(&s1).await.expect("s1 still bound");

@@ -283,19 +283,75 @@ where
     }
 }
 
-/// Waits for an event of `kind` on a subscription.
+/// Waits for an event of `kind` on a subscription (generously: the engine may be busy with
+/// the other tests' containers; this bounds a hang, it measures nothing).
 pub async fn next_event(sub: &mut async_nats::Subscriber, kind: &str) -> Value {
     use futures::StreamExt;
-    let until = Instant::now() + Duration::from_secs(15);
+    let until = Instant::now() + Duration::from_secs(60);
     loop {
         let left = until.saturating_duration_since(Instant::now());
         let m = tokio::time::timeout(left, sub.next())
             .await
-            .unwrap_or_else(|_| panic!("no `{kind}` event within 15 s"))
+            .unwrap_or_else(|_| panic!("no `{kind}` event within 60 s"))
             .expect("subscription open");
         let v: Value = serde_json::from_slice(&m.payload).expect("event json");
         if v["type"] == kind {
             return v;
         }
     }
+}
+
+/// The orchestrator binary as a child process (SIGKILLed on drop), for crash and restart
+/// tests.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary against `url` as `host_id` with a fast janitor, an optional config
+/// file and extra environment.
+pub fn spawn_node(
+    url: &str,
+    host_id: &str,
+    config: Option<&std::path::Path>,
+    env: &[(&str, &str)],
+) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_container-orchestrator"));
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.env("TETHER_NATS_URL", url)
+        .env("TETHER_HOST_ID", host_id)
+        .env("TETHER_JANITOR_INTERVAL_SECONDS", "1")
+        .env("TETHER_RECONCILE_GRACE_SECONDS", "3")
+        .env("TETHER_LOG", "info")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    Child(cmd.spawn().expect("spawn container-orchestrator"))
+}
+
+/// Waits until the node of `host_id` answers on its host subject.
+pub async fn wait_up(f: &Fleet, host_id: &str) {
+    let subject = format!("hosts.{host_id}.containers.list");
+    eventually(Duration::from_secs(30), "orchestrator answers", || async {
+        call(&f.c, &subject, Some(&f.op), "{}")
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// Every container (running or not) labelled with `host_id`.
+pub fn host_containers(host_id: &str) -> Vec<String> {
+    let l = format!("label=tether.host={host_id}");
+    docker(&["ps", "-aq", "--filter", &l])
+        .lines()
+        .map(str::to_string)
+        .collect()
 }

@@ -1,0 +1,488 @@
+//! Sessions: the private network of a session's relics, the session record in KV, and
+//! `sessions.cleanup`.
+//!
+//! A session is `(space, session_id)` — two spaces may use the same session id and never
+//! share anything. Its network is a Docker `internal` bridge named
+//! `tether-session.<space>.<session>` and labelled like every managed object, so the engine's
+//! labels say whose it is; requests can never name such a network themselves.
+//!
+//! The record (`tether_sessions`, key `<space>.<session>`) holds the host of the session's
+//! network and relics, and its expiry. Every orchestrator's janitor reads the records and
+//! removes its own part of a session that expired or was cleaned up, so a session whose tool
+//! containers ran on several hosts is cleaned everywhere.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bollard::models::NetworkCreateRequest;
+use bollard::query_parameters::{ListContainersOptionsBuilder, ListNetworksOptionsBuilder};
+use futures::StreamExt;
+use prost::Message as _;
+use tether_bus::{Ctx, Endpoint, Node, Problem, Request, Scope};
+use tether_proto::{SessionCleanupReply, SessionCleanupRequest, SessionRecord};
+
+use crate::docker::EngineError;
+use crate::spec::{
+    LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_SESSION, LABEL_SPACE, SESSION_NETWORK_PREFIX,
+};
+use crate::state::Orchestrator;
+use crate::tools::{Change, LABEL_EXECUTION, Tools, forward, is_terminal};
+
+pub const KIND_SESSION_NETWORK: &str = "session-network";
+
+fn kv_err(e: impl std::fmt::Display) -> Problem {
+    Problem::unavailable(format!("sessions unavailable: {e}"))
+}
+
+fn now() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now()
+}
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Session records in KV.
+#[derive(Clone)]
+pub struct SessionStore {
+    kv: kv::Store,
+}
+
+impl SessionStore {
+    pub async fn open(
+        js: &jetstream::Context,
+        bucket: &str,
+        max_ttl_seconds: i32,
+        replicas: usize,
+    ) -> anyhow::Result<Self> {
+        let kv = tether_bus::auth::open_or_create_bucket(
+            js,
+            kv::Config {
+                bucket: bucket.to_string(),
+                description: "tether: sessions (host of their network, expiry)".into(),
+                history: 1,
+                max_age: Duration::from_secs(
+                    u64::try_from(max_ttl_seconds).unwrap_or(86_400) + 86_400,
+                ),
+                num_replicas: replicas.max(1),
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(Self { kv })
+    }
+
+    fn key(space: &str, session: &str) -> String {
+        format!("{space}.{session}")
+    }
+
+    pub async fn get(
+        &self,
+        space: &str,
+        session: &str,
+    ) -> Result<Option<(SessionRecord, u64)>, Problem> {
+        match self
+            .kv
+            .entry(Self::key(space, session))
+            .await
+            .map_err(kv_err)?
+        {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let r = SessionRecord::decode(e.value.as_ref())
+                    .map_err(|err| Problem::internal(format!("corrupt session record: {err}")))?;
+                Ok(Some((r, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Opens (or reopens, or extends) a session on `host` until at least `until`. Returns the
+    /// record; its `host_id` is another host's when the session lives there.
+    pub async fn touch(
+        &self,
+        space: &str,
+        session: &str,
+        host: &str,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<SessionRecord, Problem> {
+        let key = Self::key(space, session);
+        for _ in 0..8 {
+            match self.get(space, session).await? {
+                None => {
+                    let r = SessionRecord {
+                        space: space.into(),
+                        session_id: session.into(),
+                        created_at: rfc3339(now()),
+                        expires_at: rfc3339(until),
+                        closed: false,
+                        host_id: host.into(),
+                    };
+                    match self.kv.create(&key, r.encode_to_vec().into()).await {
+                        Ok(_) => return Ok(r),
+                        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(kv_err(e)),
+                    }
+                }
+                Some((mut r, rev)) => {
+                    let expired = r.closed || expires(&r) <= now();
+                    if r.host_id != host && !expired {
+                        return Ok(r);
+                    }
+                    if expired {
+                        r.host_id = host.into();
+                        r.closed = false;
+                        r.created_at = rfc3339(now());
+                        r.expires_at = rfc3339(until);
+                    } else if expires(&r) >= until {
+                        return Ok(r);
+                    } else {
+                        r.expires_at = rfc3339(until);
+                    }
+                    match self.kv.update(&key, r.encode_to_vec().into(), rev).await {
+                        Ok(_) => return Ok(r),
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                        Err(e) => return Err(kv_err(e)),
+                    }
+                }
+            }
+        }
+        Err(Problem::conflict(format!(
+            "session `{session}` is being changed concurrently; try again"
+        )))
+    }
+
+    /// Marks a session closed (every janitor then removes its part).
+    pub async fn close(&self, space: &str, session: &str) -> Result<(), Problem> {
+        let key = Self::key(space, session);
+        for _ in 0..8 {
+            let Some((mut r, rev)) = self.get(space, session).await? else {
+                return Ok(());
+            };
+            r.closed = true;
+            r.expires_at = rfc3339(now());
+            match self.kv.update(&key, r.encode_to_vec().into(), rev).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(kv_err(e)),
+            }
+        }
+        Err(Problem::conflict("session changed concurrently; try again"))
+    }
+
+    pub async fn all(&self) -> Result<Vec<SessionRecord>, Problem> {
+        let mut keys = self.kv.keys().await.map_err(kv_err)?.boxed();
+        let mut out = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(kv_err)?;
+            if let Some((space, session)) = k.split_once('.')
+                && let Some((r, _)) = self.get(space, session).await?
+            {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub fn expires(r: &SessionRecord) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(&r.expires_at)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .unwrap_or_else(|_| now())
+}
+
+pub fn network_name(space: &str, session: &str) -> String {
+    format!("{SESSION_NETWORK_PREFIX}{space}.{session}")
+}
+
+fn labels_filter(o: &Orchestrator, extra: &[(&str, &str)]) -> HashMap<String, Vec<String>> {
+    let mut l = vec![
+        format!("{LABEL_MANAGED}=true"),
+        format!("{LABEL_HOST}={}", o.host_id),
+    ];
+    l.extend(extra.iter().map(|(k, v)| format!("{k}={v}")));
+    HashMap::from([("label".to_string(), l)])
+}
+
+/// The session's network on this host: (id, name).
+pub async fn find_network(
+    o: &Orchestrator,
+    space: &str,
+    session: &str,
+) -> Result<Option<(String, String)>, EngineError> {
+    let filters = labels_filter(
+        o,
+        &[
+            (LABEL_KIND, KIND_SESSION_NETWORK),
+            (LABEL_SPACE, space),
+            (LABEL_SESSION, session),
+        ],
+    );
+    let opts = ListNetworksOptionsBuilder::default()
+        .filters(&filters)
+        .build();
+    let mut list = o.engine.docker().list_networks(Some(opts)).await?;
+    list.sort_by(|a, b| a.created.cmp(&b.created));
+    Ok(list
+        .into_iter()
+        .next()
+        .map(|n| (n.id.unwrap_or_default(), n.name.unwrap_or_default())))
+}
+
+/// Every session network of this host (optionally of one space and session).
+async fn networks(
+    o: &Orchestrator,
+    space: &str,
+    session: &str,
+) -> Result<Vec<bollard::models::Network>, EngineError> {
+    let mut extra = vec![(LABEL_KIND, KIND_SESSION_NETWORK)];
+    if !space.is_empty() {
+        extra.push((LABEL_SPACE, space));
+    }
+    if !session.is_empty() {
+        extra.push((LABEL_SESSION, session));
+    }
+    let filters = labels_filter(o, &extra);
+    let opts = ListNetworksOptionsBuilder::default()
+        .filters(&filters)
+        .build();
+    Ok(o.engine.docker().list_networks(Some(opts)).await?)
+}
+
+/// Makes the session's internal network (the caller holds the session lock).
+pub async fn create_network(
+    o: &Orchestrator,
+    space: &str,
+    session: &str,
+    agent: &str,
+) -> Result<(String, String), EngineError> {
+    let name = network_name(space, session);
+    let labels = HashMap::from([
+        (LABEL_MANAGED.to_string(), "true".to_string()),
+        (LABEL_HOST.to_string(), o.host_id.clone()),
+        (LABEL_KIND.to_string(), KIND_SESSION_NETWORK.to_string()),
+        (LABEL_SPACE.to_string(), space.to_string()),
+        (LABEL_SESSION.to_string(), session.to_string()),
+        (crate::spec::LABEL_CREATED_BY.to_string(), agent.to_string()),
+    ]);
+    let r = o
+        .engine
+        .docker()
+        .create_network(NetworkCreateRequest {
+            name: name.clone(),
+            driver: Some("bridge".into()),
+            internal: Some(true),
+            attachable: Some(false),
+            labels: Some(labels),
+            ..Default::default()
+        })
+        .await?;
+    tracing::info!(network = %name, id = %r.id, space, session, "session network created");
+    Ok((r.id, name))
+}
+
+/// Managed containers of a session on this host.
+pub async fn session_containers(
+    o: &Orchestrator,
+    space: &str,
+    session: &str,
+) -> Result<Vec<bollard::models::ContainerSummary>, EngineError> {
+    let filters = labels_filter(o, &[(LABEL_SPACE, space), (LABEL_SESSION, session)]);
+    let opts = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    Ok(o.engine.docker().list_containers(Some(opts)).await?)
+}
+
+/// Removes this host's part of a session: its containers (tool runs among them are
+/// recorded as cancelled) and its network.
+pub async fn cleanup_local(
+    t: &Tools,
+    space: &str,
+    session: &str,
+    force: bool,
+) -> Result<(Vec<String>, Vec<String>), Problem> {
+    let o = &t.o;
+    let containers = session_containers(o, space, session).await?;
+    let mut removed = Vec::new();
+    for c in containers {
+        let id = c.id.clone().unwrap_or_default();
+        let labels = c.labels.clone().unwrap_or_default();
+        if let Some(exec) = labels.get(LABEL_EXECUTION) {
+            // The run is reported as cancelled, not as a mysterious failure.
+            let _ = t
+                .results
+                .modify(exec, |r| {
+                    if is_terminal(&r.status) {
+                        return Change::Keep;
+                    }
+                    r.cancel_requested = true;
+                    Change::Write
+                })
+                .await;
+            t.cancel_running(exec);
+        }
+        if !force {
+            let _ = o.engine.stop(&id, o.policy.cfg.stop_grace_seconds).await;
+        }
+        match o.engine.remove(&id).await {
+            Ok(()) => removed.push(id),
+            Err(e) => {
+                tracing::warn!(container = %id, error = %e, "cannot remove session container")
+            }
+        }
+    }
+    let mut nets = Vec::new();
+    for n in networks(o, space, session).await? {
+        let id = n.id.unwrap_or_default();
+        match o.engine.docker().remove_network(&id).await {
+            Ok(()) => nets.push(id),
+            Err(e) => tracing::warn!(network = %id, error = %e, "cannot remove session network"),
+        }
+    }
+    if !removed.is_empty() || !nets.is_empty() {
+        tracing::info!(
+            space,
+            session,
+            containers = removed.len(),
+            networks = nets.len(),
+            "session cleaned up"
+        );
+    }
+    Ok((removed, nets))
+}
+
+/// Adds `sessions.cleanup` and its host-addressed twin.
+pub fn endpoints(node: Node, t: &Arc<Tools>) -> Node {
+    let (t1, t2) = (t.clone(), t.clone());
+    node.endpoint(
+        Endpoint::new("sessions.cleanup", move |r| cleanup(t1.clone(), false, r))
+            .scope(Scope::RelicsWrite),
+    )
+    .endpoint(
+        Endpoint::new(
+            format!("hosts.{}.sessions.cleanup", t.o.host_id),
+            move |r| cleanup(t2.clone(), true, r),
+        )
+        .scope(Scope::RelicsWrite),
+    )
+}
+
+pub fn check_session(s: &str) -> Result<(), Problem> {
+    if s.is_empty() {
+        return Err(Problem::bad_request("`session_id` is required"));
+    }
+    if !tether_bus::subject::is_valid_token(s) {
+        return Err(Problem::bad_request(format!(
+            "`session_id` {s:?} must be 1-128 characters of A-Z a-z 0-9 - _"
+        )));
+    }
+    Ok(())
+}
+
+async fn cleanup(
+    t: Arc<Tools>,
+    addressed: bool,
+    req: Request<SessionCleanupRequest>,
+) -> Result<SessionCleanupReply, Problem> {
+    let b = &req.body;
+    check_session(&b.session_id)?;
+    let space = req.caller()?.space_for(&b.space)?;
+    let record = t.sessions.get(&space, &b.session_id).await?;
+    let (mut containers, mut networks) = cleanup_local(&t, &space, &b.session_id, b.force).await?;
+    let Some((r, _)) = record else {
+        if containers.is_empty() && networks.is_empty() {
+            return Err(Problem::not_found(format!(
+                "no session `{}` in space `{space}`",
+                b.session_id
+            )));
+        }
+        return Ok(SessionCleanupReply {
+            session_id: b.session_id.clone(),
+            space,
+            removed_containers: containers,
+            removed_networks: networks,
+            host_id: t.o.host_id.clone(),
+        });
+    };
+    if !addressed && r.host_id != t.o.host_id && !r.host_id.is_empty() {
+        let subject = req
+            .ctx
+            .subject(&format!("hosts.{}.sessions.cleanup", r.host_id));
+        match forward::<SessionCleanupRequest, SessionCleanupReply>(&req, subject).await {
+            Ok(other) => {
+                containers.extend(other.removed_containers);
+                networks.extend(other.removed_networks);
+            }
+            Err(e) => {
+                tracing::warn!(host = %r.host_id, error = %e, "session host did not clean up; its janitor will")
+            }
+        }
+    }
+    t.sessions.close(&space, &b.session_id).await?;
+    Ok(SessionCleanupReply {
+        session_id: b.session_id.clone(),
+        space,
+        removed_containers: containers,
+        removed_networks: networks,
+        host_id: t.o.host_id.clone(),
+    })
+}
+
+/// The tool-and-session janitor: orphaned tool containers, then sessions that expired or
+/// were closed (this host's part of each), then session networks no record explains.
+pub async fn janitor(t: Arc<Tools>, ctx: Ctx) -> anyhow::Result<()> {
+    let every = Duration::from_secs(t.o.policy.cfg.janitor_interval_seconds.max(1));
+    loop {
+        if let Err(e) = pass(&t).await {
+            tracing::warn!(error = %format!("{e:#}"), "tool janitor pass failed");
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+pub async fn pass(t: &Tools) -> anyhow::Result<()> {
+    crate::tools::janitor_pass(t).await?;
+    let records = t.sessions.all().await.map_err(|p| anyhow::anyhow!("{p}"))?;
+    let mut live = std::collections::HashSet::new();
+    for r in records {
+        if r.closed || expires(&r) <= now() {
+            cleanup_local(t, &r.space, &r.session_id, true)
+                .await
+                .map_err(|p| anyhow::anyhow!("{p}"))?;
+        } else {
+            live.insert((r.space, r.session_id));
+        }
+    }
+    // A network whose session has no live record (its record expired from KV, or a start
+    // failed half way) and no containers.
+    let grace = chrono::Duration::seconds(
+        i64::try_from(t.o.policy.cfg.reconcile_grace_seconds).unwrap_or(60),
+    );
+    for n in networks(&t.o, "", "").await? {
+        let labels = n.labels.clone().unwrap_or_default();
+        let space = labels.get(LABEL_SPACE).cloned().unwrap_or_default();
+        let session = labels.get(LABEL_SESSION).cloned().unwrap_or_default();
+        let old = n
+            .created
+            .as_ref()
+            .and_then(|c| chrono::DateTime::parse_from_rfc3339(&c.to_string()).ok())
+            .is_some_and(|c| now() - c.with_timezone(&chrono::Utc) > grace);
+        if !old || live.contains(&(space.clone(), session.clone())) {
+            continue;
+        }
+        if session_containers(&t.o, &space, &session).await?.is_empty()
+            && let Some(id) = n.id
+            && t.o.engine.docker().remove_network(&id).await.is_ok()
+        {
+            tracing::info!(network = %id, space, session, "orphaned session network removed");
+        }
+    }
+    Ok(())
+}

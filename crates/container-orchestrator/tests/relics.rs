@@ -1,0 +1,287 @@
+//! Relics and sessions against the real Docker engine (issue 5): health checks from inside
+//! the session network, reachability from the same session only, unhealthy relics removed,
+//! `sessions.cleanup` and the janitor leaving no container and no network behind.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const SCOPES: &[&str] = &["tools:run", "relics:write", "containers:read"];
+
+/// Removes the test's networks (after its containers) when dropped.
+struct Networks(String);
+
+impl Drop for Networks {
+    fn drop(&mut self) {
+        let l = format!("label=tether.host={}", self.0);
+        let ids = docker(&["ps", "-aq", "--filter", &l]);
+        for id in ids.lines() {
+            docker(&["rm", "-f", id]);
+        }
+        for n in docker(&["network", "ls", "-q", "--filter", &l]).lines() {
+            docker(&["network", "rm", n]);
+        }
+    }
+}
+
+fn by_labels(what: &[&str], labels: &[(&str, &str)]) -> Vec<String> {
+    let mut args: Vec<String> = what.iter().map(|s| s.to_string()).collect();
+    for (k, v) in labels {
+        args.push("--filter".into());
+        args.push(format!("label={k}={v}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    docker(&args).lines().map(str::to_string).collect()
+}
+
+fn session_containers(host: &str, session: &str) -> Vec<String> {
+    by_labels(
+        &["ps", "-aq"],
+        &[("tether.host", host), ("tether.session", session)],
+    )
+}
+
+fn session_networks(host: &str, session: &str) -> Vec<String> {
+    by_labels(
+        &["network", "ls", "-q"],
+        &[("tether.host", host), ("tether.session", session)],
+    )
+}
+
+fn httpd(f: &Fleet, name: &str, session: &str, serve_health: bool) -> Value {
+    let setup = if serve_health {
+        "mkdir -p /www && echo ok > /www/health"
+    } else {
+        "mkdir -p /www"
+    };
+    json!({
+        "relic_name": name, "session_id": session, "image": f.image,
+        "command": format!("{setup} && exec httpd -f -p 8080 -h /www"),
+        "health_check_endpoint": "/health", "health_check_port": 8080,
+    })
+}
+
+async fn tool_in(f: &Fleet, t: &str, session: &str, command: &str, timeout: u32) -> Value {
+    callj(
+        &f.c,
+        "tools.execute",
+        t,
+        json!({"tool_name": "probe", "session_id": session, "image": f.image,
+               "network": "session", "command": command,
+               "resource_limits": {"timeout_seconds": timeout}}),
+    )
+    .await
+    .expect("tool")
+}
+
+#[tokio::test]
+async fn relics_serve_their_own_session_only_and_are_cleaned_up() {
+    let f = fleet().await;
+    let _nets = Networks(f.host_id.clone());
+    let space = unique("s");
+    let t = f.agent(&unique("a"), &space, SCOPES).await;
+    let (sa, sb) = (unique("sa"), unique("sb"));
+
+    let web = callj(&f.c, "relics.start", &t, httpd(&f, "web", &sa, true))
+        .await
+        .expect("start web");
+    assert_eq!(web["healthy"], true, "{web}");
+    assert_eq!(web["status"], "running");
+    assert_eq!(web["relic_name"], "web");
+    assert_eq!(web["session_id"], sa.as_str());
+    assert_eq!(web["internal_url"], "http://web:8080/health");
+    let net = web["network_id"].as_str().expect("network").to_string();
+    assert!(!net.is_empty());
+    assert_eq!(
+        docker(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{.Internal}} {{.Labels}}",
+            &net
+        ])
+        .split(' ')
+        .next(),
+        Some("true"),
+        "the session network is internal"
+    );
+    let relic_id = web["relic_id"].as_str().expect("relic id").to_string();
+
+    // Another container of the same session reaches it by its internal URL.
+    let r = tool_in(&f, &t, &sa, "wget -q -O- http://web:8080/health", 60).await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["stdout"], "ok\n");
+
+    // Another session's containers cannot: neither by name nor by address.
+    let peer = callj(
+        &f.c,
+        "relics.start",
+        &t,
+        json!({"relic_name": "peer", "session_id": sb, "image": f.image, "command": "sleep 600"}),
+    )
+    .await
+    .expect("start peer");
+    assert_eq!(peer["healthy"], true);
+    assert_ne!(peer["network_id"], web["network_id"]);
+    let ip = docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        web["container_id"].as_str().expect("id"),
+    ]);
+    assert!(!ip.is_empty());
+    for url in [
+        "http://web:8080/health".to_string(),
+        format!("http://{ip}:8080/health"),
+    ] {
+        let r = tool_in(&f, &t, &sb, &format!("wget -q -O- {url}"), 3).await;
+        assert_ne!(r["status"], "completed", "{url} must not be reachable: {r}");
+        assert_ne!(r["stdout"], "ok\n");
+    }
+    // Nor a space container on the default bridge.
+    let other = f
+        .agent(
+            &unique("o"),
+            &unique("s2"),
+            &["containers:write", "containers:exec"],
+        )
+        .await;
+    f.create_space(&other, json!({})).await;
+    let r = f
+        .exec(
+            &other,
+            json!({"command": format!("wget -q -O- http://{ip}:8080/health"), "timeout_seconds": 3}),
+        )
+        .await
+        .expect("exec");
+    assert_ne!(r["exit_code"], 0, "{r}");
+
+    // get (probes again), list, a second relic of the same name.
+    let g = callj(&f.c, "relics.get", &t, json!({"relic_id": relic_id}))
+        .await
+        .expect("get");
+    assert_eq!(g["healthy"], true, "{g}");
+    assert_eq!(g["container_id"], web["container_id"]);
+    let g = callj(
+        &f.c,
+        "relics.get",
+        &t,
+        json!({"session_id": sa, "relic_name": "web"}),
+    )
+    .await
+    .expect("get by name");
+    assert_eq!(g["relic_id"], relic_id.as_str());
+    let l = callj(&f.c, "relics.list", &t, json!({"session_id": sa}))
+        .await
+        .expect("list");
+    assert_eq!(l["relics"].as_array().map(Vec::len), Some(1));
+    let e = callj(&f.c, "relics.start", &t, httpd(&f, "web", &sa, true))
+        .await
+        .expect_err("same name");
+    assert_eq!(e.0, 409);
+    // Another agent's space does not see it.
+    let stranger = f.agent(&unique("x"), &unique("s3"), SCOPES).await;
+    let e = callj(&f.c, "relics.get", &stranger, json!({"relic_id": relic_id}))
+        .await
+        .expect_err("stranger");
+    assert_eq!(e.0, 404);
+
+    // A relic whose health check never passes: unhealthy within its timeout, and removed.
+    let mut sick = httpd(&f, "sick", &sa, false);
+    sick["health_check_timeout_seconds"] = json!(3);
+    let s = callj(&f.c, "relics.start", &t, sick)
+        .await
+        .expect("start sick");
+    assert_eq!(s["healthy"], false, "{s}");
+    assert_eq!(s["status"], "unhealthy");
+    assert!(
+        s["detail"].as_str().is_some_and(|d| d.contains("3 s")),
+        "{s}"
+    );
+    assert!(
+        docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("id={}", s["container_id"].as_str().unwrap_or("x"))
+        ])
+        .is_empty(),
+        "the unhealthy relic is removed"
+    );
+
+    // stop, then delete.
+    let st = callj(&f.c, "relics.stop", &t, json!({"relic_id": relic_id}))
+        .await
+        .expect("stop");
+    assert_eq!(st["status"], "exited");
+    let d = callj(&f.c, "relics.delete", &t, json!({"relic_id": relic_id}))
+        .await
+        .expect("delete");
+    assert_eq!(d["status"], "removed");
+    let e = callj(&f.c, "relics.get", &t, json!({"relic_id": relic_id}))
+        .await
+        .expect_err("deleted");
+    assert_eq!(e.0, 404);
+
+    // sessions.cleanup: nothing of session B is left on the engine.
+    assert!(!session_containers(&f.host_id, &sb).is_empty());
+    let c = callj(
+        &f.c,
+        "sessions.cleanup",
+        &t,
+        json!({"session_id": sb, "force": true}),
+    )
+    .await
+    .expect("cleanup");
+    assert_eq!(
+        c["removed_containers"].as_array().map(Vec::len),
+        Some(1),
+        "{c}"
+    );
+    assert_eq!(
+        c["removed_networks"].as_array().map(Vec::len),
+        Some(1),
+        "{c}"
+    );
+    assert!(session_containers(&f.host_id, &sb).is_empty());
+    assert!(session_networks(&f.host_id, &sb).is_empty());
+    // Session A: its network only (its relics are gone); cleaned too.
+    callj(&f.c, "sessions.cleanup", &t, json!({"session_id": sa}))
+        .await
+        .expect("cleanup a");
+    assert!(session_containers(&f.host_id, &sa).is_empty());
+    assert!(session_networks(&f.host_id, &sa).is_empty());
+}
+
+#[tokio::test]
+async fn the_janitor_removes_expired_sessions() {
+    let f = fleet().await;
+    let _nets = Networks(f.host_id.clone());
+    let space = unique("s");
+    let t = f.agent(&unique("a"), &space, SCOPES).await;
+    let sc = unique("sc");
+    let r = callj(
+        &f.c,
+        "relics.start",
+        &t,
+        json!({"relic_name": "brief", "session_id": sc, "image": f.image, "command": "sleep 600",
+               "resource_limits": {"timeout_seconds": 3}}),
+    )
+    .await
+    .expect("start");
+    assert_eq!(r["healthy"], true);
+    assert_eq!(session_networks(&f.host_id, &sc).len(), 1);
+    eventually(
+        Duration::from_secs(30),
+        "expired session removed",
+        || async {
+            (session_containers(&f.host_id, &sc).is_empty()
+                && session_networks(&f.host_id, &sc).is_empty())
+            .then_some(())
+        },
+    )
+    .await;
+}

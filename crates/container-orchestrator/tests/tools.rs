@@ -1,0 +1,568 @@
+//! Tool runs against the real Docker engine and a real nats-server (issue 5): results,
+//! failures and deadlines, bad input, async jobs on two orchestrator processes with one
+//! SIGKILLed mid-run, idempotency keys, cancel.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+pub const TOOL_SCOPES: &[&str] = &["tools:run", "relics:write", "containers:read"];
+
+fn tool(image: &str, command: &str) -> Value {
+    json!({"tool_name": "t", "image": image, "command": command})
+}
+
+fn with(mut base: Value, extra: Value) -> Value {
+    if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    base
+}
+
+fn engine_networks(host_id: &str) -> Vec<String> {
+    let l = format!("label=tether.host={host_id}");
+    let mut v: Vec<String> = docker(&["network", "ls", "-q", "--filter", &l])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn sync_runs_report_result_failure_and_timeout_and_leave_nothing() {
+    let f = fleet().await;
+    let space = unique("s");
+    let t = f.agent(&unique("a"), &space, TOOL_SCOPES).await;
+
+    // Parameters as variables and as one document; the last JSON line is the result.
+    let r = callj(
+        &f.c,
+        "tools.execute",
+        &t,
+        with(
+            tool(
+                &f.image,
+                r#"echo working; echo "$TETHER_PARAMETERS" >&2; echo "{\"sum\": $((A + B))}""#,
+            ),
+            json!({"parameters": {"a": 1, "b": 2}, "session_id": "sess1"}),
+        ),
+    )
+    .await
+    .expect("execute");
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["exit_code"], 0);
+    assert_eq!(r["result"], json!({"sum": 3}));
+    assert_eq!(r["stdout"], "working\n{\"sum\": 3}\n");
+    assert_eq!(r["stderr"], "{\"a\":1,\"b\":2}\n");
+    assert_eq!(r["session_id"], "sess1");
+    assert_eq!(r["space"], space.as_str());
+    let id = r["execution_id"].as_str().expect("id").to_string();
+    assert!(f.engine_containers().is_empty(), "the container is removed");
+    // Any replica can read it back.
+    let g = callj(&f.c, "tools.get", &t, json!({"execution_id": id}))
+        .await
+        .expect("get");
+    assert_eq!(g["result"], json!({"sum": 3}));
+    assert_eq!(g["status"], "completed");
+    let l = callj(&f.c, "tools.logs", &t, json!({"execution_id": id}))
+        .await
+        .expect("logs");
+    assert_eq!(l["stdout"], "working\n{\"sum\": 3}\n");
+
+    // Its own failure: exit 3 with its stderr; exit 124 is a failure too, not a timeout.
+    let r = callj(
+        &f.c,
+        "tools.execute",
+        &t,
+        tool(&f.image, "echo bad input >&2; exit 3"),
+    )
+    .await
+    .expect("execute");
+    assert_eq!(r["status"], "failed");
+    assert_eq!(r["exit_code"], 3);
+    assert_eq!(r["stderr"], "bad input\n");
+    assert!(r["result"].is_null());
+    assert!(
+        r["result_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("no result")),
+        "{r}"
+    );
+    let r = callj(&f.c, "tools.execute", &t, tool(&f.image, "exit 124"))
+        .await
+        .expect("execute");
+    assert_eq!(
+        (r["status"].as_str(), r["exit_code"].as_i64()),
+        (Some("failed"), Some(124))
+    );
+
+    // Past its deadline: killed, `timed_out`, in about its timeout.
+    let started = Instant::now();
+    let r = callj(
+        &f.c,
+        "tools.execute",
+        &t,
+        with(
+            tool(&f.image, "echo before; sleep 60"),
+            json!({"resource_limits": {"timeout_seconds": 2}}),
+        ),
+    )
+    .await
+    .expect("execute");
+    let took = started.elapsed();
+    assert_eq!(r["status"], "timed_out", "{r}");
+    assert_eq!(r["stdout"], "before\n");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+    assert!(
+        f.engine_containers().is_empty(),
+        "the timed-out container is removed"
+    );
+
+    // What it used: sampled while it ran.
+    let r = callj(
+        &f.c,
+        "tools.execute",
+        &t,
+        tool(
+            &f.image,
+            // Busy for three seconds of wall time, so sampling sees it even on a loaded engine.
+            "end=$(($(date +%s) + 3)); while [ $(date +%s) -lt $end ]; do :; done; echo '{\"n\": 1}'",
+        ),
+    )
+    .await
+    .expect("execute");
+    assert_eq!(r["status"], "completed");
+    let u = &r["resource_usage"];
+    assert!(num(&u["samples"]) >= 1, "{u}");
+    assert!(num(&u["cpu_time_ms"]) > 0, "{u}");
+    assert!(num(&u["peak_memory_bytes"]) > 0, "{u}");
+
+    // cleanup: false keeps the container (labelled for the janitor).
+    let r = callj(
+        &f.c,
+        "tools.execute",
+        &t,
+        with(tool(&f.image, "true"), json!({"cleanup": false})),
+    )
+    .await
+    .expect("execute");
+    let kept = r["container_id"].as_str().expect("container").to_string();
+    assert_eq!(f.engine_containers(), vec![kept.clone()]);
+    docker(&["rm", "-f", &kept]);
+
+    // Another space's run does not exist for this agent.
+    let other = f.agent(&unique("b"), &unique("s"), TOOL_SCOPES).await;
+    let e = callj(&f.c, "tools.get", &other, json!({"execution_id": id}))
+        .await
+        .expect_err("other space");
+    assert_eq!(e.0, 404);
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_creates_nothing() {
+    let f = fleet().await;
+    let space = unique("s");
+    let t = f.agent(&unique("a"), &space, TOOL_SCOPES).await;
+    let before = (f.engine_containers(), engine_networks(&f.host_id));
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            "tools.execute",
+            json!({"tool_name": "t", "command": "true"}),
+            400,
+            "image",
+        ),
+        (
+            "tools.execute",
+            tool("tether-test/none-such:1", "true"),
+            422,
+            "not on host",
+        ),
+        (
+            "tools.execute",
+            with(
+                tool(&f.image, "true"),
+                json!({"resource_limits": {"timeout_seconds": -1}}),
+            ),
+            400,
+            "timeout_seconds",
+        ),
+        (
+            "tools.execute",
+            with(tool(&f.image, "true"), json!({"parameters": "{not json"})),
+            400,
+            "not JSON",
+        ),
+        (
+            "tools.execute",
+            with(tool(&f.image, "true"), json!({"parameters": [1, 2]})),
+            400,
+            "JSON object",
+        ),
+        (
+            "tools.execute",
+            with(tool(&f.image, "true"), json!({"network": "host"})),
+            400,
+            "network",
+        ),
+        (
+            "tools.execute",
+            with(
+                tool(&f.image, "true"),
+                json!({"async": true, "idempotency_key": "a b"}),
+            ),
+            400,
+            "idempotency_key",
+        ),
+        (
+            "tools.execute",
+            json!({"tool_name": "t", "image": f.image, "imgae": 1}),
+            400,
+            "imgae",
+        ),
+        (
+            "tools.get",
+            json!({"execution_id": "0123456789abcdef"}),
+            404,
+            "no execution",
+        ),
+        (
+            "tools.get",
+            json!({"execution_id": "../x"}),
+            400,
+            "execution id",
+        ),
+        ("tools.cancel", json!({"execution_id": ""}), 400, "required"),
+        (
+            "relics.get",
+            json!({"session_id": "nosuch", "relic_name": "web"}),
+            404,
+            "no session",
+        ),
+        (
+            "relics.start",
+            json!({"relic_name": "web", "session_id": "s1"}),
+            400,
+            "image",
+        ),
+        (
+            "relics.start",
+            json!({"relic_name": "web", "session_id": "s1", "image": f.image, "health_check_timeout_seconds": -3}),
+            400,
+            "health_check_timeout_seconds",
+        ),
+        (
+            "sessions.cleanup",
+            json!({"session_id": "nosuch"}),
+            404,
+            "no session",
+        ),
+    ];
+    for (subject, body, status, detail) in cases {
+        let e = callj(&f.c, subject, &t, body.clone())
+            .await
+            .expect_err(&format!("{subject} {body} must be refused"));
+        assert_eq!(e.0, status, "{subject} {body}: {}", e.1);
+        assert!(e.1.contains(detail), "{subject} {body}: {}", e.1);
+    }
+    // A session network may not be named by a container request.
+    let e = callj(
+        &f.c,
+        "containers.create",
+        &f.op,
+        json!({"image": f.image, "space": space, "kind": "tool", "network_mode": format!("tether-session.{space}.s1")}),
+    )
+    .await
+    .expect_err("session network");
+    assert_eq!(e.0, 403);
+    // No scope, no run.
+    let weak = f
+        .agent(&unique("w"), &unique("s"), &["containers:read"])
+        .await;
+    let e = callj(&f.c, "tools.execute", &weak, tool(&f.image, "true"))
+        .await
+        .expect_err("scope");
+    assert_eq!(e.0, 403);
+    assert_eq!((f.engine_containers(), engine_networks(&f.host_id)), before);
+}
+
+/// Counts a finishing event per execution id.
+fn record(m: async_nats::Message, finished: &mut HashMap<String, usize>) {
+    let v: Value = serde_json::from_slice(&m.payload).expect("event");
+    let ty = v["type"].as_str().unwrap_or_default().to_string();
+    if ty != "tether.tool.queued" && ty != "tether.tool.running" {
+        *finished
+            .entry(
+                v["data"]["execution_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+            .or_default() += 1;
+        assert_eq!(ty, "tether.tool.completed", "{v}");
+    }
+}
+
+/// Orchestrator processes of the job tests: short ack wait (a dead worker is noticed in
+/// seconds), more workers than the default.
+fn spawn_worker(url: &str, host_id: &str, config: &std::path::Path) -> Child {
+    spawn_node(
+        url,
+        host_id,
+        Some(config),
+        &[
+            ("TETHER_TOOL_JOB_ACK_WAIT_SECONDS", "3"),
+            ("TETHER_TOOL_WORKERS", "6"),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn async_jobs_run_once_on_two_replicas_through_a_sigkill() {
+    const N: usize = 200;
+    let mut f = fleet_with(false, |_| {}).await;
+    let (ha, hb) = (unique("ha"), unique("hb"));
+    f.cleanup.host_ids = vec![ha.clone(), hb.clone()];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    // Containers run as root without capabilities: the file must be writable by anyone.
+    std::fs::write(data.join("runs"), "").expect("runs file");
+    std::process::Command::new("chmod")
+        .args(["-R", "a+rwx", data.to_str().expect("path")])
+        .status()
+        .expect("chmod");
+    let config = dir.path().join("tether.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "allowed_mounts = [{{ path = \"{}\", writable = true }}]\n",
+            data.display()
+        ),
+    )
+    .expect("config");
+    let mut a = spawn_worker(&f.nats.url(), &ha, &config);
+    let _b = spawn_worker(&f.nats.url(), &hb, &config);
+    wait_up(&f, &ha).await;
+    wait_up(&f, &hb).await;
+    let space = unique("s");
+    let t = f.agent(&unique("a"), &space, TOOL_SCOPES).await;
+    let mut events = f.c.subscribe("events.tools.>").await.expect("sub");
+
+    // Each run appends its execution id to a shared file: a second run of a job shows as a
+    // second line.
+    let job = |i: usize| {
+        json!({
+            "tool_name": "count", "session_id": "jobs", "image": f.image, "async": true,
+            "command": "sleep 0.4; echo $TETHER_EXECUTION_ID >> /data/runs; echo \"{\\\"i\\\": $I}\"",
+            "parameters": {"i": i},
+            "mounts": [{"source": data.display().to_string(), "target": "/data", "writable": true}],
+        })
+    };
+    let submitted = Instant::now();
+    let mut ids = Vec::with_capacity(N);
+    let replies = futures::stream::iter(0..N)
+        .map(|i| callj(&f.c, "tools.execute", &t, job(i)))
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await;
+    for r in replies {
+        let r = r.expect("submit");
+        assert_eq!(r["status"], "queued");
+        ids.push(r["execution_id"].as_str().expect("id").to_string());
+    }
+    // The same idempotency key twice: one execution.
+    let keyed = with(job(N), json!({"idempotency_key": "once-only"}));
+    let k1 = callj(&f.c, "tools.execute", &t, keyed.clone())
+        .await
+        .expect("keyed");
+    let k2 = callj(&f.c, "tools.execute", &t, keyed)
+        .await
+        .expect("keyed again");
+    assert_eq!(k1["execution_id"], k2["execution_id"]);
+    assert_eq!(k2["duplicate"], true);
+    ids.push(k1["execution_id"].as_str().expect("id").to_string());
+
+    // SIGKILL replica A once a good part is done, while it has runs going.
+    let mut finished: HashMap<String, usize> = HashMap::new();
+    while finished.len() < N / 3 {
+        let m = tokio::time::timeout(Duration::from_secs(60), events.next())
+            .await
+            .expect("progress")
+            .expect("sub open");
+        record(m, &mut finished);
+    }
+    let running_on_a = host_containers(&ha).len();
+    let _ = a.0.kill();
+    let _ = a.0.wait();
+    // Every job completes, once.
+    let until = Instant::now() + Duration::from_secs(150);
+    while finished.len() < ids.len() {
+        let left = until.saturating_duration_since(Instant::now());
+        let m = tokio::time::timeout(left, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {} jobs finished", finished.len(), ids.len()))
+            .expect("sub open");
+        record(m, &mut finished);
+    }
+    let elapsed = submitted.elapsed();
+    // Late duplicates would show up now.
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), events.next()).await {
+        record(m, &mut finished);
+    }
+    let mut redelivered = 0;
+    for id in &ids {
+        assert_eq!(finished.get(id), Some(&1), "one completion of {id}");
+        let r = callj(&f.c, "tools.get", &t, json!({"execution_id": id}))
+            .await
+            .expect("get");
+        assert_eq!(r["status"], "completed", "{r}");
+        if r["attempt"].as_u64().unwrap_or(0) > 1 {
+            redelivered += 1;
+        }
+    }
+    if running_on_a > 0 {
+        assert!(
+            redelivered > 0,
+            "the killed replica's jobs were run again elsewhere"
+        );
+    }
+    let runs = std::fs::read_to_string(data.join("runs")).expect("runs");
+    let mut per_id: HashMap<&str, usize> = HashMap::new();
+    for l in runs.lines() {
+        *per_id.entry(l).or_default() += 1;
+    }
+    let dup: Vec<_> = per_id.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dup.is_empty(), "jobs ran twice: {dup:?}");
+    assert_eq!(per_id.len(), ids.len(), "every job ran");
+    // The killed replica's half-made containers were adopted or removed.
+    eventually(
+        Duration::from_secs(20),
+        "no tool container left",
+        || async {
+            (host_containers(&ha).is_empty() && host_containers(&hb).is_empty()).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "{} jobs in {elapsed:?} on 2 replicas ({running_on_a} containers on A when it was killed, {redelivered} redelivered)",
+        ids.len()
+    );
+
+    // A comes back; a running job is cancelled from whichever replica gets the request.
+    let _a = spawn_worker(&f.nats.url(), &ha, &config);
+    wait_up(&f, &ha).await;
+    let r = callj(
+        &f.c,
+        "tools.execute",
+        &t,
+        with(tool(&f.image, "sleep 120"), json!({"async": true})),
+    )
+    .await
+    .expect("submit");
+    let id = r["execution_id"].as_str().expect("id").to_string();
+    eventually(Duration::from_secs(30), "job running", || async {
+        let r = callj(&f.c, "tools.get", &t, json!({"execution_id": id}))
+            .await
+            .ok()?;
+        (r["status"] == "running" && r["container_id"] != "").then_some(())
+    })
+    .await;
+    let r = callj(&f.c, "tools.cancel", &t, json!({"execution_id": id}))
+        .await
+        .expect("cancel");
+    assert_eq!(r["status"], "cancelled", "{r}");
+    let e = callj(&f.c, "tools.cancel", &t, json!({"execution_id": id}))
+        .await
+        .expect_err("finished");
+    assert_eq!(e.0, 409);
+    eventually(
+        Duration::from_secs(20),
+        "cancelled container removed",
+        || async {
+            (host_containers(&ha).is_empty() && host_containers(&hb).is_empty()).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
+    let mut f = fleet_with(false, |_| {}).await;
+    let h = unique("hs");
+    f.cleanup.host_ids = vec![h.clone()];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tether.toml");
+    std::fs::write(&config, "").expect("config");
+    let mut node = spawn_worker(&f.nats.url(), &h, &config);
+    wait_up(&f, &h).await;
+    let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
+
+    // A sync run whose caller waits; its node is SIGKILLed while the tool runs.
+    let (c, tok, image) = (f.c.clone(), t.clone(), f.image.clone());
+    let caller = tokio::spawn(async move {
+        callj(
+            &c,
+            "tools.execute",
+            &tok,
+            with(
+                tool(&image, "echo partial; sleep 60"),
+                json!({"resource_limits": {"timeout_seconds": 2}}),
+            ),
+        )
+        .await
+    });
+    let container = eventually(Duration::from_secs(30), "tool running", || async {
+        host_containers(&h).into_iter().next()
+    })
+    .await;
+    let execution = docker(&[
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"tether.execution\"}}",
+        &container,
+    ]);
+    let _ = node.0.kill();
+    let _ = node.0.wait();
+    // Its caller would wait out its own timeout; it is not what this test is about.
+    caller.abort();
+    let r = callj(&f.c, "tools.get", &t, json!({"execution_id": execution})).await;
+    assert!(r.is_err(), "no node serves while it is down: {r:?}");
+
+    // The node comes back (a new instance, the same host): past the run's deadline and the
+    // grace, its janitor records the run as failed, with what the tool printed, and removes
+    // the container.
+    let _node = spawn_worker(&f.nats.url(), &h, &config);
+    wait_up(&f, &h).await;
+    let r = eventually(
+        Duration::from_secs(60),
+        "abandoned run finished",
+        || async {
+            let r = callj(&f.c, "tools.get", &t, json!({"execution_id": execution}))
+                .await
+                .ok()?;
+            (r["status"] != "running").then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(
+        r["detail"].as_str().is_some_and(|d| d.contains("stopped")),
+        "{r}"
+    );
+    assert_eq!(r["stdout"], "partial\n", "{r}");
+    eventually(Duration::from_secs(30), "container removed", || async {
+        host_containers(&h).is_empty().then_some(())
+    })
+    .await;
+}
