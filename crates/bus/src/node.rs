@@ -592,6 +592,23 @@ async fn serve_endpoint(
     }
 }
 
+/// Room left for a reply's headers (and the protocol line) under the server's max payload.
+const REPLY_HEADROOM: usize = 4096;
+/// Replies up to this size fit any server's max payload.
+const SMALL_REPLY: usize = 60 * 1024;
+
+/// The error reply of a problem: micro headers and the RFC 9457 body.
+fn problem_reply(p: &Problem, instance: &str) -> Reply {
+    let mut h = HeaderMap::new();
+    h.insert(SERVICE_ERROR, p.title.as_str());
+    h.insert(SERVICE_ERROR_CODE, p.status.to_string().as_str());
+    h.insert(CONTENT_TYPE, PROBLEM_CONTENT_TYPE);
+    Reply {
+        body: p.to_body(instance),
+        headers: h,
+    }
+}
+
 async fn handle(rt: &EndpointRt, msg: Message) {
     let started = Instant::now();
     let Some(reply_to) = msg.reply.clone() else {
@@ -613,21 +630,27 @@ async fn handle(rt: &EndpointRt, msg: Message) {
     let result = process(rt, msg, &span).instrument(span.clone()).await;
     let (reply, error) = match result {
         Ok(r) => (r, None),
-        Err(p) => {
-            let mut h = HeaderMap::new();
-            h.insert(SERVICE_ERROR, p.title.as_str());
-            h.insert(SERVICE_ERROR_CODE, p.status.to_string().as_str());
-            h.insert(CONTENT_TYPE, PROBLEM_CONTENT_TYPE);
-            (
-                Reply {
-                    body: p.to_body(instance.as_str()),
-                    headers: h,
-                },
-                Some(p),
-            )
-        }
+        Err(p) => (problem_reply(&p, &instance), Some(p)),
     };
+    // A reply the server would refuse never reaches the caller, who would wait out its
+    // timeout: it gets a problem that says why instead. (Asked only of large replies: every
+    // server carries 64 KiB.)
     let client = &rt.ctx.client;
+    let (reply, error) = match reply.body.len() {
+        n if n > SMALL_REPLY
+            && n > client
+                .server_info()
+                .max_payload
+                .saturating_sub(REPLY_HEADROOM) =>
+        {
+            let p = Problem::internal(format!(
+                "the reply ({n} bytes) is larger than the bus carries in one message ({} bytes); ask for less output",
+                client.server_info().max_payload
+            ));
+            (problem_reply(&p, &instance), Some(p))
+        }
+        _ => (reply, error),
+    };
     let sent = if reply.headers.is_empty() {
         client.publish(reply_to, reply.body).await
     } else {

@@ -444,3 +444,40 @@ async fn bounded_concurrency_is_respected() {
     assert_eq!(peak.load(Ordering::SeqCst), 3);
     node.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn a_reply_larger_than_the_server_carries_is_a_problem_not_silence() {
+    let nats = NatsServer::start_with_config("max_payload: 262144")
+        .await
+        .expect("nats");
+    let keys = Keys::new();
+    // Replies `delay_ms` KiB of text.
+    let big = |req: tether_bus::Request<EchoRequest>| async move {
+        Ok::<_, tether_bus::Problem>(EchoReply {
+            message: "x".repeat(req.body.delay_ms as usize * 1024),
+            ..Default::default()
+        })
+    };
+    let node = Node::new("big-node", "1.0.0")
+        .verifier(keys.verifier())
+        .endpoint(Endpoint::new("t.big", big))
+        .start(config(&nats.url()))
+        .await
+        .expect("node starts");
+    let c = nats.client().await.expect("client");
+    let m = request(&c, "t.big", json_headers(None), r#"{"delay_ms": 100}"#).await;
+    assert!(is_ok_reply(&m));
+    assert!(m.payload.len() > 100 * 1024);
+    let b = assert_problem(
+        &request(&c, "t.big", json_headers(None), r#"{"delay_ms": 300}"#).await,
+        500,
+    );
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("larger than the bus carries"),
+        "{b}"
+    );
+    node.shutdown().await.expect("shutdown");
+}

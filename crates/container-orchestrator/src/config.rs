@@ -59,6 +59,12 @@ pub struct OrchestratorConfig {
     pub space_network_mode: String,
     /// Network of tool and relic containers when the request names none.
     pub tool_network_mode: String,
+    /// Networks a `containers.create` may name besides none, bridge and the two defaults
+    /// above (names exactly; the engine's ids and id prefixes are never accepted).
+    pub allowed_networks: Vec<String>,
+    /// Session networks a space may hold on one host at once (each takes a subnet from the
+    /// engine's address pools, which hold about thirty by default).
+    pub max_sessions_per_space: usize,
     /// Size of each writable (tmpfs) path.
     pub tmpfs_size_mb: u32,
     pub allowed_mounts: Vec<AllowedMount>,
@@ -106,6 +112,10 @@ pub struct OrchestratorConfig {
     pub sessions_bucket: String,
 }
 
+/// Seconds a tool container outlives its deadline before the janitor may remove it (the
+/// safety net when the node that ran it died).
+pub const TOOL_LIFETIME_MARGIN_SECONDS: i32 = 120;
+
 impl Default for OrchestratorConfig {
     fn default() -> Self {
         Self {
@@ -124,6 +134,8 @@ impl Default for OrchestratorConfig {
             max_ttl_seconds: 30 * 86_400,
             space_network_mode: "bridge".into(),
             tool_network_mode: "none".into(),
+            allowed_networks: Vec::new(),
+            max_sessions_per_space: 8,
             tmpfs_size_mb: 256,
             allowed_mounts: Vec::new(),
             unbound_policy: UnboundPolicy::Adopt,
@@ -235,6 +247,31 @@ impl OrchestratorConfig {
                 "tool_default_timeout_seconds must be positive and at most tool_max_timeout_seconds",
             );
         }
+        if self
+            .tool_max_timeout_seconds
+            .saturating_add(TOOL_LIFETIME_MARGIN_SECONDS)
+            > self.max_ttl_seconds
+        {
+            // A tool container's expiry label would come before its deadline, and the
+            // janitor would remove it mid-run.
+            return Err(InvalidConfig(format!(
+                "tool_max_timeout_seconds + {TOOL_LIFETIME_MARGIN_SECONDS} must be at most max_ttl_seconds"
+            )));
+        }
+        if self.max_sessions_per_space == 0 {
+            return bad("max_sessions_per_space must be at least 1");
+        }
+        for n in &self.allowed_networks {
+            if n.is_empty()
+                || n == "host"
+                || n.contains(':')
+                || n.starts_with(crate::spec::SESSION_NETWORK_PREFIX)
+            {
+                return Err(InvalidConfig(format!(
+                    "allowed_networks entry {n:?}: host, container:… and session networks cannot be allowed"
+                )));
+            }
+        }
         if self.max_concurrent_tools == 0
             || self.tool_job_ack_wait_seconds == 0
             || self.tool_job_max_deliver < 1
@@ -307,6 +344,21 @@ mod tests {
                 path: "relative".into(),
                 writable: false,
             }],
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+        let c = OrchestratorConfig {
+            tool_max_timeout_seconds: 3600,
+            max_ttl_seconds: 3600,
+            default_ttl_seconds: 60,
+            ..Default::default()
+        };
+        assert!(
+            c.validate().is_err(),
+            "tool deadline past the container's expiry"
+        );
+        let c = OrchestratorConfig {
+            allowed_networks: vec!["tether-session.s.x".into()],
             ..Default::default()
         };
         assert!(c.validate().is_err());

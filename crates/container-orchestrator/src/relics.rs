@@ -32,7 +32,7 @@ use crate::spec::{
     validate_create,
 };
 use crate::state::Orchestrator;
-use crate::tools::{Tools, forward};
+use crate::tools::{Tools, forward, forward_within};
 
 pub const LABEL_RELIC: &str = "tether.relic";
 pub const LABEL_RELIC_ID: &str = "tether.relic_id";
@@ -99,8 +99,9 @@ pub fn endpoints(mut node: Node, t: &T) -> Node {
                 .scope(Scope::RelicsWrite)
             }};
         }
+        // A start may wait out a health check of minutes: bounded like tool runs.
         node = node
-            .endpoint(ep!("start", start))
+            .endpoint(ep!("start", start).max_concurrency(t.o.policy.cfg.max_concurrent_tools))
             .endpoint(ep!("get", get))
             .endpoint(ep!("list", list))
             .endpoint(ep!("stop", stop))
@@ -224,25 +225,37 @@ async fn start(
         &o.policy,
         chrono::Utc::now(),
     )?;
+    if let Some(host) = session_host(&t, &space, &b.session_id).await? {
+        if addressed {
+            return Err(not_here(&host, "start"));
+        }
+        // The image is checked where the relic runs; the answer waits out the health check.
+        let subject = req.ctx.subject(&format!("hosts.{host}.relics.start"));
+        return forward_within(&req, subject, c.health_timeout + FORWARD_MARGIN).await;
+    }
     if !o.engine.image_exists(&b.image).await? {
         return Err(Problem::unprocessable(format!(
             "image `{}` is not on host `{}` (the orchestrator never pulls: build or load it first)",
             b.image, o.host_id
         )));
     }
-    if let Some(host) = session_host(&t, &space, &b.session_id).await? {
-        if addressed {
-            return Err(not_here(&host, "start"));
-        }
-        let subject = req.ctx.subject(&format!("hosts.{host}.relics.start"));
-        return forward(&req, subject).await;
-    }
     let want_network = b.create_private_network.unwrap_or(true);
     let lock = t.session_lock(&format!("{space}.{}", b.session_id)).await;
     let _held = lock.lock().await;
+    // The network this request made, removed again when the relic does not come up (so a
+    // failed start leaves nothing behind, and cannot eat the engine's address pools).
+    let mut made_network = None;
     let (network_id, network_name) = match find_network(o, &space, &b.session_id).await? {
         Some(n) => n,
         None if want_network => {
+            let limit = o.policy.cfg.max_sessions_per_space;
+            let have = space_networks(o, &space).await?;
+            if have >= limit {
+                return Err(Problem::too_many(format!(
+                    "space `{space}` has {have} session networks on host `{}` (at most {limit}): clean one up with sessions.cleanup first",
+                    o.host_id
+                )));
+            }
             // The record names this host before the network exists, so a concurrent start
             // on another host is forwarded here.
             let rec = t
@@ -252,7 +265,9 @@ async fn start(
             if rec.host_id != o.host_id {
                 return Err(not_here(&rec.host_id, "start"));
             }
-            create_network(o, &space, &b.session_id, &caller.agent_id).await?
+            let n = create_network(o, &space, &b.session_id, &caller.agent_id).await?;
+            made_network = Some(n.0.clone());
+            n
         }
         None => {
             return Err(Problem::conflict(format!(
@@ -293,6 +308,7 @@ async fn start(
     let id = match o.engine.docker().create_container(Some(opts), body).await {
         Ok(r) => r.id,
         Err(e) => {
+            discard_network(o, made_network.as_deref()).await;
             let e = crate::docker::EngineError::from(e);
             return Err(match e.kind() {
                 EngineErrorKind::Conflict => Problem::conflict(format!(
@@ -308,6 +324,7 @@ async fn start(
     };
     if let Err(e) = o.engine.start(&id).await {
         let _ = o.engine.remove(&id).await;
+        discard_network(o, made_network.as_deref()).await;
         return Err(match e.kind() {
             EngineErrorKind::Unavailable | EngineErrorKind::Timeout => e.into(),
             _ => Problem::unprocessable(format!("the relic could not start: {e}")),
@@ -334,11 +351,33 @@ async fn start(
     if let Err(why) = health {
         tracing::warn!(container = %id, relic = %b.relic_name, why = %why, "relic unhealthy; removed");
         let _ = o.engine.remove(&id).await;
+        if made_network.is_some() {
+            discard_network(o, made_network.as_deref()).await;
+            info.network_id.clear();
+        }
         info.status = "unhealthy".into();
         info.healthy = false;
         info.detail = format!("{why}; the relic was removed");
     }
     Ok(info)
+}
+
+/// How much longer than a relic's health timeout a forwarded start waits for its answer.
+const FORWARD_MARGIN: Duration = Duration::from_secs(30);
+
+/// Session networks of `space` on this host.
+async fn space_networks(o: &Orchestrator, space: &str) -> Result<usize, Problem> {
+    Ok(crate::sessions::networks(o, space, "").await?.len())
+}
+
+/// Removes a session network this request made, when its first relic did not come up (an
+/// engine that refuses keeps it for the janitor, which removes empty networks no live
+/// session explains).
+async fn discard_network(o: &Orchestrator, id: Option<&str>) {
+    let Some(id) = id else { return };
+    if let Err(e) = o.engine.docker().remove_network(id).await {
+        tracing::warn!(network = %id, error = %e, "cannot remove the session network of a failed relic start");
+    }
 }
 
 /// One probe inside the relic: Ok(true) healthy, Ok(false) not yet, Err = never will be.

@@ -232,7 +232,7 @@ pub async fn find_network(
 }
 
 /// Every session network of this host (optionally of one space and session).
-async fn networks(
+pub async fn networks(
     o: &Orchestrator,
     space: &str,
     session: &str,
@@ -451,14 +451,34 @@ pub async fn pass(t: &Tools) -> anyhow::Result<()> {
     crate::tools::janitor_pass(t).await?;
     let records = t.sessions.all().await.map_err(|p| anyhow::anyhow!("{p}"))?;
     let mut live = std::collections::HashSet::new();
+    let over = |r: &SessionRecord| r.closed || expires(r) <= now();
     for r in records {
-        if r.closed || expires(&r) <= now() {
-            cleanup_local(t, &r.space, &r.session_id, true)
-                .await
-                .map_err(|p| anyhow::anyhow!("{p}"))?;
-        } else {
+        if !over(&r) {
             live.insert((r.space, r.session_id));
+            continue;
         }
+        // A relic start holds the session's lock while it reuses or makes the network and
+        // reopens the record: skip a session that is starting (the next pass sees it), and
+        // read the record again under the lock before removing anything.
+        let lock = t
+            .session_lock(&format!("{}.{}", r.space, r.session_id))
+            .await;
+        let Ok(_held) = lock.try_lock() else {
+            live.insert((r.space, r.session_id));
+            continue;
+        };
+        let now_rec = t
+            .sessions
+            .get(&r.space, &r.session_id)
+            .await
+            .map_err(|p| anyhow::anyhow!("{p}"))?;
+        if now_rec.as_ref().is_some_and(|(r, _)| !over(r)) {
+            live.insert((r.space, r.session_id));
+            continue;
+        }
+        cleanup_local(t, &r.space, &r.session_id, true)
+            .await
+            .map_err(|p| anyhow::anyhow!("{p}"))?;
     }
     // A network whose session has no live record (its record expired from KV, or a start
     // failed half way) and no containers.

@@ -25,6 +25,10 @@ pub const LABEL_CREATED_BY: &str = "tether.created_by";
 pub const SESSION_NETWORK_PREFIX: &str = "tether-session.";
 
 /// Environment names the orchestrator sets itself; a request may not.
+/// Every variable of this prefix is the orchestrator's (the ones below, `TETHER_TOOL`,
+/// `TETHER_EXECUTION_ID`, `TETHER_PARAMETERS`, and whatever comes later): a request can never
+/// shadow one (a duplicate name would be read first by some libcs).
+pub const RESERVED_ENV_PREFIX: &str = "TETHER_";
 pub const RESERVED_ENV: &[&str] = &[
     "TETHER_NATS_URL",
     "TETHER_SPACE",
@@ -183,9 +187,9 @@ pub fn validate_env(env: &HashMap<String, String>) -> Result<Vec<String>, Proble
                 "`env` name {k:?} must match [A-Za-z_][A-Za-z0-9_]*"
             )));
         }
-        if RESERVED_ENV.contains(&k.as_str()) {
+        if RESERVED_ENV.contains(&k.as_str()) || k.starts_with(RESERVED_ENV_PREFIX) {
             return Err(bad(format!(
-                "`env` {k} is set by the orchestrator and cannot be given"
+                "`env` {k}: the {RESERVED_ENV_PREFIX} prefix is the orchestrator's and cannot be given"
             )));
         }
         if v.contains('\0') || v.len() > 32 * 1024 {
@@ -397,10 +401,11 @@ fn validate_limits(
 }
 
 fn validate_network(mode: &str, kind: Kind, policy: &Policy) -> Result<String, Problem> {
+    let cfg = &policy.cfg;
     let mode = if mode.is_empty() {
         match kind {
-            Kind::Space => policy.cfg.space_network_mode.clone(),
-            Kind::Tool | Kind::Relic => policy.cfg.tool_network_mode.clone(),
+            Kind::Space => cfg.space_network_mode.clone(),
+            Kind::Tool | Kind::Relic => cfg.tool_network_mode.clone(),
         }
     } else {
         mode.to_string()
@@ -415,9 +420,16 @@ fn validate_network(mode: &str, kind: Kind, policy: &Policy) -> Result<String, P
             "`network_mode` {mode:?}: session networks are joined only by the session's relics and tools (`network: session`)"
         )));
     }
-    if !is_valid_container_name(&mode) && mode.len() > 1 {
-        return Err(bad(format!(
-            "`network_mode` {mode:?} is not a network name"
+    // An allowlist, not a denylist: the engine also takes a network's id or any unique
+    // prefix of it, so a name check alone would let a request guess its way onto another
+    // session's private network.
+    let allowed = ["none", "bridge", "default"].contains(&mode.as_str())
+        || mode == cfg.space_network_mode
+        || mode == cfg.tool_network_mode
+        || cfg.allowed_networks.contains(&mode);
+    if !allowed {
+        return Err(Problem::forbidden(format!(
+            "`network_mode` {mode:?} is not allowed: use none, bridge, or a network in the operator's `allowed_networks`"
         )));
     }
     Ok(mode)
@@ -644,6 +656,7 @@ mod tests {
     fn policy() -> Policy {
         Policy {
             cfg: OrchestratorConfig {
+                allowed_networks: vec!["shared-cache".into()],
                 allowed_mounts: vec![
                     AllowedMount {
                         path: "/srv/secrets".into(),
@@ -781,6 +794,24 @@ mod tests {
         let mut r = req();
         r.extra_hosts = vec!["db:not-an-ip".into()];
         assert_eq!(check(r).expect_err("extra").status, 400);
+        // Names on the allowlist only: an id, an id prefix or any other name is refused.
+        for (mode, ok) in [
+            ("none", true),
+            ("bridge", true),
+            ("shared-cache", true),
+            ("3f", false),
+            ("a", false),
+            ("9c1d0e2b7a44", false),
+            ("other-net", false),
+            ("tether-session.s1.x", false),
+        ] {
+            let mut r = req();
+            r.network_mode = mode.into();
+            match check(r) {
+                Ok(s) => assert!(ok && s.network_mode == mode, "{mode}"),
+                Err(e) => assert!(!ok && e.status == 403, "{mode}: {}", e.detail),
+            }
+        }
     }
 
     #[test]

@@ -54,9 +54,13 @@ pub const LABEL_ATTEMPT: &str = "tether.attempt";
 pub const LABEL_CLEANUP: &str = "tether.cleanup";
 pub const LABEL_DEADLINE: &str = "tether.deadline";
 
-/// Seconds a tool container outlives its deadline before the janitor may remove it (the
-/// safety net when the node that ran it died).
-const LIFETIME_MARGIN: i32 = 120;
+use crate::config::TOOL_LIFETIME_MARGIN_SECONDS as LIFETIME_MARGIN;
+/// Variables a parameter may not become: a shell, the dynamic loader and most programs read
+/// them, so `{"path": "x"}` would silently break the tool.
+const PROCESS_ENV: &[&str] = &[
+    "PATH", "HOME", "HOSTNAME", "PWD", "OLDPWD", "SHELL", "USER", "LOGNAME", "IFS", "ENV",
+    "BASH_ENV", "PS4", "CDPATH",
+];
 /// Most parameter JSON a run may take (it travels in the environment).
 const MAX_PARAMETERS: usize = 64 * 1024;
 
@@ -190,6 +194,18 @@ impl Results {
         Err(Problem::conflict(format!(
             "execution `{id}` is being changed concurrently; try again"
         )))
+    }
+
+    /// Releases an idempotency key that `id` holds (a submission that queued nothing).
+    pub async fn release_key(&self, space: &str, key: &str, id: &str) {
+        let k = format!("idem.{space}.{key}");
+        if let Ok(Some(e)) = self.kv.entry(&k).await
+            && e.operation == kv::Operation::Put
+            && e.value.as_ref() == id.as_bytes()
+        {
+            // By revision: a key claimed again meanwhile is not touched.
+            let _ = self.kv.delete_expect_revision(&k, Some(e.revision)).await;
+        }
     }
 
     /// Claims an idempotency key for `id`; `Some(other)` when another run holds it.
@@ -436,6 +452,11 @@ pub fn parameter_env(
                 "parameter name {k:?}: the TETHER_ prefix is reserved"
             )));
         }
+        if PROCESS_ENV.contains(&name.as_str()) || name.starts_with("LD_") {
+            return Err(bad(format!(
+                "parameter name {k:?} would replace the process variable {name}, which the tool's shell and libraries rely on; rename it (every parameter is also in TETHER_PARAMETERS)"
+            )));
+        }
         let value = match v {
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Null => String::new(),
@@ -537,8 +558,12 @@ pub fn prepare(
         }
     };
     let params = parse_parameters(b.parameters.as_ref())?;
-    let mut env = b.env.clone();
-    env.extend(parameter_env(&params)?);
+    let param_env = parameter_env(&params)?;
+    if let Some(k) = b.env.keys().find(|k| param_env.contains_key(k.as_str())) {
+        return Err(bad(format!(
+            "`env` {k} and a parameter of the same name would both set the variable {k}"
+        )));
+    }
     let max_output = match b.max_output_bytes {
         0 => usize::try_from(cfg.exec_default_output_bytes)
             .unwrap_or(o.max_output)
@@ -563,7 +588,7 @@ pub fn prepare(
         image: b.image.clone(),
         session_id: b.session_id.clone(),
         kind: "tool".into(),
-        env,
+        env: b.env.clone(),
         command: b.command.clone(),
         resource_limits: Some(ResourceLimits {
             timeout_seconds: lifetime,
@@ -577,6 +602,14 @@ pub fn prepare(
         ..Default::default()
     };
     let mut spec = validate_create(&create, space, agent_id, &o.policy, chrono::Utc::now())?;
+    // Parameters were checked by `parameter_env` (names, NUL, the whole document's size);
+    // they come after `validate_create` since `TETHER_PARAMETERS` is ours.
+    let mut param_env: Vec<String> = param_env
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    param_env.sort();
+    spec.env.extend(param_env);
     spec.env.push(format!("TETHER_TOOL={}", b.tool_name));
     spec.env.push(format!("TETHER_EXECUTION_ID={execution_id}"));
     spec.labels
@@ -725,6 +758,18 @@ pub async fn read_logs(
     crate::docker::read_logs(docker, id, opts, cap).await
 }
 
+/// The exit code of a container that is no longer running; `None` while it runs (or when
+/// the engine cannot say).
+async fn exited_code(docker: &bollard::Docker, id: &str) -> Option<i64> {
+    let st = docker.inspect_container(id, None).await.ok()?.state?;
+    if st.running == Some(true)
+        || st.status == Some(bollard::models::ContainerStateStatusEnum::CREATED)
+    {
+        return None;
+    }
+    st.exit_code
+}
+
 /// Kills a container (gone or stopped already counts as done).
 async fn kill(docker: &bollard::Docker, id: &str) {
     let opts = bollard::query_parameters::KillContainerOptionsBuilder::default()
@@ -760,6 +805,15 @@ async fn watch(
         r = wait_exit(docker, id) => Ok((Stop::Exited, r)),
         _ = tokio::time::sleep_until(deadline) => Err(Stop::Deadline),
         _ = cancel.cancelled() => Err(Stop::Cancelled),
+    };
+    // An adopted container whose deadline passed while no node watched it may have exited
+    // on its own long before: what it did decides, not our clock.
+    let waited = match waited {
+        Err(Stop::Deadline) => match exited_code(docker, id).await {
+            Some(code) => Ok((Stop::Exited, Ok(code))),
+            None => Err(Stop::Deadline),
+        },
+        w => w,
     };
     let (stop, code) = match waited {
         Ok((s, r)) => (s, r),
@@ -1059,7 +1113,11 @@ async fn run_owned(
     )
     .await;
     let rec = finish(t, ctx, p, attempt, &runner, ran, started).await;
+    // A job whose outcome could not be recorded is delivered again: its container stays for
+    // the next attempt to adopt (read, not run again); the janitor removes it otherwise.
+    let keep_for_retry = rec.is_err() && p.is_async;
     if p.cleanup
+        && !keep_for_retry
         && let Err(e) = o.engine.remove(&container_id).await
     {
         tracing::warn!(container = %container_id, error = %e, "cannot remove tool container");
@@ -1078,6 +1136,7 @@ async fn finish(
     started: Instant,
 ) -> Result<ToolExecution, Problem> {
     let result = parse_result(&ran.stdout);
+    let budget = t.o.max_output;
     let mut wrote = false;
     let out = t
         .results
@@ -1112,6 +1171,7 @@ async fn finish(
                     };
                 }
             }
+            fit_record(r, budget);
             wrote = true;
             Change::Write
         })
@@ -1127,6 +1187,89 @@ async fn finish(
         publish_event(t, ctx, &rec).await;
     }
     Ok(rec)
+}
+
+/// A record's two encodings' sizes: (protobuf, as KV keeps it; JSON, as a caller may get it).
+fn record_sizes(r: &ToolExecution) -> (usize, usize) {
+    let json = serde_json::to_vec(r).map_or(usize::MAX, |v| v.len());
+    (r.encoded_len(), json)
+}
+
+fn record_size(r: &ToolExecution) -> usize {
+    let (pb, json) = record_sizes(r);
+    pb.max(json)
+}
+
+/// Makes a finished record fit in `budget` bytes, so it can be stored in KV and sent as one
+/// reply (a record that does not fit would fail its write on every attempt, and a job would
+/// run again each time): the oldest output goes first, then, when the result alone is too
+/// big, the parsed result (still the last JSON line of `stdout`, as far as that was kept).
+/// Says so in `truncated` and `result_note`.
+pub fn fit_record(r: &mut ToolExecution, budget: usize) {
+    // Neither encoding grows text more than six-fold (JSON's \u00XX), nor a parsed result
+    // more than that (protobuf's doubles): small outputs need no measuring.
+    const SLACK: usize = 4096;
+    if 6 * (r.stdout.len() + r.stderr.len()) + SLACK <= budget {
+        return;
+    }
+    let note = |budget: usize| {
+        format!(
+            "the result is too large to return (the reply of a run holds at most {budget} bytes); it was the last JSON line of stdout"
+        )
+    };
+    // A result too big on its own goes first: stdout still holds it as the tool printed it.
+    let result_size = r.result.as_ref().map_or(0, |v| {
+        v.encoded_len()
+            .max(serde_json::to_vec(v).map_or(usize::MAX, |j| j.len()))
+    });
+    if result_size + SLACK > budget {
+        r.result = None;
+        r.result_note = note(budget);
+    }
+    let mut size = record_sizes(r);
+    for stderr in [false, true] {
+        if size.0.max(size.1) <= budget {
+            return;
+        }
+        let text = if stderr { &mut r.stderr } else { &mut r.stdout };
+        cut_front(
+            text,
+            size.0.saturating_sub(budget),
+            size.1.saturating_sub(budget),
+        );
+        r.truncated = true;
+        size = record_sizes(r);
+    }
+    let mut size = size.0.max(size.1);
+    if size > budget && r.result.is_some() {
+        r.result = None;
+        r.result_note = note(budget);
+        size = record_size(r);
+    }
+    if size > budget {
+        // Only the small fields are left; nothing in them grows with the tool's output.
+        tracing::warn!(execution = %r.execution_id, size, budget, "tool record still over budget");
+    }
+}
+
+/// Drops the fewest characters from the front of `s` that take at least `raw` bytes off
+/// its protobuf form and `json` bytes off its JSON form.
+fn cut_front(s: &mut String, raw: usize, json: usize) {
+    let (mut r, mut j) = (0, 0);
+    let mut at = s.len();
+    for (i, c) in s.char_indices() {
+        if r >= raw && j >= json {
+            at = i;
+            break;
+        }
+        r += c.len_utf8();
+        j += match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if u32::from(c) < 0x20 => 6,
+            c => c.len_utf8(),
+        };
+    }
+    s.drain(..at);
 }
 
 async fn publish_event(t: &Tools, ctx: &Ctx, r: &ToolExecution) {
@@ -1325,47 +1468,42 @@ async fn submit(
 ) -> Result<ToolExecution, Problem> {
     let rec = new_record(&p, STATUS_QUEUED);
     t.results.create(&rec).await?;
-    let mut job_id = p.execution_id.clone();
-    if !req.body.idempotency_key.is_empty()
-        && let Some(other) = t
-            .results
-            .claim_key(&p.space, &req.body.idempotency_key, &p.execution_id)
-            .await?
-    {
-        t.results.delete(&p.execution_id).await;
-        let Some((mut first, _)) = t.results.get(&other).await? else {
-            return Err(Problem::conflict(format!(
-                "idempotency key `{}` was used by execution `{other}`, whose record is gone",
-                req.body.idempotency_key
-            )));
+    let key = &req.body.idempotency_key;
+    if !key.is_empty() {
+        let claimed = match t.results.claim_key(&p.space, key, &p.execution_id).await {
+            Ok(c) => c,
+            Err(e) => {
+                t.results.delete(&p.execution_id).await;
+                return Err(e);
+            }
         };
-        if first.status != STATUS_QUEUED {
+        if let Some(other) = claimed {
+            // The first run answers, whatever its state: it is never queued a second time
+            // (a queued first run was published by the request that made it, and a second
+            // publish could carry another body under its id).
+            t.results.delete(&p.execution_id).await;
+            let Some((mut first, _)) = t.results.get(&other).await? else {
+                return Err(Problem::conflict(format!(
+                    "idempotency key `{key}` was used by execution `{other}`, whose record is gone"
+                )));
+            };
             first.duplicate = true;
             return Ok(first);
         }
-        // Queued: publish again under its id (the stream drops it if it has it already).
-        job_id = other;
-        let mut again = first.clone();
-        again.duplicate = true;
-        let job = ToolJob {
-            execution_id: job_id.clone(),
-            space: p.space.clone(),
-            agent_id: p.agent_id.clone(),
-            request: Some(req.body.clone()),
-            traceparent: String::new(),
-        };
-        publish_job(t, req, &job, session_host.as_deref()).await?;
-        return Ok(again);
     }
     let job = ToolJob {
-        execution_id: job_id,
+        execution_id: p.execution_id.clone(),
         space: p.space.clone(),
         agent_id: p.agent_id.clone(),
         request: Some(req.body.clone()),
         traceparent: tether_bus::telemetry::current_traceparent().unwrap_or_default(),
     };
     if let Err(e) = publish_job(t, req, &job, session_host.as_deref()).await {
+        // Nothing was queued: the record and the key go, so the caller can simply retry.
         t.results.delete(&p.execution_id).await;
+        if !key.is_empty() {
+            t.results.release_key(&p.space, key, &p.execution_id).await;
+        }
         return Err(e);
     }
     publish_event(t, &req.ctx, &rec).await;
@@ -1519,11 +1657,24 @@ where
     Q: prost::Message + serde::Serialize,
     R: prost::Message + serde::de::DeserializeOwned + Default,
 {
+    forward_within(req, subject, Duration::from_secs(60)).await
+}
+
+/// [`forward`], waiting up to `timeout` for the other node's answer.
+pub async fn forward_within<Q, R>(
+    req: &Request<Q>,
+    subject: String,
+    timeout: Duration,
+) -> Result<R, Problem>
+where
+    Q: prost::Message + serde::Serialize,
+    R: prost::Message + serde::de::DeserializeOwned + Default,
+{
     let body = req.encoding.encode(&req.body)?;
     let request = async_nats::client::Request::new()
         .payload(body)
         .headers(req.headers.clone())
-        .timeout(Some(Duration::from_secs(60)));
+        .timeout(Some(timeout));
     let msg = req
         .ctx
         .client
@@ -1553,6 +1704,7 @@ async fn run_job(t: &T, ctx: &Ctx, job: Job) -> Outcome {
     let runner = ctx.instance_id.to_string();
     let id = j.execution_id.clone();
     let retry = Outcome::Retry(Duration::from_secs(2));
+    let last = job.delivered() >= t.o.policy.cfg.tool_job_max_deliver;
     let rec = match claim(t, &id, &runner).await {
         Ok(Claimed::Run(r)) => *r,
         Ok(Claimed::Done) | Ok(Claimed::Missing) => return Outcome::Ack,
@@ -1581,23 +1733,61 @@ async fn run_job(t: &T, ctx: &Ctx, job: Job) -> Outcome {
             };
         }
     };
-    if !matches!(t.o.engine.image_exists(&p.image).await, Ok(true)) {
-        let ran = Ran {
-            status: STATUS_FAILED,
-            exit_code: -1,
-            detail: format!("image `{}` is not on host `{}`", p.image, t.o.host_id),
-            ..Default::default()
-        };
-        return match finish(t, ctx, &p, rec.attempt, &runner, ran, Instant::now()).await {
-            Ok(_) => Outcome::Ack,
-            Err(_) => retry,
-        };
+    let attempt = rec.attempt;
+    let failed = |detail: String| Ran {
+        status: STATUS_FAILED,
+        exit_code: -1,
+        detail,
+        ..Default::default()
+    };
+    match t.o.engine.image_exists(&p.image).await {
+        Ok(true) => {}
+        // Any host may take a job of the shared queue: another one may have the image.
+        Ok(false) if !last => {
+            tracing::info!(execution = %id, image = %p.image, "image not on this host; leaving the job to another");
+            return Outcome::Retry(Duration::from_millis(500));
+        }
+        Ok(false) => {
+            let ran = failed(format!(
+                "image `{}` is not on host `{}` (nor on any host that took the job)",
+                p.image, t.o.host_id
+            ));
+            return match finish(t, ctx, &p, attempt, &runner, ran, Instant::now()).await {
+                Ok(_) => Outcome::Ack,
+                Err(_) => retry,
+            };
+        }
+        Err(e) if !last => {
+            tracing::warn!(execution = %id, error = %e, "cannot check the tool's image; retrying");
+            return retry;
+        }
+        Err(e) => {
+            let ran = failed(format!("cannot check image `{}`: {e}", p.image));
+            return match finish(t, ctx, &p, attempt, &runner, ran, Instant::now()).await {
+                Ok(_) => Outcome::Ack,
+                Err(_) => retry,
+            };
+        }
     }
     match run_owned(t, ctx, &p, rec).await {
         Ok(_) => Outcome::Ack,
-        Err(e) => {
+        Err(e) if !last => {
             tracing::warn!(execution = %id, error = %e, "tool job failed on this node; retrying");
             retry
+        }
+        Err(e) => {
+            // The bus will not deliver it again: the record says so, instead of `running`
+            // until its TTL.
+            tracing::warn!(execution = %id, error = %e, "tool job failed on its last delivery");
+            let ran = failed(format!(
+                "gave up after {} deliveries; the last failed with: {}",
+                job.delivered(),
+                e.detail
+            ));
+            match finish(t, ctx, &p, attempt, &runner, ran, Instant::now()).await {
+                Ok(_) => Outcome::Ack,
+                Err(_) => retry,
+            }
         }
     }
 }
@@ -1811,6 +2001,7 @@ async fn abandon(t: &Tools, exec: &str, container: &str) {
                 r.runner
             );
             r.finished_at = now_rfc3339();
+            fit_record(r, t.o.max_output);
             Change::Write
         })
         .await;
@@ -1855,6 +2046,8 @@ mod tests {
             serde_json::json!({"tether_parameters": 1}),
             serde_json::json!({"a": 1, "A": 2}),
             serde_json::json!({"has space": 1}),
+            serde_json::json!({"path": "/src"}),
+            serde_json::json!({"ld_preload": "/x.so"}),
         ] {
             let p = parse_parameters(Some(&to_pb_value(bad.clone()))).expect("object");
             assert_eq!(parameter_env(&p).expect_err("refused").status, 400, "{bad}");
@@ -1870,6 +2063,52 @@ mod tests {
         assert_eq!(parse_result("[1,2]"), Some(serde_json::json!([1, 2])));
         assert_eq!(parse_result("3\n\"x\"\n{broken\n"), None);
         assert_eq!(parse_result(""), None);
+    }
+
+    #[test]
+    fn a_record_is_fitted_to_the_reply_budget() {
+        let budget = 64 * 1024;
+        // A small record is left alone.
+        let mut r = ToolExecution {
+            stdout: "ok\n".into(),
+            ..Default::default()
+        };
+        fit_record(&mut r, budget);
+        assert_eq!(r.stdout, "ok\n");
+        assert!(!r.truncated);
+        // Output that escapes to six times its size: the oldest goes, the newest stays.
+        let noise = "\u{1}".repeat(40 * 1024);
+        let mut r = ToolExecution {
+            stdout: format!("{noise}\n{{\"done\": true}}\n"),
+            stderr: "warn\n".into(),
+            result: Some(to_pb_value(serde_json::json!({"done": true}))),
+            ..Default::default()
+        };
+        fit_record(&mut r, budget);
+        assert!(record_size(&r) <= budget, "{}", record_size(&r));
+        assert!(r.truncated);
+        assert!(r.stdout.ends_with("{\"done\": true}\n"));
+        assert!(r.result.is_some());
+        // A result that is too big in protobuf (a double per number) is dropped, with a note.
+        let big: Vec<u8> = vec![1; 20 * 1024];
+        let line = serde_json::to_string(&big).expect("json");
+        let mut r = ToolExecution {
+            stdout: line.clone(),
+            result: Some(to_pb_value(serde_json::json!(big))),
+            ..Default::default()
+        };
+        fit_record(&mut r, budget);
+        assert!(record_size(&r) <= budget, "{}", record_size(&r));
+        assert_eq!(r.stdout, line, "stdout still holds it");
+        assert!(r.result.is_none());
+        assert!(r.result_note.contains("too large"), "{}", r.result_note);
+        // Multi-byte characters are cut at a boundary.
+        let mut s = "é".repeat(10);
+        cut_front(&mut s, 3, 0);
+        assert_eq!(s, "é".repeat(8));
+        let mut s = "\u{1}\u{1}abc".to_string();
+        cut_front(&mut s, 0, 12);
+        assert_eq!(s, "abc");
     }
 
     #[test]

@@ -159,6 +159,21 @@ async fn relics_serve_their_own_session_only_and_are_cleaned_up() {
         .expect("exec");
     assert_ne!(r["exit_code"], 0, "{r}");
 
+    // Nor may a container request name that network by its id or an id prefix (the engine
+    // would take either).
+    for mode in [net.clone(), net[..12].to_string(), net[..2].to_string()] {
+        let e = callj(
+            &f.c,
+            "containers.create",
+            &f.op,
+            json!({"image": f.image, "space": unique("s4"), "kind": "tool", "network_mode": mode}),
+        )
+        .await
+        .expect_err("a session network by id");
+        assert_eq!(e.0, 403, "{mode}: {}", e.1);
+        assert!(e.1.contains("allowed_networks"), "{}", e.1);
+    }
+
     // get (probes again), list, a second relic of the same name.
     let g = callj(&f.c, "relics.get", &t, json!({"relic_id": relic_id}))
         .await
@@ -210,6 +225,20 @@ async fn relics_serve_their_own_session_only_and_are_cleaned_up() {
         ])
         .is_empty(),
         "the unhealthy relic is removed"
+    );
+
+    // The first relic of a new session fails its health check: its network goes with it.
+    let sd = unique("sd");
+    let mut sick = httpd(&f, "sick", &sd, false);
+    sick["health_check_timeout_seconds"] = json!(2);
+    let s = callj(&f.c, "relics.start", &t, sick)
+        .await
+        .expect("start sick");
+    assert_eq!(s["healthy"], false, "{s}");
+    assert!(session_containers(&f.host_id, &sd).is_empty());
+    assert!(
+        session_networks(&f.host_id, &sd).is_empty(),
+        "a failed first relic leaves no network"
     );
 
     // stop, then delete.
@@ -284,4 +313,47 @@ async fn the_janitor_removes_expired_sessions() {
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_space_holds_a_bounded_number_of_session_networks() {
+    let f = fleet_with(true, |c| c.max_sessions_per_space = 1).await;
+    let _nets = Networks(f.host_id.clone());
+    let t = f.agent(&unique("a"), &unique("s"), SCOPES).await;
+    let (s1, s2) = (unique("s1"), unique("s2"));
+    let relic = |session: &str| json!({"relic_name": "cache", "session_id": session, "image": f.image, "command": "sleep 600"});
+    let r = callj(&f.c, "relics.start", &t, relic(&s1))
+        .await
+        .expect("first session");
+    assert_eq!(r["healthy"], true, "{r}");
+    // A second session of the same space: refused, nothing made.
+    let e = callj(&f.c, "relics.start", &t, relic(&s2))
+        .await
+        .expect_err("over the limit");
+    assert_eq!(e.0, 429, "{}", e.1);
+    assert!(e.1.contains("sessions.cleanup"), "{}", e.1);
+    assert!(session_containers(&f.host_id, &s2).is_empty());
+    assert!(session_networks(&f.host_id, &s2).is_empty());
+    // Another relic in the first session is still fine, and another space has its own count.
+    let mut second = relic(&s1);
+    second["relic_name"] = json!("db");
+    callj(&f.c, "relics.start", &t, second)
+        .await
+        .expect("same session");
+    let other = f.agent(&unique("b"), &unique("s"), SCOPES).await;
+    callj(&f.c, "relics.start", &other, relic(&s2))
+        .await
+        .expect("another space");
+    // Cleaned up, the first space may open a session again.
+    callj(
+        &f.c,
+        "sessions.cleanup",
+        &t,
+        json!({"session_id": s1, "force": true}),
+    )
+    .await
+    .expect("cleanup");
+    callj(&f.c, "relics.start", &t, relic(&s2))
+        .await
+        .expect("after cleanup");
 }

@@ -148,6 +148,47 @@ async fn sync_runs_report_result_failure_and_timeout_and_leave_nothing() {
     assert!(num(&u["cpu_time_ms"]) > 0, "{u}");
     assert!(num(&u["peak_memory_bytes"]) > 0, "{u}");
 
+    // A result too big to return twice (as the line and parsed: protobuf keeps a double per
+    // number) still completes, once, with its output; the parsed result gives way, with a note.
+    let r = callj(
+        &f.c,
+        "tools.execute",
+        &t,
+        with(
+            tool(
+                &f.image,
+                "printf '['; yes '1,' | head -n 100000 | tr -d '\\n'; echo '1]'",
+            ),
+            json!({"max_output_bytes": 900_000}),
+        ),
+    )
+    .await
+    .expect("a big result");
+    assert_eq!(r["status"], "completed", "{}", r["detail"]);
+    assert!(r["result"].is_null());
+    assert!(
+        r["result_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("too large")),
+        "{}",
+        r["result_note"]
+    );
+    let out = r["stdout"].as_str().expect("stdout");
+    assert!(
+        out.starts_with("[1,1,") && out.ends_with(",1]\n"),
+        "{}",
+        out.len()
+    );
+    let g = callj(
+        &f.c,
+        "tools.get",
+        &t,
+        json!({"execution_id": r["execution_id"]}),
+    )
+    .await
+    .expect("get");
+    assert_eq!(g["stdout"], r["stdout"]);
+
     // cleanup: false keeps the container (labelled for the janitor).
     let r = callj(
         &f.c,
@@ -229,6 +270,30 @@ async fn bad_input_is_refused_and_creates_nothing() {
             json!({"tool_name": "t", "image": f.image, "imgae": 1}),
             400,
             "imgae",
+        ),
+        (
+            "tools.execute",
+            with(
+                tool(&f.image, "true"),
+                json!({"parameters": {"path": "/src"}}),
+            ),
+            400,
+            "PATH",
+        ),
+        (
+            "tools.execute",
+            with(tool(&f.image, "true"), json!({"env": {"TETHER_TOOL": "x"}})),
+            400,
+            "TETHER_",
+        ),
+        (
+            "tools.execute",
+            with(
+                tool(&f.image, "true"),
+                json!({"env": {"A": "1"}, "parameters": {"a": 2}}),
+            ),
+            400,
+            "same name",
         ),
         (
             "tools.get",
