@@ -19,10 +19,24 @@ build:
 # The Python clients are driven from Rust tests, so nextest runs everything. Timeouts and
 # threads: .config/nextest.toml. Every binary is built first: cargo builds a package's binaries
 # only for that package's own integration tests, and tests/ runs `tether` from tether-cli.
-# All tests: unit, integration (real nats-server, real Docker), interop (Python clients)
+# Unit, integration (real nats-server, real Docker) and interop (Python clients) tests, first
+# on Debian's nats-server (2.9), then through test-compat on a current 2.1x server.
+# All tests, on nats-server 2.9 and on a current 2.1x
 test: deps
     cargo build --workspace --bins
     cargo nextest run --workspace --no-fail-fast
+    just test-compat
+
+# The same tests against the current nats-server that scripts/install-deps.sh keeps apart from
+# PATH (the code must work on 2.9 and on 2.1x alike); extra arguments go to nextest.
+# Every test again, on a current 2.1x nats-server
+test-compat *ARGS: deps
+    #!/usr/bin/env bash
+    set -euo pipefail
+    bin="${TETHER_NATS_CURRENT_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tether/nats-current}/bin/nats-server"
+    echo "test-compat: $("$bin" --version)"
+    cargo build --workspace --bins
+    TETHER_NATS_SERVER="$bin" cargo nextest run --workspace --no-fail-fast {{ ARGS }}
 
 # Formatting and lints, warnings as errors (what CI checks).
 lint:

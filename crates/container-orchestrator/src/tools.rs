@@ -696,7 +696,10 @@ async fn sample(docker: bollard::Docker, id: String, usage: Arc<Mutex<ResourceUs
         .stream(false)
         .one_shot(true)
         .build();
-    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    // The first read waits a little: a container that is still starting has nothing to
+    // report, and the engine is busy starting it.
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + SAMPLE_EVERY / 2, SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -857,7 +860,12 @@ async fn watch(
         }
     };
     ran.exit_code = i32::try_from(code).unwrap_or(-1);
-    match read_logs(docker, id, cap).await {
+    // Both are reads of a stopped container: one round trip's time, not two.
+    let (logs, inspected) = tokio::join!(
+        read_logs(docker, id, cap),
+        docker.inspect_container(id, None)
+    );
+    match logs {
         Ok((out, err, t)) => {
             ran.stdout = out;
             ran.stderr = err;
@@ -865,7 +873,7 @@ async fn watch(
         }
         Err(e) => ran.detail = format!("could not read the tool's output: {e}"),
     }
-    if let Ok(c) = docker.inspect_container(id, None).await {
+    if let Ok(c) = inspected {
         ran.oom_killed = c.state.and_then(|s| s.oom_killed).unwrap_or(false);
     }
     ran.status = match stop {
