@@ -631,3 +631,52 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_job_no_host_can_run_is_recorded_failed_on_its_last_delivery() {
+    // The node that takes submissions runs no jobs; the worker comes later.
+    let mut f = fleet_with(true, |c| c.tool_workers = 0).await;
+    let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
+    // An image that is there at submission and gone by the time a worker takes the job.
+    let gone = format!("tether-test/gone:{}", unique("i"));
+    docker(&["tag", &f.image, &gone]);
+    let r = callj(
+        &f.c,
+        "tools.execute",
+        &t,
+        with(tool(&gone, "true"), json!({"async": true})),
+    )
+    .await
+    .expect("submit");
+    assert_eq!(r["status"], "queued");
+    let id = r["execution_id"].as_str().expect("id").to_string();
+    docker(&["rmi", &gone]);
+
+    let w = unique("w");
+    f.cleanup.host_ids.push(w.clone());
+    let mut cfg = orch_config(&w);
+    cfg.tool_job_max_deliver = 3;
+    let worker = start_orchestrator(&f.nats.url(), cfg).await;
+    // Left for another host twice, then failed for good: not `running` until the TTL.
+    let r = eventually(Duration::from_secs(60), "job given up", || async {
+        let r = callj(&f.c, "tools.get", &t, json!({"execution_id": id}))
+            .await
+            .ok()?;
+        is_final(&r).then_some(r)
+    })
+    .await;
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["attempt"], 3, "{r}");
+    assert!(
+        r["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("not on host") && d.contains(&w)),
+        "{r}"
+    );
+    assert!(host_containers(&w).is_empty());
+    worker.shutdown().await.expect("shutdown");
+}
+
+fn is_final(r: &Value) -> bool {
+    !matches!(r["status"].as_str(), Some("queued" | "running"))
+}
