@@ -680,3 +680,63 @@ async fn a_job_no_host_can_run_is_recorded_failed_on_its_last_delivery() {
 fn is_final(r: &Value) -> bool {
     !matches!(r["status"].as_str(), Some("queued" | "running"))
 }
+
+#[tokio::test]
+async fn a_job_that_finished_while_its_worker_was_dead_is_adopted_by_its_outcome() {
+    let mut f = fleet_with(false, |_| {}).await;
+    let (ha, hb) = (unique("ha"), unique("hb"));
+    f.cleanup.host_ids = vec![ha.clone(), hb.clone()];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tether.toml");
+    std::fs::write(&config, "").expect("config");
+    // A longer ack wait than the other job tests: the redelivery must come well after the
+    // deadline, and the tool must end well before it, even on a loaded engine.
+    let worker = |h: &str| {
+        spawn_node(
+            &f.nats.url(),
+            h,
+            Some(&config),
+            &[("TETHER_TOOL_JOB_ACK_WAIT_SECONDS", "6")],
+        )
+    };
+    let mut a = worker(&ha);
+    wait_up(&f, &ha).await;
+    let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
+    // Exits well before its 3 s deadline; its worker is SIGKILLed while it runs, and the job
+    // comes back (ack wait 6 s) only after the deadline has passed.
+    let r = callj(
+        &f.c,
+        "tools.execute",
+        &t,
+        with(
+            tool(&f.image, "sleep 1; echo '{\"ok\": 1}'"),
+            json!({"async": true, "resource_limits": {"timeout_seconds": 3}}),
+        ),
+    )
+    .await
+    .expect("submit");
+    let id = r["execution_id"].as_str().expect("id").to_string();
+    eventually(Duration::from_secs(30), "tool running", || async {
+        host_containers(&ha).into_iter().next()
+    })
+    .await;
+    let _ = a.0.kill();
+    let _ = a.0.wait();
+    let _b = worker(&hb);
+    let r = eventually(Duration::from_secs(60), "job finished", || async {
+        let r = callj(&f.c, "tools.get", &t, json!({"execution_id": id}))
+            .await
+            .ok()?;
+        is_final(&r).then_some(r)
+    })
+    .await;
+    // What the tool did decides, not the clock of the attempt that adopted it.
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["result"], json!({"ok": 1}), "{r}");
+    assert_eq!(r["attempt"], 2, "{r}");
+    assert_eq!(r["stdout"], "{\"ok\": 1}\n");
+    eventually(Duration::from_secs(20), "container removed", || async {
+        host_containers(&ha).is_empty().then_some(())
+    })
+    .await;
+}
