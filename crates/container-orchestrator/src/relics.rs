@@ -241,7 +241,7 @@ async fn start(
     }
     let want_network = b.create_private_network.unwrap_or(true);
     let lock = t.session_lock(&format!("{space}.{}", b.session_id)).await;
-    let _held = lock.lock().await;
+    let held = lock.lock().await;
     // The network this request made, removed again when the relic does not come up (so a
     // failed start leaves nothing behind, and cannot eat the engine's address pools).
     let mut made_network = None;
@@ -331,6 +331,12 @@ async fn start(
         });
     }
     tracing::info!(relic = %b.relic_name, session = %b.session_id, space = %space, container = %id, "relic started");
+    // The health wait may take minutes: other starts in the session need not wait behind it,
+    // unless this relic made the network (which goes again if it does not come up). The
+    // record was reopened above, so the janitor leaves the session alone.
+    if made_network.is_none() {
+        drop(held);
+    }
     let health = wait_healthy(o, &id, c.health_port, &c.health_endpoint, c.health_timeout).await;
     let mut info = RelicInfo {
         relic_id,
