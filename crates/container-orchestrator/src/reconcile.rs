@@ -50,6 +50,17 @@ fn age_of(rfc3339: &str) -> Duration {
 pub async fn pass(o: &Orchestrator, first: bool) -> anyhow::Result<Report> {
     let mut report = Report::default();
     let grace = Duration::from_secs(o.policy.cfg.reconcile_grace_seconds);
+    // Bindings before containers: a binding that names a container was written after that
+    // container existed, so the list taken next has it. (Read the other way round, a create
+    // that finished between the two reads looked vanished, and its space was unbound.)
+    let bindings: Vec<(SpaceBinding, u64)> = o
+        .spaces
+        .all()
+        .await
+        .map_err(|p| anyhow::anyhow!("{p}"))?
+        .into_iter()
+        .filter(|(b, _)| b.host_id == o.host_id)
+        .collect();
     let containers = o.engine.list_managed("", "", "").await?;
 
     // 1. Expired containers.
@@ -81,14 +92,6 @@ pub async fn pass(o: &Orchestrator, first: bool) -> anyhow::Result<Report> {
     }
 
     // 2. Bindings against labels.
-    let bindings: Vec<(SpaceBinding, u64)> = o
-        .spaces
-        .all()
-        .await
-        .map_err(|p| anyhow::anyhow!("{p}"))?
-        .into_iter()
-        .filter(|(b, _)| b.host_id == o.host_id)
-        .collect();
     let by_id: HashMap<String, &bollard::models::ContainerSummary> = alive
         .iter()
         .filter_map(|c| c.id.clone().map(|id| (id, c)))
