@@ -177,3 +177,101 @@ pub fn remove_labeled(label: &str) -> anyhow::Result<usize> {
         .filter(|l| !l.trim().is_empty())
         .count())
 }
+
+/// Removes (force, with anonymous volumes) every network matching the label filter `label`.
+/// Returns how many were removed.
+pub fn remove_labeled_networks(label: &str) -> anyhow::Result<usize> {
+    let filter = format!("label={label}");
+    let out = docker(&["network", "ls", "-q", "--filter", &filter])?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "`docker network ls --filter {filter}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut removed = 0;
+    for id in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+    {
+        if docker(&["network", "rm", id]).is_ok_and(|o| o.status.success()) {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// What a test created on the engine, removed when this drops (also when the test panics):
+/// containers and networks by label (e.g. `tether.host=<host id>`, which the orchestrator
+/// sets on everything it makes), and containers by name.
+#[derive(Debug, Default)]
+pub struct Cleanup {
+    labels: Vec<String>,
+    names: Vec<String>,
+}
+
+impl Cleanup {
+    /// Also remove every container and network labelled `label` (`key=value`).
+    pub fn label(&mut self, label: impl Into<String>) {
+        self.labels.push(label.into());
+    }
+
+    /// Also remove the container named (or with id) `name`.
+    pub fn name(&mut self, name: impl Into<String>) {
+        self.names.push(name.into());
+    }
+
+    /// Removes everything named now (it is removed again, harmlessly, on drop).
+    pub fn run(&self) {
+        for l in &self.labels {
+            let _ = remove_labeled(l);
+        }
+        if !self.names.is_empty() {
+            let mut args = vec!["rm", "-f", "-v"];
+            args.extend(self.names.iter().map(String::as_str));
+            let _ = docker(&args);
+        }
+        // Networks after containers: a network with endpoints cannot be removed.
+        for l in &self.labels {
+            let _ = remove_labeled_networks(l);
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if !self.labels.is_empty() || !self.names.is_empty() {
+            self.run();
+        }
+    }
+}
+
+/// The label the orchestrator puts on every container and network it makes for host `host_id`.
+pub fn host_label(host_id: &str) -> String {
+    format!("tether.host={host_id}")
+}
+
+/// Ids (full) of every container, running or not, labelled `label`, sorted.
+pub fn labeled_containers(label: &str) -> Vec<String> {
+    let filter = format!("label={label}");
+    let mut v: Vec<String> = docker(&["ps", "-aq", "--no-trunc", "--filter", &filter])
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// `docker ARGS...`: its stdout, trimmed (empty when it failed; tests assert on the output).
+pub fn run(args: &[&str]) -> String {
+    docker(args)
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}

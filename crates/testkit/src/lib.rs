@@ -8,17 +8,25 @@
 //! - [`cargo_bin`]: a binary of this workspace, next to the running test executable.
 //! - [`docker`]: is the engine there, the one test image (`FROM scratch` + Debian's static
 //!   busybox, built locally once per machine since no registry is reachable), label cleanup.
+//! - [`Fleet`] (module `fleet`): the server, the permission node in-process, an operator,
+//!   `agent(id, space, scopes)`, `call` answering the reply or the [`Problem`], [`eventually`],
+//!   and the engine cleanup of what the test created. Every crate's tests build on it.
 //!
 //! Key decision: fixtures wait by polling with a deadline, never by fixed sleeps, and every
 //! error says what to install or build.
 
 pub mod docker;
+pub mod fleet;
 mod nats;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 
+pub use fleet::{
+    Body, Fleet, Problem, bus, call, eventually, num, operator_token, permission_node, request,
+    sign_token, unique,
+};
 pub use nats::NatsServer;
 
 /// Path of a binary built by cargo in this workspace (e.g. `"tether"`, `"permission-node"`),
