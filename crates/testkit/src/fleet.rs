@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::{Value, json};
 use tether_auth::{Claims, Scope, ScopeSet, SigningKey};
+pub use tether_bus::Problem;
 use tether_bus::config::AuthConfig;
 use tether_bus::{BusConfig, NodeHandle};
-pub use tether_bus::Problem;
 use tether_permission_node::PermissionConfig;
 
 use crate::NatsServer;
@@ -52,6 +52,12 @@ impl From<&str> for Body {
 impl From<String> for Body {
     fn from(s: String) -> Self {
         Body(s.into_bytes())
+    }
+}
+
+impl From<&String> for Body {
+    fn from(s: &String) -> Self {
+        Body(s.as_bytes().to_vec())
     }
 }
 

@@ -11,6 +11,8 @@
 //! - [`Fleet`] (module `fleet`): the server, the permission node in-process, an operator,
 //!   `agent(id, space, scopes)`, `call` answering the reply or the [`Problem`], [`eventually`],
 //!   and the engine cleanup of what the test created. Every crate's tests build on it.
+//! - [`orchestrator`] (feature `orchestrator`): that fleet with an orchestrator on the engine,
+//!   for the orchestrator's and the shell-server's tests.
 //!
 //! Key decision: fixtures wait by polling with a deadline, never by fixed sleeps, and every
 //! error says what to install or build.
@@ -18,6 +20,8 @@
 pub mod docker;
 pub mod fleet;
 mod nats;
+#[cfg(feature = "orchestrator")]
+pub mod orchestrator;
 
 use std::path::PathBuf;
 
