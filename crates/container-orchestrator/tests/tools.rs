@@ -612,10 +612,17 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
     let _ = node.0.wait();
     // Its caller would wait out its own timeout; it is not what this test is about.
     caller.abort();
-    let r = f
-        .call("tools.get", json!({"execution_id": execution}), Some(&t))
+    // No node serves while it is down: no responders, once the server has seen the killed
+    // connection close (a request routed to it just before gets no answer at all).
+    eventually(Duration::from_secs(30), "no node serves", || async {
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            f.call("tools.get", json!({"execution_id": execution}), Some(&t)),
+        )
         .await;
-    assert!(r.is_err(), "no node serves while it is down: {r:?}");
+        matches!(r, Ok(Err(Problem { status: 503, .. }))).then_some(())
+    })
+    .await;
 
     // The node comes back (a new instance, the same host): past the run's deadline and the
     // grace, its janitor records the run as failed, with what the tool printed, and removes

@@ -143,25 +143,18 @@ fn write_dockerfile(ctx: &Path) -> anyhow::Result<()> {
 /// Removes (force, with anonymous volumes) every container matching the label filter `label`
 /// (`key` or `key=value`, e.g. `tether.test.run=<id>`). Returns how many were removed.
 pub fn remove_labeled(label: &str) -> anyhow::Result<usize> {
-    let filter = format!("label={label}");
-    let out = docker(&["ps", "-aq", "--no-trunc", "--filter", &filter])?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "`docker ps --filter {filter}` failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let ids: Vec<&str> = stdout
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
+    let ids = listed(&[
+        "ps",
+        "-aq",
+        "--no-trunc",
+        "--filter",
+        &format!("label={label}"),
+    ])?;
     if ids.is_empty() {
         return Ok(0);
     }
     let mut args = vec!["rm", "-f", "-v"];
-    args.extend(ids.iter().copied());
+    args.extend(ids.iter().map(String::as_str));
     let out = docker(&args)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     // A container that went away meanwhile (e.g. `--rm`) is not an error.
@@ -181,25 +174,29 @@ pub fn remove_labeled(label: &str) -> anyhow::Result<usize> {
 /// Removes (force, with anonymous volumes) every network matching the label filter `label`.
 /// Returns how many were removed.
 pub fn remove_labeled_networks(label: &str) -> anyhow::Result<usize> {
-    let filter = format!("label={label}");
-    let out = docker(&["network", "ls", "-q", "--filter", &filter])?;
+    let ids = listed(&["network", "ls", "-q", "--filter", &format!("label={label}")])?;
+    Ok(ids
+        .iter()
+        .filter(|id| docker(&["network", "rm", id]).is_ok_and(|o| o.status.success()))
+        .count())
+}
+
+/// The non-empty lines a listing command (`docker ps -q …`, `docker network ls -q …`) printed.
+fn listed(args: &[&str]) -> anyhow::Result<Vec<String>> {
+    let out = docker(args)?;
     if !out.status.success() {
         anyhow::bail!(
-            "`docker network ls --filter {filter}` failed: {}",
+            "`docker {}` failed: {}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let mut removed = 0;
-    for id in String::from_utf8_lossy(&out.stdout)
+    Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-    {
-        if docker(&["network", "rm", id]).is_ok_and(|o| o.status.success()) {
-            removed += 1;
-        }
-    }
-    Ok(removed)
+        .map(str::to_string)
+        .collect())
 }
 
 /// What a test created on the engine, removed when this drops (also when the test panics):
@@ -254,17 +251,14 @@ pub fn host_label(host_id: &str) -> String {
 
 /// Ids (full) of every container, running or not, labelled `label`, sorted.
 pub fn labeled_containers(label: &str) -> Vec<String> {
-    let filter = format!("label={label}");
-    let mut v: Vec<String> = docker(&["ps", "-aq", "--no-trunc", "--filter", &filter])
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut v = listed(&[
+        "ps",
+        "-aq",
+        "--no-trunc",
+        "--filter",
+        &format!("label={label}"),
+    ])
+    .unwrap_or_default();
     v.sort();
     v
 }
