@@ -740,3 +740,197 @@ async fn a_job_that_finished_while_its_worker_was_dead_is_adopted_by_its_outcome
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Issue 13: resource usage of short runs, sync runs adopted after a SIGKILL, job retries
+// de-duplicated across a server restart.
+
+#[tokio::test]
+async fn a_second_long_run_reports_its_usage_sampled_from_the_start() {
+    let f = fleet().await;
+    let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
+    // Busy for about a second of wall time, then a result: the kind of run that reported
+    // `samples: 0` when the engine's stats came late. Three at once, so the engine is busy
+    // with more than one of them; and one busy until its deadline kills it.
+    let busy = "sleep 1 & while kill -0 $! 2>/dev/null; do :; done; echo '{\"n\": 1}'";
+    let run = |body: Value| callj(&f.c, "tools.execute", &t, body);
+    let (a, b, c, killed) = tokio::join!(
+        run(tool(&f.image, busy)),
+        run(tool(&f.image, busy)),
+        run(tool(&f.image, busy)),
+        run(with(
+            tool(&f.image, "while :; do :; done"),
+            json!({"resource_limits": {"timeout_seconds": 1}}),
+        )),
+    );
+    for r in [a, b, c] {
+        let r = r.expect("execute");
+        assert_eq!(r["status"], "completed", "{r}");
+        assert_eq!(r["result"], json!({"n": 1}), "{r}");
+        let u = &r["resource_usage"];
+        // Sampled from the start, several times a second, whatever the engine's stats
+        // collector is doing: a second-long run has several samples.
+        assert!(num(&u["samples"]) >= 3, "{u}");
+        assert!(num(&u["cpu_time_ms"]) > 0, "{u}");
+        assert!(num(&u["peak_memory_bytes"]) > 0, "{u}");
+    }
+    // Killed at its deadline: read once more before the kill.
+    let r = killed.expect("execute");
+    assert_eq!(r["status"], "timed_out", "{r}");
+    let u = &r["resource_usage"];
+    assert!(num(&u["samples"]) >= 1, "{u}");
+    assert!(num(&u["cpu_time_ms"]) > 0, "{u}");
+    assert!(num(&u["peak_memory_bytes"]) > 0, "{u}");
+    assert!(
+        f.engine_containers().is_empty(),
+        "the containers are removed"
+    );
+}
+
+#[tokio::test]
+async fn a_sync_run_whose_node_was_killed_is_adopted_by_the_restarted_node() {
+    let mut f = fleet_with(false, |_| {}).await;
+    let h = unique("hk");
+    f.cleanup.host_ids = vec![h.clone()];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tether.toml");
+    std::fs::write(&config, "").expect("config");
+    let mut node = spawn_worker(&f.nats.url(), &h, &config);
+    wait_up(&f, &h).await;
+    let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
+
+    // A sync run of a few seconds, well inside its deadline (30 s).
+    const TOOL_SECONDS: u64 = 5;
+    let (c, tok, image) = (f.c.clone(), t.clone(), f.image.clone());
+    let caller = tokio::spawn(async move {
+        callj(
+            &c,
+            "tools.execute",
+            &tok,
+            with(
+                tool(
+                    &image,
+                    &format!("echo started; sleep {TOOL_SECONDS}; echo '{{\"done\": 1}}'"),
+                ),
+                json!({"resource_limits": {"timeout_seconds": 30}}),
+            ),
+        )
+        .await
+    });
+    let container = eventually(Duration::from_secs(30), "tool running", || async {
+        host_containers(&h).into_iter().next()
+    })
+    .await;
+    let execution = docker(&[
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"tether.execution\"}}",
+        &container,
+    ]);
+    // The record names the container (the node has started it).
+    eventually(
+        Duration::from_secs(30),
+        "record names the container",
+        || async {
+            let r = callj(&f.c, "tools.get", &t, json!({"execution_id": execution}))
+                .await
+                .ok()?;
+            (r["container_id"] != "").then_some(())
+        },
+    )
+    .await;
+    let _ = node.0.kill();
+    let _ = node.0.wait();
+    let killed = Instant::now();
+    caller.abort();
+
+    // Restarted at once: the new instance adopts the container and records what the tool
+    // did as soon as it ends — not `running` until the deadline, then `failed`.
+    let _node = spawn_worker(&f.nats.url(), &h, &config);
+    wait_up(&f, &h).await;
+    let r = eventually(
+        Duration::from_secs(TOOL_SECONDS + 20),
+        "adopted run finished",
+        || async {
+            let r = callj(&f.c, "tools.get", &t, json!({"execution_id": execution}))
+                .await
+                .ok()?;
+            is_final(&r).then_some(r)
+        },
+    )
+    .await;
+    eprintln!("finished {:?} after the kill: {r}", killed.elapsed());
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["exit_code"], 0, "{r}");
+    assert_eq!(r["result"], json!({"done": 1}), "{r}");
+    assert_eq!(r["stdout"], "started\n{\"done\": 1}\n", "{r}");
+    assert_eq!(r["attempt"], 2, "{r}");
+    eventually(Duration::from_secs(30), "container removed", || async {
+        host_containers(&h).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_job_publish_retried_after_a_server_restart_is_deduplicated_and_runs_once() {
+    let mut f = fleet().await;
+    let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
+    // The job as it goes to the stream, to publish it again as a retrying publisher would.
+    let mut jobs = f.c.subscribe("jobs.tools.>").await.expect("sub");
+    let r = callj(
+        &f.c,
+        "tools.execute",
+        &t,
+        with(tool(&f.image, "echo '{\"ok\": 1}'"), json!({"async": true})),
+    )
+    .await
+    .expect("submit");
+    let id = r["execution_id"].as_str().expect("id").to_string();
+    let sent = tokio::time::timeout(Duration::from_secs(10), jobs.next())
+        .await
+        .expect("job published")
+        .expect("sub open");
+    let headers = sent.headers.clone().expect("headers");
+    assert_eq!(
+        headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some(id.as_str())
+    );
+    let get = || async {
+        callj(&f.c, "tools.get", &t, json!({"execution_id": id}))
+            .await
+            .ok()
+    };
+    let done = eventually(Duration::from_secs(60), "job finished", || async {
+        get().await.filter(is_final)
+    })
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+
+    // The server restarts (same store); the publisher retries within the duplicate window.
+    f.nats.restart().await.expect("restart");
+    let js = async_nats::jetstream::new(f.c.clone());
+    let ack = eventually(Duration::from_secs(30), "retry acknowledged", || async {
+        js.publish_with_headers(
+            sent.subject.to_string(),
+            headers.clone(),
+            sent.payload.clone(),
+        )
+        .await
+        .ok()?
+        .await
+        .ok()
+    })
+    .await;
+    assert!(
+        ack.duplicate,
+        "the retry is known as a duplicate after the restart: {ack:?}"
+    );
+    let mut stream = js.get_stream("TETHER_TOOL_JOBS").await.expect("stream");
+    let info = stream.info().await.expect("stream info");
+    assert_eq!(info.state.messages, 1, "one job in the stream: {info:?}");
+    // It ran once: the record is the first run's, untouched.
+    let r = eventually(Duration::from_secs(30), "orchestrator back", get).await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["attempt"], 1, "{r}");
+    assert_eq!(r["finished_at"], done["finished_at"], "{r}");
+}
