@@ -34,6 +34,7 @@ pub mod sessions;
 pub mod space;
 pub mod spec;
 pub mod state;
+pub mod tool_usage;
 pub mod tools;
 
 use std::sync::Arc;

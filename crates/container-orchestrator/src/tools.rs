@@ -27,8 +27,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 use bollard::query_parameters::{
-    ListContainersOptionsBuilder, LogsOptionsBuilder, StatsOptionsBuilder,
-    WaitContainerOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use prost::Message as _;
@@ -47,6 +46,7 @@ use crate::spec::{
     ContainerSpec, LABEL_HOST, LABEL_KIND, LABEL_MANAGED, is_valid_image_ref, validate_create,
 };
 use crate::state::Orchestrator;
+use crate::tool_usage::Sampler;
 
 pub const LABEL_EXECUTION: &str = "tether.execution";
 pub const LABEL_RUNNER: &str = "tether.runner";
@@ -684,53 +684,6 @@ async fn containers_of(
     Ok(o.engine.docker().list_containers(Some(opts)).await?)
 }
 
-/// How often a running tool's stats are read.
-const SAMPLE_EVERY: Duration = Duration::from_millis(250);
-
-/// Samples the container's stats until aborted: peak memory, CPU time. Each sample is a
-/// one-shot read (the engine answers at once instead of waiting a collection cycle), so even
-/// a run of a second or two gets several samples; a run that ends before the first one
-/// reports `samples: 0`.
-async fn sample(docker: bollard::Docker, id: String, usage: Arc<Mutex<ResourceUsage>>) {
-    let opts = StatsOptionsBuilder::default()
-        .stream(false)
-        .one_shot(true)
-        .build();
-    // The first read waits a little: a container that is still starting has nothing to
-    // report, and the engine is busy starting it.
-    let mut tick =
-        tokio::time::interval_at(tokio::time::Instant::now() + SAMPLE_EVERY / 2, SAMPLE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let st = match docker.stats(&id, Some(opts.clone())).next().await {
-            Some(Ok(st)) => st,
-            // Gone, or the engine is busy: the next tick tries again (the run's watcher
-            // decides when sampling ends).
-            Some(Err(_)) | None => continue,
-        };
-        let mem = st.memory_stats.as_ref();
-        let peak = mem
-            .and_then(|m| m.max_usage.or(m.usage))
-            .unwrap_or(0)
-            .max(mem.and_then(|m| m.usage).unwrap_or(0));
-        let cpu = st
-            .cpu_stats
-            .as_ref()
-            .and_then(|c| c.cpu_usage.as_ref())
-            .and_then(|u| u.total_usage)
-            .unwrap_or(0);
-        if peak == 0 && cpu == 0 {
-            // An exited container's stats are all zeros.
-            continue;
-        }
-        let mut u = lock(&usage);
-        u.samples += 1;
-        u.peak_memory_bytes = u.peak_memory_bytes.max(peak);
-        u.cpu_time_ms = u.cpu_time_ms.max(cpu / 1_000_000);
-    }
-}
-
 /// The container's exit code, once it is not running. `Err` when it vanished.
 async fn wait_exit(docker: &bollard::Docker, id: &str) -> Result<i64, EngineError> {
     let opts = WaitContainerOptionsBuilder::default()
@@ -802,8 +755,7 @@ async fn watch(
     memory_mb: i32,
 ) -> Ran {
     let docker = o.engine.docker();
-    let usage = Arc::new(Mutex::new(ResourceUsage::default()));
-    let sampler = tokio::spawn(sample(docker.clone(), id.to_string(), usage.clone()));
+    let sampler = Sampler::start(docker, id);
     let waited = tokio::select! {
         r = wait_exit(docker, id) => Ok((Stop::Exited, r)),
         _ = tokio::time::sleep_until(deadline) => Err(Stop::Deadline),
@@ -821,6 +773,8 @@ async fn watch(
     let (stop, code) = match waited {
         Ok((s, r)) => (s, r),
         Err(stop) => {
+            // The last reading: a stopped container's figures are gone.
+            sampler.read_now().await;
             kill(docker, id).await;
             let r = tokio::time::timeout(Duration::from_secs(10), wait_exit(docker, id))
                 .await
@@ -833,8 +787,7 @@ async fn watch(
             (stop, r)
         }
     };
-    sampler.abort();
-    let usage = *lock(&usage);
+    let usage = sampler.stop();
     let mut ran = Ran {
         usage,
         container_id: id.to_string(),
