@@ -437,7 +437,7 @@ async fn cleanup(
 pub async fn janitor(t: Arc<Tools>, ctx: Ctx) -> anyhow::Result<()> {
     let every = Duration::from_secs(t.o.policy.cfg.janitor_interval_seconds.max(1));
     loop {
-        if let Err(e) = pass(&t).await {
+        if let Err(e) = pass(&t, &ctx).await {
             tracing::warn!(error = %format!("{e:#}"), "tool janitor pass failed");
         }
         tokio::select! {
@@ -447,8 +447,8 @@ pub async fn janitor(t: Arc<Tools>, ctx: Ctx) -> anyhow::Result<()> {
     }
 }
 
-pub async fn pass(t: &Tools) -> anyhow::Result<()> {
-    crate::tools::janitor_pass(t).await?;
+pub async fn pass(t: &Arc<Tools>, ctx: &Ctx) -> anyhow::Result<()> {
+    crate::tools::janitor_pass(t, ctx).await?;
     let records = t.sessions.all().await.map_err(|p| anyhow::anyhow!("{p}"))?;
     let mut live = std::collections::HashSet::new();
     let over = |r: &SessionRecord| r.closed || expires(r) <= now();

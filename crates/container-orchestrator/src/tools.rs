@@ -284,15 +284,18 @@ impl Tools {
             cfg.kv_replicas,
         )
         .await?;
-        jobs::ensure_stream(
+        // `Limits` retention (see `tether_bus::jobs`): a job stays until `max_age` (the
+        // records' TTL) after its ack, so after a server restart the duplicate window still
+        // knows its `Nats-Msg-Id` and a retried publish is not queued again. The durable
+        // consumers remember what they delivered and acked; a job delivered again anyway
+        // finds its record finished (or gone) and is acked without running.
+        let stream = jobs::ensure_stream(
             js,
             jetstream::stream::Config {
                 name: cfg.tool_jobs_stream.clone(),
                 description: Some("tether: async tool jobs".into()),
                 subjects: vec![bus.subject("jobs.tools.>")],
-                // A job leaves the stream when a worker acks it; `max_age` bounds what nobody
-                // takes (no worker for its host, say).
-                retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                retention: jetstream::stream::RetentionPolicy::Limits,
                 storage: jetstream::stream::StorageType::File,
                 max_age: ttl,
                 duplicate_window: Duration::from_secs(120),
@@ -301,6 +304,17 @@ impl Tools {
             },
         )
         .await?;
+        let retention = stream.cached_info().config.retention;
+        if retention != jetstream::stream::RetentionPolicy::Limits {
+            // Made by an earlier version as a work queue; the server will not change a
+            // stream's retention, and deleting it here could drop queued jobs.
+            tracing::warn!(
+                stream = %cfg.tool_jobs_stream,
+                ?retention,
+                "the tool job stream keeps the retention it was made with: after a server restart a retried job publish may be queued again (its run is still skipped by its finished record); to move it to Limits retention, delete it while no job is queued (`nats stream rm {}`) and restart an orchestrator",
+                cfg.tool_jobs_stream
+            );
+        }
         let done = tether_bus::auth::open_or_create_bucket(
             js,
             kv::Config {
@@ -1863,7 +1877,7 @@ pub async fn cancel_listener(t: T, ctx: Ctx) -> anyhow::Result<()> {
 /// One janitor pass over this host's tool containers: removes those no run owns any more
 /// (their record finished with `cleanup`, names another container, or is gone), and
 /// finishes the records of sync runs whose node died (their container past its deadline).
-pub async fn janitor_pass(t: &Tools) -> anyhow::Result<Vec<String>> {
+pub async fn janitor_pass(t: &T, ctx: &Ctx) -> anyhow::Result<Vec<String>> {
     let o = &t.o;
     let grace = chrono::Duration::seconds(
         i64::try_from(o.policy.cfg.reconcile_grace_seconds).unwrap_or(60),
@@ -1889,6 +1903,22 @@ pub async fn janitor_pass(t: &Tools) -> anyhow::Result<Vec<String>> {
             continue;
         };
         if t.is_running_here(exec) {
+            continue;
+        }
+        // A sync run whose node is gone (SIGKILLed, say) while its container runs or has
+        // exited: adopted, as a redelivered job is, so the record gets what the tool did.
+        if let Some((r, _)) = t
+            .results
+            .get(exec)
+            .await
+            .map_err(|p| anyhow::anyhow!("{p}"))?
+            && !r.r#async
+            && !is_terminal(&r.status)
+            && names_container(&r, &id, &labels)
+            && *r.runner != *ctx.instance_id
+            && runner_alive(ctx, &r.runner).await == Some(false)
+        {
+            adopt_sync(t, ctx, r, &c).await;
             continue;
         }
         let young = c
@@ -1933,6 +1963,140 @@ pub async fn janitor_pass(t: &Tools) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(removed)
+}
+
+/// Whether the record's current attempt made this container (the record names it, or had
+/// not yet when its node stopped).
+fn names_container(r: &ToolExecution, id: &str, labels: &HashMap<String, String>) -> bool {
+    r.container_id == id
+        || (r.container_id.is_empty()
+            && labels.get(LABEL_RUNNER) == Some(&r.runner)
+            && labels.get(LABEL_ATTEMPT) == Some(&r.attempt.to_string()))
+}
+
+/// Whether the node instance `runner` still answers on the bus (its `$SRV.PING`):
+/// `Some(false)` only when the server says nobody listens there, i.e. the instance is gone;
+/// `None` when the bus did not say.
+async fn runner_alive(ctx: &Ctx, runner: &str) -> Option<bool> {
+    if runner.is_empty() {
+        return None;
+    }
+    let subject = format!("$SRV.PING.{}.{runner}", crate::NAME);
+    let asked = tokio::time::timeout(
+        Duration::from_secs(2),
+        ctx.client.request(subject, bytes::Bytes::new()),
+    )
+    .await;
+    match asked {
+        Ok(Ok(_)) => Some(true),
+        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Some(false),
+        _ => None,
+    }
+}
+
+/// When the run's container must stop (its deadline label; now when it has none).
+fn deadline_of(labels: &HashMap<String, String>) -> tokio::time::Instant {
+    let now = chrono::Utc::now().timestamp();
+    let at = labels
+        .get(LABEL_DEADLINE)
+        .and_then(|d| d.parse::<i64>().ok())
+        .unwrap_or(now);
+    tokio::time::Instant::now() + Duration::from_secs(u64::try_from(at - now).unwrap_or(0))
+}
+
+/// The `Instant` an RFC 3339 time stands for (now when it does not parse).
+fn instant_of(at: &str) -> Instant {
+    let ago = chrono::DateTime::parse_from_rfc3339(at)
+        .ok()
+        .and_then(|t| {
+            (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+                .to_std()
+                .ok()
+        })
+        .unwrap_or_default();
+    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+}
+
+/// Takes over a sync run whose node stopped: a new attempt of this node owns the record,
+/// and the container is watched to its end (or its deadline) in the background and read,
+/// not run again. One that never started is recorded failed and removed.
+async fn adopt_sync(t: &T, ctx: &Ctx, r: ToolExecution, c: &bollard::models::ContainerSummary) {
+    let id = c.id.clone().unwrap_or_default();
+    let labels = c.labels.clone().unwrap_or_default();
+    let exec = r.execution_id.clone();
+    let me = ctx.instance_id.to_string();
+    let (before, attempt) = (r.runner.clone(), r.attempt);
+    let cid = id.clone();
+    let claimed = t
+        .results
+        .modify(&exec, |r| {
+            if is_terminal(&r.status) || r.runner != before || r.attempt != attempt {
+                return Change::Keep;
+            }
+            r.attempt += 1;
+            r.runner = me.clone();
+            r.container_id = cid.clone();
+            Change::Write
+        })
+        .await;
+    let rec = match claimed {
+        Ok(Some((rec, _, true))) => rec,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!(execution = %exec, error = %e, "cannot adopt a sync run");
+            return;
+        }
+    };
+    let note = format!("adopted after the node that started it ({before}) stopped");
+    let p = fallback_prepared(&rec.space, &rec.submitted_by, &exec);
+    let started = instant_of(&rec.started_at);
+    let cleanup = labels.get(LABEL_CLEANUP).is_none_or(|v| v == "true");
+    if c.state == Some(bollard::models::ContainerSummaryStateEnum::CREATED) {
+        let ran = Ran {
+            status: STATUS_FAILED,
+            exit_code: -1,
+            detail: format!("the node that ran it ({before}) stopped before the tool started"),
+            container_id: id.clone(),
+            ..Default::default()
+        };
+        if finish(t, ctx, &p, rec.attempt, &me, ran, started)
+            .await
+            .is_ok()
+        {
+            let _ = t.o.engine.remove(&id).await;
+        }
+        return;
+    }
+    tracing::info!(execution = %exec, container = %id, runner = %before, "adopting a sync run whose node stopped");
+    let deadline = deadline_of(&labels);
+    let (t, ctx) = (t.clone(), ctx.clone());
+    tokio::spawn(async move {
+        let (cancel, _registered) = t.register(&exec);
+        if rec.cancel_requested {
+            cancel.cancel();
+        }
+        let docker = t.o.engine.docker();
+        let memory_mb = docker
+            .inspect_container(&id, None)
+            .await
+            .ok()
+            .and_then(|c| c.host_config)
+            .and_then(|h| h.memory)
+            .map_or(0, |m| i32::try_from(m / (1024 * 1024)).unwrap_or(i32::MAX));
+        let mut ran = watch(&t.o, &id, deadline, &cancel, t.o.max_output, memory_mb).await;
+        ran.detail = if ran.detail.is_empty() {
+            note
+        } else {
+            format!("{}; {note}", ran.detail)
+        };
+        let done = finish(&t, &ctx, &p, rec.attempt, &me, ran, started).await;
+        if cleanup
+            && done.is_ok()
+            && let Err(e) = t.o.engine.remove(&id).await
+        {
+            tracing::warn!(container = %id, error = %e, "cannot remove tool container");
+        }
+    });
 }
 
 /// Finishes the record of a sync run whose node died, with the output its container left.

@@ -604,9 +604,9 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
     let r = callj(&f.c, "tools.get", &t, json!({"execution_id": execution})).await;
     assert!(r.is_err(), "no node serves while it is down: {r:?}");
 
-    // The node comes back (a new instance, the same host): past the run's deadline and the
-    // grace, its janitor records the run as failed, with what the tool printed, and removes
-    // the container.
+    // The node comes back (a new instance, the same host): its janitor adopts the container,
+    // which its deadline stops, and records the run as timed out, with what the tool printed,
+    // and removes the container.
     let _node = spawn_worker(&f.nats.url(), &h, &config);
     wait_up(&f, &h).await;
     let r = eventually(
@@ -620,7 +620,7 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
         },
     )
     .await;
-    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["status"], "timed_out", "{r}");
     assert!(
         r["detail"].as_str().is_some_and(|d| d.contains("stopped")),
         "{r}"
@@ -933,4 +933,49 @@ async fn a_job_publish_retried_after_a_server_restart_is_deduplicated_and_runs_o
     assert_eq!(r["status"], "completed", "{r}");
     assert_eq!(r["attempt"], 1, "{r}");
     assert_eq!(r["finished_at"], done["finished_at"], "{r}");
+}
+
+#[tokio::test]
+async fn a_job_stream_made_as_a_work_queue_is_kept_and_still_runs_jobs() {
+    // An earlier version made the stream as a work queue; the server refuses to change a
+    // stream's retention, and the node starts with the stream as it is (and says so).
+    let mut f = fleet_with(false, |_| {}).await;
+    let js = async_nats::jetstream::new(f.c.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "TETHER_TOOL_JOBS".into(),
+        subjects: vec!["jobs.tools.>".into()],
+        retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+        ..Default::default()
+    })
+    .await
+    .expect("a work-queue stream");
+    let h = unique("wq");
+    f.cleanup.host_ids.push(h.clone());
+    let node = start_orchestrator(&f.nats.url(), orch_config(&h)).await;
+    let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
+    let r = callj(
+        &f.c,
+        "tools.execute",
+        &t,
+        with(tool(&f.image, "echo '{\"ok\": 1}'"), json!({"async": true})),
+    )
+    .await
+    .expect("submit");
+    let id = r["execution_id"].as_str().expect("id").to_string();
+    let r = eventually(Duration::from_secs(60), "job finished", || async {
+        let r = callj(&f.c, "tools.get", &t, json!({"execution_id": id}))
+            .await
+            .ok()?;
+        is_final(&r).then_some(r)
+    })
+    .await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["result"], json!({"ok": 1}), "{r}");
+    let mut stream = js.get_stream("TETHER_TOOL_JOBS").await.expect("stream");
+    let info = stream.info().await.expect("info");
+    assert_eq!(
+        info.config.retention,
+        async_nats::jetstream::stream::RetentionPolicy::WorkQueue
+    );
+    node.shutdown().await.expect("shutdown");
 }
