@@ -38,8 +38,10 @@ test-compat *ARGS: deps
     cargo build --workspace --bins
     TETHER_NATS_SERVER="$bin" cargo nextest run --workspace --no-fail-fast {{ ARGS }}
 
-# Formatting and lints, warnings as errors (what CI checks).
+# Formatting and lints, warnings as errors (what CI checks); no import cycle between the
+# orchestrator's modules and no source file over 800 lines (scripts/check-module-cycles.sh).
 lint:
+    scripts/check-module-cycles.sh
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 

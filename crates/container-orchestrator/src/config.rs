@@ -265,7 +265,7 @@ impl OrchestratorConfig {
             if n.is_empty()
                 || n == "host"
                 || n.contains(':')
-                || n.starts_with(crate::spec::SESSION_NETWORK_PREFIX)
+                || n.starts_with(crate::labels::SESSION_NETWORK_PREFIX)
             {
                 return Err(InvalidConfig(format!(
                     "allowed_networks entry {n:?}: host, container:… and session networks cannot be allowed"

@@ -26,9 +26,10 @@ use tether_bus::Problem;
 use tether_proto::{ContainerInfo, MountSpec, ResourceLimits};
 
 use crate::config::OrchestratorConfig;
-use crate::spec::{
-    ContainerSpec, LABEL_EXPIRES, LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_SESSION, LABEL_SPACE,
+use crate::labels::{
+    LABEL_EXPIRES, LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_SESSION, LABEL_SPACE,
 };
+use crate::spec::ContainerSpec;
 
 const MIB: i64 = 1024 * 1024;
 
@@ -619,6 +620,89 @@ pub fn info_from_summary(c: &ContainerSummary, host_id: &str) -> ContainerInfo {
             .unwrap_or_default(),
         labels,
         ..Default::default()
+    }
+}
+
+/// A stats reading as the `containers.stats` reply (CPU as `docker stats` computes it, memory
+/// without the reclaimable page cache).
+pub fn stats_of(
+    m: &Meta,
+    s: &bollard::models::ContainerStatsResponse,
+    size_rw: i64,
+) -> tether_proto::ContainerStats {
+    use tether_proto::ContainerStats;
+    let cpu = s.cpu_stats.as_ref();
+    let pre = s.precpu_stats.as_ref();
+    let total = |c: Option<&bollard::models::ContainerCpuStats>| {
+        c.and_then(|c| c.cpu_usage.as_ref())
+            .and_then(|u| u.total_usage)
+            .unwrap_or(0)
+    };
+    let system = |c: Option<&bollard::models::ContainerCpuStats>| {
+        c.and_then(|c| c.system_cpu_usage).unwrap_or(0)
+    };
+    let online = cpu.and_then(|c| c.online_cpus).unwrap_or(1).max(1);
+    let cpu_delta = total(cpu).saturating_sub(total(pre)) as f64;
+    let sys_delta = system(cpu).saturating_sub(system(pre)) as f64;
+    let cpu_percent = if sys_delta > 0.0 {
+        cpu_delta / sys_delta * f64::from(online) * 100.0
+    } else {
+        0.0
+    };
+    let mem = s.memory_stats.as_ref();
+    let usage = mem.and_then(|m| m.usage).unwrap_or(0);
+    // Page cache is reclaimable: subtract it as `docker stats` does.
+    let cache = mem
+        .and_then(|m| m.stats.as_ref())
+        .and_then(|st| st.get("total_inactive_file").or(st.get("inactive_file")))
+        .copied()
+        .unwrap_or(0);
+    let used = usage.saturating_sub(cache);
+    let limit = mem.and_then(|m| m.limit).unwrap_or(0);
+    let (rx, tx) = s
+        .networks
+        .as_ref()
+        .map(|n| {
+            n.values().fold((0u64, 0u64), |(r, t), v| {
+                (r + v.rx_bytes.unwrap_or(0), t + v.tx_bytes.unwrap_or(0))
+            })
+        })
+        .unwrap_or((0, 0));
+    let (br, bw) = s
+        .blkio_stats
+        .as_ref()
+        .and_then(|b| b.io_service_bytes_recursive.as_ref())
+        .map(|entries| {
+            entries.iter().fold((0u64, 0u64), |(r, w), e| {
+                match e.op.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                    Some("read") => (r + e.value.unwrap_or(0), w),
+                    Some("write") => (r, w + e.value.unwrap_or(0)),
+                    _ => (r, w),
+                }
+            })
+        })
+        .unwrap_or((0, 0));
+    ContainerStats {
+        container_id: m.id.clone(),
+        container_name: m.name.clone(),
+        cpu_percent,
+        cpu_total_ns: total(cpu),
+        online_cpus: online,
+        memory_usage_bytes: used,
+        memory_limit_bytes: limit,
+        memory_percent: if limit > 0 {
+            used as f64 / limit as f64 * 100.0
+        } else {
+            0.0
+        },
+        pids_current: s.pids_stats.as_ref().and_then(|p| p.current).unwrap_or(0),
+        pids_limit: s.pids_stats.as_ref().and_then(|p| p.limit).unwrap_or(0),
+        network_rx_bytes: rx,
+        network_tx_bytes: tx,
+        block_read_bytes: br,
+        block_write_bytes: bw,
+        disk_rw_bytes: size_rw,
+        read_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     }
 }
 

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use tether_bus::Ctx;
 use tether_proto::ContainerEventData;
 
-use crate::spec::{LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_SESSION, LABEL_SPACE};
+use crate::labels::{LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_SESSION, LABEL_SPACE};
 use crate::state::Orchestrator;
 
 /// The event action of a lifecycle change, if it is one we publish.

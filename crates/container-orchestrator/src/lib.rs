@@ -4,18 +4,23 @@
 //!
 //! # Layout
 //! - [`config`]: the node's settings (limits, defaults, the mount allowlist, host id).
+//! - [`labels`]: every label the node puts on engine objects, and the names it reserves.
 //! - [`spec`]: a create request validated into a complete, hardened [`spec::ContainerSpec`].
 //! - [`docker`]: the bollard wrapper — hardened create, managed-only list/inspect/stop/remove.
 //! - [`exec`]: commands with a deadline that kills inside the container, a capped output,
 //!   streaming.
 //! - [`space`]: space bindings in KV (`tether_spaces`).
+//! - [`state`]: what the endpoints share — the engine, the policy, the run and session
+//!   records, the session locks, the runs in progress.
+//! - [`route`]: sending a request on to the node of the host that owns it.
 //! - [`events`]: the engine's event stream → `events.containers.<space>`.
 //! - [`reconcile`]: the janitor — bindings vs labels, expiry, reaping orphaned execs.
 //! - [`node`]: the endpoints (`containers.*`, `hosts.<host_id>.containers.*`).
 //! - [`tools`]: tool runs (`tools.*`): one-shot containers, sync or as durable jobs, records
-//!   in KV.
+//!   in KV, the tool janitor.
 //! - [`relics`]: session service containers (`relics.*`) with health checks.
-//! - [`sessions`]: session networks and records, `sessions.cleanup`, the tool janitor.
+//! - [`sessions`]: session networks, `sessions.cleanup`, this host's part of sessions that
+//!   are over.
 //!
 //! The one design decision to know: the engine's labels are the truth. Which space a
 //! container belongs to is its `tether.space` label (set only by this node, never from a
@@ -27,9 +32,11 @@ pub mod config;
 pub mod docker;
 pub mod events;
 pub mod exec;
+pub mod labels;
 pub mod node;
 pub mod reconcile;
 pub mod relics;
+pub mod route;
 pub mod sessions;
 pub mod space;
 pub mod spec;
@@ -83,7 +90,7 @@ pub async fn build(
         max_output,
         reply_budget,
     ));
-    let t = Arc::new(tools::Tools::open(o.clone(), bus, &js).await?);
+    let t = Arc::new(state::Shared::open(o.clone(), bus, &js).await?);
     let node = Node::new(NAME, env!("CARGO_PKG_VERSION"))
         .description("agent spaces, tool runs and relics on one Docker host")
         .metadata("host_id", host_id);
@@ -97,7 +104,7 @@ pub async fn build(
         .task("janitor", move |ctx| reconcile::janitor(o2, ctx))
         .task("tool-workers", move |ctx| tools::workers(t1, ctx))
         .task("tool-cancels", move |ctx| tools::cancel_listener(t2, ctx))
-        .task("tool-janitor", move |ctx| sessions::janitor(t3, ctx)))
+        .task("tool-janitor", move |ctx| tools::janitor(t3, ctx)))
 }
 
 /// Connects, builds and serves until `shutdown`, then drains.

@@ -21,8 +21,8 @@ use tether_bus::Ctx;
 use tether_proto::SpaceBinding;
 
 use crate::config::UnboundPolicy;
+use crate::labels::{LABEL_EXPIRES, LABEL_KIND, LABEL_SESSION, LABEL_SPACE};
 use crate::space::Reserve;
-use crate::spec::{LABEL_EXPIRES, LABEL_KIND, LABEL_SESSION, LABEL_SPACE};
 use crate::state::Orchestrator;
 
 /// What one pass did (logged; returned for tests).

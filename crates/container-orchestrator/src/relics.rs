@@ -26,18 +26,14 @@ use tether_proto::{
 
 use crate::docker::EngineErrorKind;
 use crate::exec::ExecSpec;
-use crate::sessions::{check_session, create_network, find_network};
-use crate::spec::{
-    LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_SESSION, LABEL_SPACE, is_valid_image_ref,
-    validate_create,
+use crate::labels::{
+    LABEL_HEALTH_ENDPOINT, LABEL_HEALTH_PORT, LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_RELIC,
+    LABEL_RELIC_ID, LABEL_SESSION, LABEL_SPACE,
 };
-use crate::state::Orchestrator;
-use crate::tools::{Tools, forward, forward_within};
-
-pub const LABEL_RELIC: &str = "tether.relic";
-pub const LABEL_RELIC_ID: &str = "tether.relic_id";
-pub const LABEL_HEALTH_PORT: &str = "tether.health_port";
-pub const LABEL_HEALTH_ENDPOINT: &str = "tether.health_endpoint";
+use crate::route::{forward, forward_within};
+use crate::sessions::{check_session, create_network, find_network};
+use crate::spec::{is_valid_image_ref, validate_create};
+use crate::state::{Orchestrator, Shared};
 
 const DEFAULT_HEALTH_TIMEOUT: i32 = 30;
 const MAX_HEALTH_TIMEOUT: i32 = 600;
@@ -56,7 +52,7 @@ if command -v nc >/dev/null 2>&1; then exec nc -z -w 3 127.0.0.1 "$port"; fi
 exit 127
 "#;
 
-type T = Arc<Tools>;
+type T = Arc<Shared>;
 
 fn bad(m: impl Into<String>) -> Problem {
     Problem::bad_request(m)
@@ -111,11 +107,11 @@ pub fn endpoints(mut node: Node, t: &T) -> Node {
 }
 
 /// Where a session's relics live: `None` = here (or nowhere yet).
-async fn session_host(t: &Tools, space: &str, session: &str) -> Result<Option<String>, Problem> {
+async fn session_host(t: &Shared, space: &str, session: &str) -> Result<Option<String>, Problem> {
     Ok(t.sessions
         .get(space, session)
         .await?
-        .filter(|(r, _)| !r.closed && crate::sessions::expires(r) > chrono::Utc::now())
+        .filter(|(r, _)| !r.closed && crate::state::expires(r) > chrono::Utc::now())
         .map(|(r, _)| r.host_id)
         .filter(|h| !h.is_empty() && *h != t.o.host_id))
 }
@@ -538,7 +534,7 @@ enum Found {
     There(String),
 }
 
-async fn find(t: &Tools, caller: &Caller, r: &RelicRef) -> Result<Found, Problem> {
+async fn find(t: &Shared, caller: &Caller, r: &RelicRef) -> Result<Found, Problem> {
     let space = caller.space_for(&r.space)?;
     let o = &t.o;
     if !r.relic_id.is_empty() {

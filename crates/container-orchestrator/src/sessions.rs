@@ -13,184 +13,22 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
 use bollard::models::NetworkCreateRequest;
 use bollard::query_parameters::{ListContainersOptionsBuilder, ListNetworksOptionsBuilder};
-use futures::StreamExt;
-use prost::Message as _;
-use tether_bus::{Ctx, Endpoint, Node, Problem, Request, Scope};
+use tether_bus::{Endpoint, Node, Problem, Request, Scope};
 use tether_proto::{SessionCleanupReply, SessionCleanupRequest, SessionRecord};
 
 use crate::docker::EngineError;
-use crate::spec::{
-    LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_SESSION, LABEL_SPACE, SESSION_NETWORK_PREFIX,
+use crate::labels::{
+    KIND_SESSION_NETWORK, LABEL_CREATED_BY, LABEL_EXECUTION, LABEL_HOST, LABEL_KIND, LABEL_MANAGED,
+    LABEL_SESSION, LABEL_SPACE, SESSION_NETWORK_PREFIX,
 };
-use crate::state::Orchestrator;
-use crate::tools::{Change, LABEL_EXECUTION, Tools, forward, is_terminal};
-
-pub const KIND_SESSION_NETWORK: &str = "session-network";
-
-fn kv_err(e: impl std::fmt::Display) -> Problem {
-    Problem::unavailable(format!("sessions unavailable: {e}"))
-}
+use crate::route::forward;
+use crate::state::{Change, Orchestrator, Shared, expires, is_terminal};
 
 fn now() -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now()
-}
-
-fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
-/// Session records in KV.
-#[derive(Clone)]
-pub struct SessionStore {
-    kv: kv::Store,
-}
-
-impl SessionStore {
-    pub async fn open(
-        js: &jetstream::Context,
-        bucket: &str,
-        max_ttl_seconds: i32,
-        replicas: usize,
-    ) -> anyhow::Result<Self> {
-        let kv = tether_bus::auth::open_or_create_bucket(
-            js,
-            kv::Config {
-                bucket: bucket.to_string(),
-                description: "tether: sessions (host of their network, expiry)".into(),
-                history: 1,
-                max_age: Duration::from_secs(
-                    u64::try_from(max_ttl_seconds).unwrap_or(86_400) + 86_400,
-                ),
-                num_replicas: replicas.max(1),
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
-        )
-        .await?;
-        Ok(Self { kv })
-    }
-
-    fn key(space: &str, session: &str) -> String {
-        format!("{space}.{session}")
-    }
-
-    pub async fn get(
-        &self,
-        space: &str,
-        session: &str,
-    ) -> Result<Option<(SessionRecord, u64)>, Problem> {
-        match self
-            .kv
-            .entry(Self::key(space, session))
-            .await
-            .map_err(kv_err)?
-        {
-            Some(e) if e.operation == kv::Operation::Put => {
-                let r = SessionRecord::decode(e.value.as_ref())
-                    .map_err(|err| Problem::internal(format!("corrupt session record: {err}")))?;
-                Ok(Some((r, e.revision)))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    /// Opens (or reopens, or extends) a session on `host` until at least `until`. Returns the
-    /// record; its `host_id` is another host's when the session lives there.
-    pub async fn touch(
-        &self,
-        space: &str,
-        session: &str,
-        host: &str,
-        until: chrono::DateTime<chrono::Utc>,
-    ) -> Result<SessionRecord, Problem> {
-        let key = Self::key(space, session);
-        for _ in 0..8 {
-            match self.get(space, session).await? {
-                None => {
-                    let r = SessionRecord {
-                        space: space.into(),
-                        session_id: session.into(),
-                        created_at: rfc3339(now()),
-                        expires_at: rfc3339(until),
-                        closed: false,
-                        host_id: host.into(),
-                    };
-                    match self.kv.create(&key, r.encode_to_vec().into()).await {
-                        Ok(_) => return Ok(r),
-                        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
-                        Err(e) => return Err(kv_err(e)),
-                    }
-                }
-                Some((mut r, rev)) => {
-                    let expired = r.closed || expires(&r) <= now();
-                    if r.host_id != host && !expired {
-                        return Ok(r);
-                    }
-                    if expired {
-                        r.host_id = host.into();
-                        r.closed = false;
-                        r.created_at = rfc3339(now());
-                        r.expires_at = rfc3339(until);
-                    } else if expires(&r) >= until {
-                        return Ok(r);
-                    } else {
-                        r.expires_at = rfc3339(until);
-                    }
-                    match self.kv.update(&key, r.encode_to_vec().into(), rev).await {
-                        Ok(_) => return Ok(r),
-                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                        Err(e) => return Err(kv_err(e)),
-                    }
-                }
-            }
-        }
-        Err(Problem::conflict(format!(
-            "session `{session}` is being changed concurrently; try again"
-        )))
-    }
-
-    /// Marks a session closed (every janitor then removes its part).
-    pub async fn close(&self, space: &str, session: &str) -> Result<(), Problem> {
-        let key = Self::key(space, session);
-        for _ in 0..8 {
-            let Some((mut r, rev)) = self.get(space, session).await? else {
-                return Ok(());
-            };
-            r.closed = true;
-            r.expires_at = rfc3339(now());
-            match self.kv.update(&key, r.encode_to_vec().into(), rev).await {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(e) => return Err(kv_err(e)),
-            }
-        }
-        Err(Problem::conflict("session changed concurrently; try again"))
-    }
-
-    pub async fn all(&self) -> Result<Vec<SessionRecord>, Problem> {
-        let mut keys = self.kv.keys().await.map_err(kv_err)?.boxed();
-        let mut out = Vec::new();
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(kv_err)?;
-            if let Some((space, session)) = k.split_once('.')
-                && let Some((r, _)) = self.get(space, session).await?
-            {
-                out.push(r);
-            }
-        }
-        Ok(out)
-    }
-}
-
-pub fn expires(r: &SessionRecord) -> chrono::DateTime<chrono::Utc> {
-    chrono::DateTime::parse_from_rfc3339(&r.expires_at)
-        .map(|t| t.with_timezone(&chrono::Utc))
-        .unwrap_or_else(|_| now())
 }
 
 pub fn network_name(space: &str, session: &str) -> String {
@@ -265,7 +103,7 @@ pub async fn create_network(
         (LABEL_KIND.to_string(), KIND_SESSION_NETWORK.to_string()),
         (LABEL_SPACE.to_string(), space.to_string()),
         (LABEL_SESSION.to_string(), session.to_string()),
-        (crate::spec::LABEL_CREATED_BY.to_string(), agent.to_string()),
+        (LABEL_CREATED_BY.to_string(), agent.to_string()),
     ]);
     let r = o
         .engine
@@ -300,7 +138,7 @@ pub async fn session_containers(
 /// Removes this host's part of a session: its containers (tool runs among them are
 /// recorded as cancelled) and its network.
 pub async fn cleanup_local(
-    t: &Tools,
+    t: &Shared,
     space: &str,
     session: &str,
     force: bool,
@@ -356,7 +194,7 @@ pub async fn cleanup_local(
 }
 
 /// Adds `sessions.cleanup` and its host-addressed twin.
-pub fn endpoints(node: Node, t: &Arc<Tools>) -> Node {
+pub fn endpoints(node: Node, t: &Arc<Shared>) -> Node {
     let (t1, t2) = (t.clone(), t.clone());
     node.endpoint(
         Endpoint::new("sessions.cleanup", move |r| cleanup(t1.clone(), false, r))
@@ -384,7 +222,7 @@ pub fn check_session(s: &str) -> Result<(), Problem> {
 }
 
 async fn cleanup(
-    t: Arc<Tools>,
+    t: Arc<Shared>,
     addressed: bool,
     req: Request<SessionCleanupRequest>,
 ) -> Result<SessionCleanupReply, Problem> {
@@ -432,23 +270,9 @@ async fn cleanup(
     })
 }
 
-/// The tool-and-session janitor: orphaned tool containers, then sessions that expired or
-/// were closed (this host's part of each), then session networks no record explains.
-pub async fn janitor(t: Arc<Tools>, ctx: Ctx) -> anyhow::Result<()> {
-    let every = Duration::from_secs(t.o.policy.cfg.janitor_interval_seconds.max(1));
-    loop {
-        if let Err(e) = pass(&t).await {
-            tracing::warn!(error = %format!("{e:#}"), "tool janitor pass failed");
-        }
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(every) => {}
-        }
-    }
-}
-
-pub async fn pass(t: &Tools) -> anyhow::Result<()> {
-    crate::tools::janitor_pass(t).await?;
+/// This host's part of sessions that expired or were closed, then session networks no
+/// record explains (the tool janitor calls it after its own pass).
+pub async fn pass(t: &Shared) -> anyhow::Result<()> {
     let records = t.sessions.all().await.map_err(|p| anyhow::anyhow!("{p}"))?;
     let mut live = std::collections::HashSet::new();
     let over = |r: &SessionRecord| r.closed || expires(r) <= now();

@@ -1,9 +1,21 @@
 //! The node's shared state: the engine, the bindings, the policy, and three small in-memory
-//! tables fed by requests and engine events (all bounded, all safe to lose on restart).
+//! tables fed by requests and engine events (all bounded, all safe to lose on restart)
+//! ([`Orchestrator`]); and what the tool, relic and session endpoints share ([`Shared`]): the
+//! run records, the session records, the session locks and the table of runs in progress.
+
+mod results;
+mod session_store;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use tether_bus::jobs;
+use tokio_util::sync::CancellationToken;
+
+pub use results::{Change, Results, Status, is_terminal};
+pub use session_store::{SessionStore, expires};
 
 use crate::docker::Engine;
 use crate::space::Spaces;
@@ -131,5 +143,140 @@ impl Orchestrator {
             m.remove(id);
         }
         due
+    }
+}
+
+/// What the tool, relic and session endpoints share.
+pub struct Shared {
+    pub o: Arc<Orchestrator>,
+    pub results: Results,
+    pub sessions: SessionStore,
+    pub js: jetstream::Context,
+    pub done: kv::Store,
+    pub stream: String,
+    /// Cancel signals of the runs this node is running, by execution id.
+    running: Mutex<HashMap<String, CancellationToken>>,
+    /// One relic start at a time per session on this node (the engine allows two networks
+    /// of one name).
+    pub session_locks: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Takes a run off the running table when dropped.
+pub struct Running<'a> {
+    t: &'a Shared,
+    id: String,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        lock(&self.t.running).remove(&self.id);
+    }
+}
+
+impl Shared {
+    /// Opens the buckets and the job stream.
+    pub async fn open(
+        o: Arc<Orchestrator>,
+        bus: &tether_bus::BusConfig,
+        js: &jetstream::Context,
+    ) -> anyhow::Result<Shared> {
+        let cfg = &o.policy.cfg;
+        let ttl = Duration::from_secs(cfg.tool_results_ttl_seconds);
+        let results = Results::open(js, &cfg.tool_results_bucket, ttl, cfg.kv_replicas).await?;
+        let sessions = SessionStore::open(
+            js,
+            &cfg.sessions_bucket,
+            cfg.max_ttl_seconds,
+            cfg.kv_replicas,
+        )
+        .await?;
+        // `Limits` retention (see `tether_bus::jobs`): a job stays until `max_age` (the
+        // records' TTL), acked or not, so after a server restart the duplicate window still
+        // knows its `Nats-Msg-Id` and a retried publish is not queued again. The durable
+        // consumers remember what they delivered and acked; a job delivered again anyway
+        // finds its record finished (or gone) and is acked without running.
+        let stream = jobs::ensure_stream(
+            js,
+            jetstream::stream::Config {
+                name: cfg.tool_jobs_stream.clone(),
+                description: Some("tether: async tool jobs".into()),
+                subjects: vec![bus.subject("jobs.tools.>")],
+                retention: jetstream::stream::RetentionPolicy::Limits,
+                storage: jetstream::stream::StorageType::File,
+                max_age: ttl,
+                duplicate_window: Duration::from_secs(120),
+                num_replicas: cfg.kv_replicas.max(1),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let retention = stream.cached_info().config.retention;
+        if retention != jetstream::stream::RetentionPolicy::Limits {
+            // Made by an earlier version as a work queue: the server will not change a
+            // stream's retention, and deleting it here could drop queued jobs.
+            tracing::warn!(
+                stream = %cfg.tool_jobs_stream,
+                ?retention,
+                "the tool job stream keeps the retention it was made with: after a server restart a retried job publish may be queued again (its run is still skipped by its finished record); to move it to Limits retention, delete it while no job is queued (`nats stream rm {}`) and restart an orchestrator",
+                cfg.tool_jobs_stream
+            );
+        }
+        let done = tether_bus::auth::open_or_create_bucket(
+            js,
+            kv::Config {
+                bucket: format!("{}_done", cfg.tool_results_bucket),
+                description: "tether: tool jobs settled (idempotency guard)".into(),
+                history: 1,
+                max_age: ttl,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: cfg.kv_replicas.max(1),
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(Shared {
+            stream: cfg.tool_jobs_stream.clone(),
+            o,
+            results,
+            sessions,
+            js: js.clone(),
+            done,
+            running: Mutex::default(),
+            session_locks: tokio::sync::Mutex::default(),
+        })
+    }
+
+    pub fn register(&self, id: &str) -> (CancellationToken, Running<'_>) {
+        let token = CancellationToken::new();
+        lock(&self.running).insert(id.to_string(), token.clone());
+        (
+            token,
+            Running {
+                t: self,
+                id: id.to_string(),
+            },
+        )
+    }
+
+    pub fn is_running_here(&self, id: &str) -> bool {
+        lock(&self.running).contains_key(id)
+    }
+
+    pub fn cancel_running(&self, id: &str) -> bool {
+        match lock(&self.running).get(id) {
+            Some(t) => {
+                t.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub async fn session_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.session_locks.lock().await;
+        if m.len() > 4096 {
+            m.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        m.entry(key.to_string()).or_default().clone()
     }
 }

@@ -624,9 +624,9 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
     })
     .await;
 
-    // The node comes back (a new instance, the same host): past the run's deadline and the
-    // grace, its janitor records the run as failed, with what the tool printed, and removes
-    // the container.
+    // The node comes back (a new instance, the same host): its janitor adopts the container,
+    // which its deadline stops, and records the run as timed out, with what the tool printed,
+    // and removes the container.
     let _node = spawn_worker(&f.nats.url(), &h, &config);
     wait_up(&f, &h).await;
     let r = eventually(
@@ -641,7 +641,7 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
         },
     )
     .await;
-    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["status"], "timed_out", "{r}");
     assert!(
         r["detail"].as_str().is_some_and(|d| d.contains("stopped")),
         "{r}"
@@ -763,4 +763,247 @@ async fn a_job_that_finished_while_its_worker_was_dead_is_adopted_by_its_outcome
         host_containers(&ha).is_empty().then_some(())
     })
     .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Issue 13: resource usage of short runs, sync runs adopted after a SIGKILL, job retries
+// de-duplicated across a server restart.
+
+#[tokio::test]
+async fn a_second_long_run_reports_its_usage_sampled_from_the_start() {
+    let f = fleet().await;
+    let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
+    // Busy for about a second of wall time, then a result: the kind of run that reported
+    // `samples: 0` when the engine's stats came late. Three at once, so the engine is busy
+    // with more than one of them; and one busy until its deadline kills it.
+    let busy = "sleep 1 & while kill -0 $! 2>/dev/null; do :; done; echo '{\"n\": 1}'";
+    let run = |body: Value| f.call("tools.execute", body, Some(&t));
+    let (a, b, c, killed) = tokio::join!(
+        run(tool(&f.image, busy)),
+        run(tool(&f.image, busy)),
+        run(tool(&f.image, busy)),
+        run(with(
+            tool(&f.image, "while :; do :; done"),
+            json!({"resource_limits": {"timeout_seconds": 1}}),
+        )),
+    );
+    for r in [a, b, c] {
+        let r = r.expect("execute");
+        assert_eq!(r["status"], "completed", "{r}");
+        assert_eq!(r["result"], json!({"n": 1}), "{r}");
+        let u = &r["resource_usage"];
+        // Sampled from the start, several times a second, whatever the engine's stats
+        // collector is doing: a second-long run has several samples.
+        assert!(num(&u["samples"]) >= 3, "{u}");
+        assert!(num(&u["cpu_time_ms"]) > 0, "{u}");
+        assert!(num(&u["peak_memory_bytes"]) > 0, "{u}");
+    }
+    // Killed at its deadline: read once more before the kill.
+    let r = killed.expect("execute");
+    assert_eq!(r["status"], "timed_out", "{r}");
+    let u = &r["resource_usage"];
+    assert!(num(&u["samples"]) >= 1, "{u}");
+    assert!(num(&u["cpu_time_ms"]) > 0, "{u}");
+    assert!(num(&u["peak_memory_bytes"]) > 0, "{u}");
+    assert!(
+        f.engine_containers().is_empty(),
+        "the containers are removed"
+    );
+}
+
+#[tokio::test]
+async fn a_sync_run_whose_node_was_killed_is_adopted_by_the_restarted_node() {
+    let mut f = fleet_with(false, |_| {}).await;
+    let h = unique("hk");
+    f.clean_label(host_label(&h));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tether.toml");
+    std::fs::write(&config, "").expect("config");
+    let mut node = spawn_worker(&f.nats.url(), &h, &config);
+    wait_up(&f, &h).await;
+    let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
+
+    // A sync run of a few seconds, well inside its deadline (30 s).
+    const TOOL_SECONDS: u64 = 5;
+    let (c, tok, image) = (f.c.clone(), t.clone(), f.image.clone());
+    let caller = tokio::spawn(async move {
+        call(
+            &c,
+            "tools.execute",
+            with(
+                tool(
+                    &image,
+                    &format!("echo started; sleep {TOOL_SECONDS}; echo '{{\"done\": 1}}'"),
+                ),
+                json!({"resource_limits": {"timeout_seconds": 30}}),
+            ),
+            Some(&tok),
+        )
+        .await
+    });
+    let container = eventually(Duration::from_secs(30), "tool running", || async {
+        host_containers(&h).into_iter().next()
+    })
+    .await;
+    let execution = docker(&[
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"tether.execution\"}}",
+        &container,
+    ]);
+    // The record names the container (the node has started it).
+    eventually(
+        Duration::from_secs(30),
+        "record names the container",
+        || async {
+            let r = f
+                .call("tools.get", json!({"execution_id": execution}), Some(&t))
+                .await
+                .ok()?;
+            (r["container_id"] != "").then_some(())
+        },
+    )
+    .await;
+    let _ = node.0.kill();
+    let _ = node.0.wait();
+    let killed = Instant::now();
+    caller.abort();
+
+    // Restarted at once: the new instance adopts the container and records what the tool
+    // did as soon as it ends — not `running` until the deadline, then `failed`.
+    let _node = spawn_worker(&f.nats.url(), &h, &config);
+    wait_up(&f, &h).await;
+    let r = eventually(
+        Duration::from_secs(TOOL_SECONDS + 20),
+        "adopted run finished",
+        || async {
+            let r = f
+                .call("tools.get", json!({"execution_id": execution}), Some(&t))
+                .await
+                .ok()?;
+            is_final(&r).then_some(r)
+        },
+    )
+    .await;
+    eprintln!("finished {:?} after the kill: {r}", killed.elapsed());
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["exit_code"], 0, "{r}");
+    assert_eq!(r["result"], json!({"done": 1}), "{r}");
+    assert_eq!(r["stdout"], "started\n{\"done\": 1}\n", "{r}");
+    assert_eq!(r["attempt"], 2, "{r}");
+    eventually(Duration::from_secs(30), "container removed", || async {
+        host_containers(&h).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_job_publish_retried_after_a_server_restart_is_deduplicated_and_runs_once() {
+    let mut f = fleet().await;
+    let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
+    // The job as it goes to the stream, to publish it again as a retrying publisher would.
+    let mut jobs = f.c.subscribe("jobs.tools.>").await.expect("sub");
+    let r = f
+        .call(
+            "tools.execute",
+            with(tool(&f.image, "echo '{\"ok\": 1}'"), json!({"async": true})),
+            Some(&t),
+        )
+        .await
+        .expect("submit");
+    let id = r["execution_id"].as_str().expect("id").to_string();
+    let sent = tokio::time::timeout(Duration::from_secs(10), jobs.next())
+        .await
+        .expect("job published")
+        .expect("sub open");
+    let headers = sent.headers.clone().expect("headers");
+    assert_eq!(
+        headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some(id.as_str())
+    );
+    let c = f.c.clone();
+    let get = || async {
+        call(&c, "tools.get", json!({"execution_id": id}), Some(&t))
+            .await
+            .ok()
+    };
+    let done = eventually(Duration::from_secs(60), "job finished", || async {
+        get().await.filter(is_final)
+    })
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+
+    // The server restarts (same store); the publisher retries within the duplicate window.
+    f.nats.restart().await.expect("restart");
+    let js = async_nats::jetstream::new(f.c.clone());
+    let ack = eventually(Duration::from_secs(30), "retry acknowledged", || async {
+        js.publish_with_headers(
+            sent.subject.to_string(),
+            headers.clone(),
+            sent.payload.clone(),
+        )
+        .await
+        .ok()?
+        .await
+        .ok()
+    })
+    .await;
+    assert!(
+        ack.duplicate,
+        "the retry is known as a duplicate after the restart: {ack:?}"
+    );
+    let mut stream = js.get_stream("TETHER_TOOL_JOBS").await.expect("stream");
+    let info = stream.info().await.expect("stream info");
+    assert_eq!(info.state.messages, 1, "one job in the stream: {info:?}");
+    // It ran once: the record is the first run's, untouched.
+    let r = eventually(Duration::from_secs(30), "orchestrator back", get).await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["attempt"], 1, "{r}");
+    assert_eq!(r["finished_at"], done["finished_at"], "{r}");
+}
+
+#[tokio::test]
+async fn a_job_stream_made_as_a_work_queue_is_kept_and_still_runs_jobs() {
+    // An earlier version made the stream as a work queue; the server refuses to change a
+    // stream's retention, and the node starts with the stream as it is (and says so).
+    let mut f = fleet_with(false, |_| {}).await;
+    let js = async_nats::jetstream::new(f.c.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "TETHER_TOOL_JOBS".into(),
+        subjects: vec!["jobs.tools.>".into()],
+        retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+        ..Default::default()
+    })
+    .await
+    .expect("a work-queue stream");
+    let h = unique("wq");
+    f.clean_label(host_label(&h));
+    let node = start_orchestrator(&f.nats.url(), orch_config(&h)).await;
+    let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
+    let r = f
+        .call(
+            "tools.execute",
+            with(tool(&f.image, "echo '{\"ok\": 1}'"), json!({"async": true})),
+            Some(&t),
+        )
+        .await
+        .expect("submit");
+    let id = r["execution_id"].as_str().expect("id").to_string();
+    let r = eventually(Duration::from_secs(60), "job finished", || async {
+        let r = f
+            .call("tools.get", json!({"execution_id": id}), Some(&t))
+            .await
+            .ok()?;
+        is_final(&r).then_some(r)
+    })
+    .await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["result"], json!({"ok": 1}), "{r}");
+    let mut stream = js.get_stream("TETHER_TOOL_JOBS").await.expect("stream");
+    let info = stream.info().await.expect("info");
+    assert_eq!(
+        info.config.retention,
+        async_nats::jetstream::stream::RetentionPolicy::WorkQueue
+    );
+    node.shutdown().await.expect("shutdown");
 }
