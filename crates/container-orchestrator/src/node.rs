@@ -3,18 +3,14 @@
 //! Every operation on an existing container goes through [`resolve`]: the target is named by
 //! `container` (id or name) or by `space` (its bound container), and the caller must be an
 //! operator or belong to the container's `tether.space` label — the label, not a request
-//! field, decides. A request on the shared subject for a space bound on another host is
-//! forwarded to that host's subject with the caller's own headers (so the other node checks
-//! the token again); a request on a host subject is never forwarded further.
+//! field, decides. A space bound on another host is answered there (see [`crate::route`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::query_parameters::{LogsOptionsBuilder, StatsOptionsBuilder};
 use futures::StreamExt;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use tether_bus::{Caller, Endpoint, Node, Problem, Request, Scope};
+use tether_bus::{Caller, Node, Problem, Request, Scope};
 use tether_proto::{
     ContainerInfo, ContainerList, ContainerRef, ContainerStats, CreateContainerRequest,
     ExecRequest, ExecResult, ListContainersRequest, LogsReply, LogsRequest, RemoveContainerRequest,
@@ -23,6 +19,7 @@ use tether_proto::{
 
 use crate::docker::{EngineError, EngineErrorKind, Meta, info_from_inspect, info_from_summary};
 use crate::exec::{ExecSpec, StreamTo};
+use crate::route::{Elsewhere, Routed, Routes};
 use crate::space::Reserve;
 use crate::spec::{Kind, parse_command, validate_abs_path, validate_create, validate_env};
 use crate::state::Orchestrator;
@@ -30,33 +27,19 @@ use crate::state::Orchestrator;
 type O = Arc<Orchestrator>;
 
 /// Adds every endpoint, on the shared and on the host-addressed subjects.
-pub fn endpoints(mut node: Node, o: &O) -> Node {
+pub fn endpoints(node: Node, o: &O) -> Node {
     let max_execs = o.policy.cfg.max_concurrent_execs;
-    for (prefix, addressed) in [
-        ("containers".to_string(), false),
-        (format!("hosts.{}.containers", o.host_id), true),
-    ] {
-        macro_rules! ep {
-            ($op:literal, $f:ident, $scope:expr) => {{
-                let o = o.clone();
-                Endpoint::new(format!("{prefix}.{}", $op), move |r| {
-                    $f(o.clone(), addressed, r)
-                })
-                .scope($scope)
-            }};
-        }
-        node = node
-            .endpoint(ep!("create", create, Scope::ContainersWrite))
-            .endpoint(ep!("start", start, Scope::ContainersWrite))
-            .endpoint(ep!("stop", stop, Scope::ContainersWrite))
-            .endpoint(ep!("remove", remove, Scope::ContainersWrite))
-            .endpoint(ep!("list", list, Scope::ContainersRead))
-            .endpoint(ep!("inspect", inspect, Scope::ContainersRead))
-            .endpoint(ep!("exec", exec, Scope::ContainersExec).max_concurrency(max_execs))
-            .endpoint(ep!("logs", logs, Scope::ContainersRead))
-            .endpoint(ep!("stats", stats, Scope::ContainersRead));
-    }
-    node
+    Routes::new(node, &o.host_id, o.clone())
+        .serve("containers.create", Scope::ContainersWrite, create)
+        .serve("containers.start", Scope::ContainersWrite, start)
+        .serve("containers.stop", Scope::ContainersWrite, stop)
+        .serve("containers.remove", Scope::ContainersWrite, remove)
+        .serve("containers.list", Scope::ContainersRead, list)
+        .serve("containers.inspect", Scope::ContainersRead, inspect)
+        .serve_bounded("containers.exec", Scope::ContainersExec, max_execs, exec)
+        .serve("containers.logs", Scope::ContainersRead, logs)
+        .serve("containers.stats", Scope::ContainersRead, stats)
+        .node()
 }
 
 fn traceparent<T>(req: &Request<T>) -> Option<String> {
@@ -71,7 +54,7 @@ fn traceparent<T>(req: &Request<T>) -> Option<String> {
 enum Target {
     Local(Arc<Meta>),
     /// The space is bound on another host.
-    Remote(String),
+    Remote(Elsewhere),
 }
 
 fn is_valid_container_ref(s: &str) -> bool {
@@ -125,7 +108,7 @@ async fn resolve(
         .await?
         .ok_or_else(|| Problem::not_found(format!("space `{space}` has no container")))?;
     if b.host_id != o.host_id {
-        return Ok(Target::Remote(b.host_id));
+        return Ok(Target::Remote(Elsewhere::on(b.host_id, SPACE_ELSEWHERE)));
     }
     if b.container_id.is_empty() {
         return Err(Problem::conflict(format!(
@@ -151,64 +134,12 @@ async fn resolve(
     Ok(Target::Local(meta))
 }
 
-/// Sends the request on to the host that holds the space, as the caller.
-async fn forward<T, R>(req: &Request<T>, host: &str, op: &str, wait: Duration) -> Result<R, Problem>
-where
-    T: prost::Message + Serialize,
-    R: prost::Message + DeserializeOwned + Default,
-{
-    let subject = req.ctx.subject(&format!("hosts.{host}.containers.{op}"));
-    let body = req.encoding.encode(&req.body)?;
-    let request = async_nats::client::Request::new()
-        .payload(body)
-        .headers(req.headers.clone())
-        .timeout(Some(wait));
-    let msg = req
-        .ctx
-        .client
-        .send_request(subject, request)
-        .await
-        .map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => Problem::unavailable(format!(
-                "the space is bound on host `{host}`, where no orchestrator answers"
-            )),
-            async_nats::RequestErrorKind::TimedOut => {
-                Problem::timeout(format!("host `{host}` did not answer in time"))
-            }
-            _ => Problem::unavailable(format!("cannot reach host `{host}`: {e}")),
-        })?;
-    if let Some(p) = Problem::from_reply(msg.headers.as_ref(), &msg.payload) {
-        return Err(p);
-    }
-    req.encoding.decode::<R>(&msg.payload)
-}
-
-/// Resolves, forwarding to the owning host when the request came on the shared subject.
-macro_rules! target_or_forward {
-    ($o:expr, $req:expr, $addressed:expr, $op:literal, $wait:expr) => {{
-        let caller = $req.caller()?.clone();
-        match resolve(&$o, &caller, &$req.body.container, &$req.body.space).await? {
-            Target::Local(m) => m,
-            Target::Remote(host) if !$addressed => {
-                return forward(&$req, &host, $op, $wait).await;
-            }
-            Target::Remote(host) => {
-                return Err(Problem::conflict(format!(
-                    "the space is bound on host `{host}`, not `{}`; send to hosts.{host}.containers.{}",
-                    $o.host_id, $op
-                )));
-            }
-        }
-    }};
-}
-
-const FORWARD_WAIT: Duration = Duration::from_secs(60);
+const SPACE_ELSEWHERE: &str = "the space is bound";
 
 async fn create(
     o: O,
-    _addressed: bool,
     req: Request<CreateContainerRequest>,
-) -> Result<ContainerInfo, Problem> {
+) -> Result<Routed<ContainerInfo>, Problem> {
     let caller = req.caller()?;
     let space = caller.space_for(&req.body.space)?;
     let spec = validate_create(
@@ -301,7 +232,7 @@ async fn create(
     }
     tracing::info!(container = %id, name = %spec.name, space = %space, kind = spec.kind.as_str(), by = %caller.agent_id, "container created");
     let (_, c) = o.engine.inspect_managed(&id).await?;
-    Ok(info_from_inspect(&c, &o.host_id))
+    Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
 }
 
 /// Reserves a space for a new container (one container per space).
@@ -351,23 +282,18 @@ async fn reserve(o: &Orchestrator, b: &SpaceBinding) -> Result<u64, Problem> {
     )))
 }
 
-async fn start(
-    o: O,
-    addressed: bool,
-    req: Request<ContainerRef>,
-) -> Result<ContainerInfo, Problem> {
-    let m = target_or_forward!(o, req, addressed, "start", FORWARD_WAIT);
+async fn start(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerInfo>, Problem> {
+    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+        Target::Local(m) => m,
+        Target::Remote(e) => return Ok(Routed::On(e)),
+    };
     o.note_trace(&m.id, traceparent(&req).as_deref());
     o.engine.start(&m.id).await?;
     let (_, c) = o.engine.inspect_managed(&m.id).await?;
-    Ok(info_from_inspect(&c, &o.host_id))
+    Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
 }
 
-async fn stop(
-    o: O,
-    addressed: bool,
-    req: Request<StopContainerRequest>,
-) -> Result<ContainerInfo, Problem> {
+async fn stop(o: O, req: Request<StopContainerRequest>) -> Result<Routed<ContainerInfo>, Problem> {
     let grace = match req.body.grace_seconds {
         0 => o.policy.cfg.stop_grace_seconds,
         g if !(1..=300).contains(&g) => {
@@ -377,20 +303,25 @@ async fn stop(
         }
         g => g,
     };
-    let m = target_or_forward!(o, req, addressed, "stop", FORWARD_WAIT);
+    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+        Target::Local(m) => m,
+        Target::Remote(e) => return Ok(Routed::On(e)),
+    };
     o.note_trace(&m.id, traceparent(&req).as_deref());
     o.engine.stop(&m.id, grace).await?;
     tracing::info!(container = %m.id, space = %m.space, by = %req.caller()?.agent_id, "container stopped");
     let (_, c) = o.engine.inspect_managed(&m.id).await?;
-    Ok(info_from_inspect(&c, &o.host_id))
+    Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
 }
 
 async fn remove(
     o: O,
-    addressed: bool,
     req: Request<RemoveContainerRequest>,
-) -> Result<RemovedContainer, Problem> {
-    let m = target_or_forward!(o, req, addressed, "remove", FORWARD_WAIT);
+) -> Result<Routed<RemovedContainer>, Problem> {
+    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+        Target::Local(m) => m,
+        Target::Remote(e) => return Ok(Routed::On(e)),
+    };
     o.note_trace(&m.id, traceparent(&req).as_deref());
     let is_space = m.kind == Kind::Space.as_str();
     let bound = is_space
@@ -405,19 +336,15 @@ async fn remove(
     }
     let unbound = bound;
     tracing::info!(container = %m.id, space = %m.space, by = %req.caller()?.agent_id, "container removed");
-    Ok(RemovedContainer {
+    Ok(Routed::Here(RemovedContainer {
         container_id: m.id.clone(),
         container_name: m.name.clone(),
         space: m.space.clone(),
         unbound,
-    })
+    }))
 }
 
-async fn list(
-    o: O,
-    _addressed: bool,
-    req: Request<ListContainersRequest>,
-) -> Result<ContainerList, Problem> {
+async fn list(o: O, req: Request<ListContainersRequest>) -> Result<Routed<ContainerList>, Problem> {
     let caller = req.caller()?;
     let b = &req.body;
     for (what, v) in [("space", &b.space), ("session_id", &b.session_id)] {
@@ -444,20 +371,19 @@ async fn list(
         .map(|c| info_from_summary(c, &o.host_id))
         .collect();
     containers.sort_by(|a, b| a.container_name.cmp(&b.container_name));
-    Ok(ContainerList {
+    Ok(Routed::Here(ContainerList {
         containers,
         host_id: o.host_id.clone(),
-    })
+    }))
 }
 
-async fn inspect(
-    o: O,
-    addressed: bool,
-    req: Request<ContainerRef>,
-) -> Result<ContainerInfo, Problem> {
-    let m = target_or_forward!(o, req, addressed, "inspect", FORWARD_WAIT);
+async fn inspect(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerInfo>, Problem> {
+    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+        Target::Local(m) => m,
+        Target::Remote(e) => return Ok(Routed::On(e)),
+    };
     let (_, c) = o.engine.inspect_managed(&m.id).await?;
-    Ok(info_from_inspect(&c, &o.host_id))
+    Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
 }
 
 fn validate_user(u: &str) -> Result<Option<String>, Problem> {
@@ -577,11 +503,14 @@ fn validate_exec(
     })
 }
 
-async fn exec(o: O, addressed: bool, req: Request<ExecRequest>) -> Result<ExecResult, Problem> {
+async fn exec(o: O, req: Request<ExecRequest>) -> Result<Routed<ExecResult>, Problem> {
     let caller = req.caller()?.clone();
     let p = validate_exec(&o, &caller, &req.body)?;
     let wait = p.timeout + Duration::from_secs(30);
-    let m = target_or_forward!(o, req, addressed, "exec", wait);
+    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+        Target::Local(m) => m,
+        Target::Remote(e) => return Ok(Routed::On(e.within(wait))),
+    };
     let oom_before = o.oom_count(&m.id);
     let spec = ExecSpec {
         container_id: m.id.clone(),
@@ -615,7 +544,7 @@ async fn exec(o: O, addressed: bool, req: Request<ExecRequest>) -> Result<ExecRe
     let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let cut = fit_json(&mut stdout, &mut stderr, o.reply_budget);
-    Ok(ExecResult {
+    Ok(Routed::Here(ExecResult {
         exit_code: out.exit_code,
         stdout,
         stderr,
@@ -625,7 +554,7 @@ async fn exec(o: O, addressed: bool, req: Request<ExecRequest>) -> Result<ExecRe
         oom_killed,
         container_id: m.id.clone(),
         output_bytes: out.output_bytes,
-    })
+    }))
 }
 
 fn exec_problem(e: EngineError) -> Problem {
@@ -678,7 +607,7 @@ fn fit_json(stdout: &mut String, stderr: &mut String, budget: usize) -> bool {
     true
 }
 
-async fn logs(o: O, addressed: bool, req: Request<LogsRequest>) -> Result<LogsReply, Problem> {
+async fn logs(o: O, req: Request<LogsRequest>) -> Result<Routed<LogsReply>, Problem> {
     let b = &req.body;
     let tail = match b.tail {
         0 => 1000,
@@ -704,7 +633,10 @@ async fn logs(o: O, addressed: bool, req: Request<LogsRequest>) -> Result<LogsRe
         }
         n => usize::try_from(n).unwrap_or(o.max_output),
     };
-    let m = target_or_forward!(o, req, addressed, "logs", FORWARD_WAIT);
+    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+        Target::Local(m) => m,
+        Target::Remote(e) => return Ok(Routed::On(e)),
+    };
     let opts = LogsOptionsBuilder::default()
         .follow(false)
         .stdout(true)
@@ -716,20 +648,19 @@ async fn logs(o: O, addressed: bool, req: Request<LogsRequest>) -> Result<LogsRe
     let (mut stdout, mut stderr, mut truncated) =
         crate::docker::read_logs(o.engine.docker(), &m.id, opts, cap).await?;
     truncated |= fit_json(&mut stdout, &mut stderr, o.reply_budget);
-    Ok(LogsReply {
+    Ok(Routed::Here(LogsReply {
         stdout,
         stderr,
         truncated,
         container_id: m.id.clone(),
-    })
+    }))
 }
 
-async fn stats(
-    o: O,
-    addressed: bool,
-    req: Request<ContainerRef>,
-) -> Result<ContainerStats, Problem> {
-    let m = target_or_forward!(o, req, addressed, "stats", FORWARD_WAIT);
+async fn stats(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerStats>, Problem> {
+    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+        Target::Local(m) => m,
+        Target::Remote(e) => return Ok(Routed::On(e)),
+    };
     let opts = StatsOptionsBuilder::default()
         .stream(false)
         .one_shot(false)
@@ -743,7 +674,11 @@ async fn stats(
     .ok_or_else(|| Problem::new(502, "the engine gave no stats"))?
     .map_err(EngineError::from)?;
     let (_, c) = o.engine.inspect_managed_with(&m.id, true).await?;
-    Ok(crate::docker::stats_of(&m, &s, c.size_rw.unwrap_or(0)))
+    Ok(Routed::Here(crate::docker::stats_of(
+        &m,
+        &s,
+        c.size_rw.unwrap_or(0),
+    )))
 }
 
 #[cfg(test)]
