@@ -17,6 +17,7 @@ use tether_proto::{
     RemovedContainer, SpaceBinding, StopContainerRequest,
 };
 
+use crate::config::Limits;
 use crate::docker::{EngineError, EngineErrorKind, Meta, info_from_inspect, info_from_summary};
 use crate::exec::{ExecSpec, StreamTo};
 use crate::route::{Elsewhere, Routed, Routes};
@@ -66,6 +67,21 @@ fn is_valid_container_ref(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
+/// Checks the form of a target: `container` (id or name) and `space`, either may be empty.
+fn check_target(container: &str, space: &str) -> Result<(), Problem> {
+    if !space.is_empty() && !tether_bus::subject::is_valid_token(space) {
+        return Err(Problem::bad_request(format!(
+            "`space` {space:?} must be 1-128 characters of A-Z a-z 0-9 - _"
+        )));
+    }
+    if !container.is_empty() && !is_valid_container_ref(container) {
+        return Err(Problem::bad_request(format!(
+            "`container` {container:?} is not a container id or name"
+        )));
+    }
+    Ok(())
+}
+
 /// Resolves `container` / `space` to a managed container the caller may act on.
 async fn resolve(
     o: &Orchestrator,
@@ -73,20 +89,11 @@ async fn resolve(
     container: &str,
     space: &str,
 ) -> Result<Target, Problem> {
+    check_target(container, space)?;
     if !space.is_empty() {
-        if !tether_bus::subject::is_valid_token(space) {
-            return Err(Problem::bad_request(format!(
-                "`space` {space:?} must be 1-128 characters of A-Z a-z 0-9 - _"
-            )));
-        }
         caller.space_for(space)?;
     }
     if !container.is_empty() {
-        if !is_valid_container_ref(container) {
-            return Err(Problem::bad_request(format!(
-                "`container` {container:?} is not a container id or name"
-            )));
-        }
         let meta = o.engine.managed(container).await?;
         if caller.space_for(&meta.space).is_err() {
             return Err(Problem::forbidden(format!(
@@ -293,16 +300,29 @@ async fn start(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerInfo>
     Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
 }
 
+/// A `containers.stop` request, checked: the grace period before SIGKILL.
+pub struct StopCall {
+    grace: i32,
+}
+
+impl StopCall {
+    pub fn validate(b: &StopContainerRequest, limits: &Limits) -> Result<Self, Problem> {
+        check_target(&b.container, &b.space)?;
+        let grace = match b.grace_seconds {
+            0 => limits.stop_grace_seconds,
+            g if !(1..=300).contains(&g) => {
+                return Err(Problem::bad_request(format!(
+                    "`grace_seconds` must be between 1 and 300 (got {g})"
+                )));
+            }
+            g => g,
+        };
+        Ok(Self { grace })
+    }
+}
+
 async fn stop(o: O, req: Request<StopContainerRequest>) -> Result<Routed<ContainerInfo>, Problem> {
-    let grace = match req.body.grace_seconds {
-        0 => o.policy.cfg.stop_grace_seconds,
-        g if !(1..=300).contains(&g) => {
-            return Err(Problem::bad_request(format!(
-                "`grace_seconds` must be between 1 and 300 (got {g})"
-            )));
-        }
-        g => g,
-    };
+    let StopCall { grace } = StopCall::validate(&req.body, &o.limits)?;
     let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
         Target::Local(m) => m,
         Target::Remote(e) => return Ok(Routed::On(e)),
@@ -409,8 +429,8 @@ fn validate_user(u: &str) -> Result<Option<String>, Problem> {
     }
 }
 
-/// Checked exec parameters.
-struct ExecParams {
+/// A `containers.exec` request, checked.
+pub struct ExecCall {
     cmd: Vec<String>,
     workdir: Option<String>,
     env: Vec<String>,
@@ -420,141 +440,143 @@ struct ExecParams {
     stream: Option<String>,
 }
 
-fn validate_exec(
-    o: &Orchestrator,
-    caller: &Caller,
-    b: &ExecRequest,
-) -> Result<ExecParams, Problem> {
-    let cmd = parse_command(b.command.as_ref())?
-        .ok_or_else(|| Problem::bad_request("`command` is required"))?;
-    let workdir = if b.workdir.is_empty() {
-        None
-    } else {
-        Some(validate_abs_path("workdir", &b.workdir)?)
-    };
-    let env = validate_env(&b.env)?;
-    let user = validate_user(&b.user)?;
-    let cfg = &o.policy.cfg;
-    let t = b.timeout_seconds;
-    let timeout = if !t.is_finite() || t < 0.0 {
-        return Err(Problem::bad_request(format!(
-            "`timeout_seconds` must be positive (got {t})"
-        )));
-    } else if t == 0.0 {
-        cfg.exec_default_timeout_seconds
-    } else if t > cfg.exec_max_timeout_seconds {
-        return Err(Problem::bad_request(format!(
-            "`timeout_seconds` must be at most {} (got {t})",
-            cfg.exec_max_timeout_seconds
-        )));
-    } else {
-        t
-    };
-    let max_output = match b.max_output_bytes {
-        0 => usize::try_from(cfg.exec_default_output_bytes)
-            .unwrap_or(o.max_output)
-            .min(o.max_output),
-        n if n < 0 => {
+impl ExecCall {
+    /// Checks everything but the target (which needs the engine).
+    pub fn validate(b: &ExecRequest, caller: &Caller, limits: &Limits) -> Result<Self, Problem> {
+        check_target(&b.container, &b.space)?;
+        let cmd = parse_command(b.command.as_ref())?
+            .ok_or_else(|| Problem::bad_request("`command` is required"))?;
+        let workdir = if b.workdir.is_empty() {
+            None
+        } else {
+            Some(validate_abs_path("workdir", &b.workdir)?)
+        };
+        let env = validate_env(&b.env)?;
+        let user = validate_user(&b.user)?;
+        let t = b.timeout_seconds;
+        let timeout = if !t.is_finite() || t < 0.0 {
             return Err(Problem::bad_request(format!(
-                "`max_output_bytes` must be positive (got {n})"
+                "`timeout_seconds` must be positive (got {t})"
             )));
-        }
-        n if usize::try_from(n).unwrap_or(usize::MAX) > o.max_output => {
+        } else if t == 0.0 {
+            limits.exec_default_timeout_seconds
+        } else if t > limits.exec_max_timeout_seconds {
             return Err(Problem::bad_request(format!(
-                "`max_output_bytes` must be at most {} (got {n})",
-                o.max_output
+                "`timeout_seconds` must be at most {} (got {t})",
+                limits.exec_max_timeout_seconds
             )));
-        }
-        n => usize::try_from(n).unwrap_or(o.max_output),
-    };
-    let stream = match (b.stream, b.stream_subject.as_str()) {
-        (false, "") => None,
-        (false, _) => {
-            return Err(Problem::bad_request(
-                "`stream_subject` is set but `stream` is not",
-            ));
-        }
-        (true, "") => {
-            return Err(Problem::bad_request(
-                "`stream: true` needs a `stream_subject` (e.g. a fresh _INBOX subject)",
-            ));
-        }
-        (true, s) => {
-            let inbox = s.starts_with("_INBOX.");
-            if !tether_bus::subject::is_valid_publish_subject(s)
-                || s.starts_with('$')
-                || !(inbox || caller.is_operator())
-            {
+        } else {
+            t
+        };
+        let max_output = match b.max_output_bytes {
+            0 => limits.default_output,
+            n if n < 0 => {
                 return Err(Problem::bad_request(format!(
-                    "`stream_subject` {s:?} must be an _INBOX. subject without wildcards"
+                    "`max_output_bytes` must be positive (got {n})"
                 )));
             }
-            Some(s.to_string())
-        }
-    };
-    Ok(ExecParams {
-        cmd,
-        workdir,
-        env,
-        user,
-        timeout: Duration::from_secs_f64(timeout),
-        max_output,
-        stream,
-    })
+            n if usize::try_from(n).unwrap_or(usize::MAX) > limits.max_output => {
+                return Err(Problem::bad_request(format!(
+                    "`max_output_bytes` must be at most {} (got {n})",
+                    limits.max_output
+                )));
+            }
+            n => usize::try_from(n).unwrap_or(limits.max_output),
+        };
+        let stream = match (b.stream, b.stream_subject.as_str()) {
+            (false, "") => None,
+            (false, _) => {
+                return Err(Problem::bad_request(
+                    "`stream_subject` is set but `stream` is not",
+                ));
+            }
+            (true, "") => {
+                return Err(Problem::bad_request(
+                    "`stream: true` needs a `stream_subject` (e.g. a fresh _INBOX subject)",
+                ));
+            }
+            (true, s) => {
+                let inbox = s.starts_with("_INBOX.");
+                if !tether_bus::subject::is_valid_publish_subject(s)
+                    || s.starts_with('$')
+                    || !(inbox || caller.is_operator())
+                {
+                    return Err(Problem::bad_request(format!(
+                        "`stream_subject` {s:?} must be an _INBOX. subject without wildcards"
+                    )));
+                }
+                Some(s.to_string())
+            }
+        };
+        Ok(Self {
+            cmd,
+            workdir,
+            env,
+            user,
+            timeout: Duration::from_secs_f64(timeout),
+            max_output,
+            stream,
+        })
+    }
+
+    /// Runs it in the target container (or says which host holds it).
+    async fn apply(self, o: &O, req: &Request<ExecRequest>) -> Result<Routed<ExecResult>, Problem> {
+        let wait = self.timeout + Duration::from_secs(30);
+        let m = match resolve(o, req.caller()?, &req.body.container, &req.body.space).await? {
+            Target::Local(m) => m,
+            Target::Remote(e) => return Ok(Routed::On(e.within(wait))),
+        };
+        let oom_before = o.oom_count(&m.id);
+        let spec = ExecSpec {
+            container_id: m.id.clone(),
+            cmd: self.cmd,
+            workdir: self.workdir,
+            env: self.env,
+            user: self.user,
+            stdin: (!req.body.stdin.is_empty()).then(|| req.body.stdin.clone().into()),
+            timeout: self.timeout,
+            max_output: self.max_output,
+            stream: self.stream.map(|subject| StreamTo {
+                client: req.ctx.client.clone(),
+                subject,
+            }),
+        };
+        let out = match crate::exec::run(o.engine.docker(), spec).await {
+            Ok(out) => out,
+            Err(e) if e.kind() == EngineErrorKind::NotFound => {
+                // The cached identity was stale: the container is gone.
+                o.engine.forget(&m.id);
+                return Err(Problem::not_found(format!(
+                    "container `{}` no longer exists",
+                    m.name
+                )));
+            }
+            Err(e) => return Err(exec_problem(e)),
+        };
+        // An OOM kill shows as SIGKILL; the engine's `oom` event tells the two apart.
+        let oom_killed =
+            out.exit_code == 137 && o.oom_after(&m.id, oom_before, Duration::from_secs(1)).await;
+        let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let cut = fit_json(&mut stdout, &mut stderr, o.reply_budget);
+        Ok(Routed::Here(ExecResult {
+            exit_code: out.exit_code,
+            stdout,
+            stderr,
+            truncated: out.truncated || cut,
+            timed_out: out.timed_out,
+            duration_ms: u32::try_from(out.duration.as_millis()).unwrap_or(u32::MAX),
+            oom_killed,
+            container_id: m.id.clone(),
+            output_bytes: out.output_bytes,
+        }))
+    }
 }
 
 async fn exec(o: O, req: Request<ExecRequest>) -> Result<Routed<ExecResult>, Problem> {
-    let caller = req.caller()?.clone();
-    let p = validate_exec(&o, &caller, &req.body)?;
-    let wait = p.timeout + Duration::from_secs(30);
-    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
-        Target::Local(m) => m,
-        Target::Remote(e) => return Ok(Routed::On(e.within(wait))),
-    };
-    let oom_before = o.oom_count(&m.id);
-    let spec = ExecSpec {
-        container_id: m.id.clone(),
-        cmd: p.cmd,
-        workdir: p.workdir,
-        env: p.env,
-        user: p.user,
-        stdin: (!req.body.stdin.is_empty()).then(|| req.body.stdin.clone().into()),
-        timeout: p.timeout,
-        max_output: p.max_output,
-        stream: p.stream.map(|subject| StreamTo {
-            client: req.ctx.client.clone(),
-            subject,
-        }),
-    };
-    let out = match crate::exec::run(o.engine.docker(), spec).await {
-        Ok(out) => out,
-        Err(e) if e.kind() == EngineErrorKind::NotFound => {
-            // The cached identity was stale: the container is gone.
-            o.engine.forget(&m.id);
-            return Err(Problem::not_found(format!(
-                "container `{}` no longer exists",
-                m.name
-            )));
-        }
-        Err(e) => return Err(exec_problem(e)),
-    };
-    // An OOM kill shows as SIGKILL; the engine's `oom` event tells the two apart.
-    let oom_killed =
-        out.exit_code == 137 && o.oom_after(&m.id, oom_before, Duration::from_secs(1)).await;
-    let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let cut = fit_json(&mut stdout, &mut stderr, o.reply_budget);
-    Ok(Routed::Here(ExecResult {
-        exit_code: out.exit_code,
-        stdout,
-        stderr,
-        truncated: out.truncated || cut,
-        timed_out: out.timed_out,
-        duration_ms: u32::try_from(out.duration.as_millis()).unwrap_or(u32::MAX),
-        oom_killed,
-        container_id: m.id.clone(),
-        output_bytes: out.output_bytes,
-    }))
+    ExecCall::validate(&req.body, req.caller()?, &o.limits)?
+        .apply(&o, &req)
+        .await
 }
 
 fn exec_problem(e: EngineError) -> Problem {
@@ -607,32 +629,49 @@ fn fit_json(stdout: &mut String, stderr: &mut String, budget: usize) -> bool {
     true
 }
 
+/// A `containers.logs` request, checked.
+pub struct LogsCall {
+    tail: i64,
+    since: i32,
+    cap: usize,
+}
+
+impl LogsCall {
+    pub fn validate(b: &LogsRequest, limits: &Limits) -> Result<Self, Problem> {
+        check_target(&b.container, &b.space)?;
+        let tail = match b.tail {
+            0 => 1000,
+            t if !(1..=100_000).contains(&t) => {
+                return Err(Problem::bad_request(format!(
+                    "`tail` must be between 1 and 100000 (got {t})"
+                )));
+            }
+            t => t,
+        };
+        if b.since < 0 || b.since > i64::from(i32::MAX) {
+            return Err(Problem::bad_request("`since` must be unix seconds"));
+        }
+        let cap = match b.max_bytes {
+            0 => limits.default_output,
+            n if n < 0 || usize::try_from(n).unwrap_or(usize::MAX) > limits.max_output => {
+                return Err(Problem::bad_request(format!(
+                    "`max_bytes` must be between 1 and {} (got {n})",
+                    limits.max_output
+                )));
+            }
+            n => usize::try_from(n).unwrap_or(limits.max_output),
+        };
+        Ok(Self {
+            tail: i64::from(tail),
+            since: i32::try_from(b.since).unwrap_or(0),
+            cap,
+        })
+    }
+}
+
 async fn logs(o: O, req: Request<LogsRequest>) -> Result<Routed<LogsReply>, Problem> {
     let b = &req.body;
-    let tail = match b.tail {
-        0 => 1000,
-        t if !(1..=100_000).contains(&t) => {
-            return Err(Problem::bad_request(format!(
-                "`tail` must be between 1 and 100000 (got {t})"
-            )));
-        }
-        t => t,
-    };
-    if b.since < 0 || b.since > i64::from(i32::MAX) {
-        return Err(Problem::bad_request("`since` must be unix seconds"));
-    }
-    let cap = match b.max_bytes {
-        0 => usize::try_from(o.policy.cfg.exec_default_output_bytes)
-            .unwrap_or(o.max_output)
-            .min(o.max_output),
-        n if n < 0 || usize::try_from(n).unwrap_or(usize::MAX) > o.max_output => {
-            return Err(Problem::bad_request(format!(
-                "`max_bytes` must be between 1 and {} (got {n})",
-                o.max_output
-            )));
-        }
-        n => usize::try_from(n).unwrap_or(o.max_output),
-    };
+    let LogsCall { tail, since, cap } = LogsCall::validate(b, &o.limits)?;
     let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
         Target::Local(m) => m,
         Target::Remote(e) => return Ok(Routed::On(e)),
@@ -641,7 +680,7 @@ async fn logs(o: O, req: Request<LogsRequest>) -> Result<Routed<LogsReply>, Prob
         .follow(false)
         .stdout(true)
         .stderr(true)
-        .since(i32::try_from(b.since).unwrap_or(0))
+        .since(since)
         .timestamps(b.timestamps)
         .tail(&tail.to_string())
         .build();
@@ -682,31 +721,4 @@ async fn stats(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerStats
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_budget_is_kept() {
-        let mut a = "\0".repeat(1000);
-        let mut b = "x".repeat(10);
-        assert!(fit_json(&mut a, &mut b, 600));
-        assert!(json_len(&a) + json_len(&b) <= 600);
-        assert_eq!(b.len(), 10, "the short one is kept whole");
-        let mut a = "hello\n".to_string();
-        let mut b = String::new();
-        assert!(!fit_json(&mut a, &mut b, 100));
-        assert_eq!(a, "hello\n");
-    }
-
-    #[test]
-    fn users_and_refs() {
-        assert!(validate_user("1000:1000").is_ok());
-        assert!(validate_user("nobody").is_ok());
-        assert!(validate_user("a b").is_err());
-        assert!(validate_user("a:").is_err());
-        assert!(is_valid_container_ref("abc123"));
-        assert!(is_valid_container_ref("/tether-space-s1"));
-        assert!(!is_valid_container_ref("../x"));
-        assert!(!is_valid_container_ref(""));
-    }
-}
+mod tests;

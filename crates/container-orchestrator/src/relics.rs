@@ -709,4 +709,23 @@ mod tests {
             );
         }
     }
+
+    /// The `relics.start` cases of what was the end-to-end bad-input test.
+    #[test]
+    fn bad_start_requests_name_what_is_wrong() {
+        use crate::testing::{decode, refused};
+        use serde_json::json;
+        for (body, word) in [
+            (json!({"relic_name": "web", "session_id": "s1"}), "image"),
+            (
+                json!({"relic_name": "web", "session_id": "s1", "image": "tether-test/busybox:latest", "health_check_timeout_seconds": -3}),
+                "health_check_timeout_seconds",
+            ),
+            (json!({"session_id": "s1", "image": "x"}), "relic_name"),
+            (json!({"relic_name": "web", "image": "x"}), "session_id"),
+        ] {
+            let b: RelicStartRequest = decode(&body).expect("decodes");
+            refused(validate_start(&b), 400, word, &body.to_string());
+        }
+    }
 }

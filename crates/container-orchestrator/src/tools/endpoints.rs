@@ -91,7 +91,14 @@ pub(super) async fn execute(
     let caller = req.caller()?.clone();
     let space = caller.space_for(&req.body.space)?;
     let execution_id = uuid::Uuid::now_v7().simple().to_string();
-    let p = prepare(&t.o, &req.body, &space, &caller.agent_id, &execution_id)?;
+    let p = prepare(
+        &t.o.limits,
+        &t.o.policy,
+        &req.body,
+        &space,
+        &caller.agent_id,
+        &execution_id,
+    )?;
     if !t.o.engine.image_exists(&p.image).await? {
         return Err(Problem::unprocessable(format!(
             "image `{}` is not on host `{}` (the orchestrator never pulls: build or load it first)",
