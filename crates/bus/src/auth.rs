@@ -265,52 +265,8 @@ pub fn revoked_bucket_config(cfg: &AuthConfig, replicas: usize) -> kv::Config {
     }
 }
 
-/// Opens a KV bucket, creating it with `config` when it does not exist yet.
-///
-/// Design decision: the bucket's stream is created here with the KV conventions
-/// (`KV_<bucket>`, `$KV.<bucket>.>`, rollups, direct get, discard new) rather than through
-/// async-nats' `create_key_value`, which first asks for account info in a shape nats-server
-/// 2.9 does not send; this way KV works on 2.9 and 2.1x alike.
-pub async fn open_or_create_bucket(
-    js: &jetstream::Context,
-    config: kv::Config,
-) -> anyhow::Result<kv::Store> {
-    if let Ok(store) = js.get_key_value(config.bucket.clone()).await {
-        return Ok(store);
-    }
-    let mut stream = jetstream::stream::Config {
-        name: format!("KV_{}", config.bucket),
-        description: Some(config.description.clone()),
-        subjects: vec![format!("$KV.{}.>", config.bucket)],
-        max_messages_per_subject: config.history.max(1),
-        max_age: config.max_age,
-        storage: config.storage,
-        num_replicas: config.num_replicas.max(1),
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: jetstream::stream::DiscardPolicy::New,
-        ..Default::default()
-    };
-    if config.max_bytes > 0 {
-        stream.max_bytes = config.max_bytes;
-    }
-    if !config.max_age.is_zero() && config.max_age < std::time::Duration::from_secs(120) {
-        stream.duplicate_window = config.max_age;
-    }
-    if let Err(create_err) = js.create_stream(stream).await {
-        // Another replica may have created it between our two calls; otherwise report.
-        return js.get_key_value(config.bucket.clone()).await.map_err(|_| {
-            anyhow::anyhow!(
-                "could not open or create KV bucket `{}`: {create_err}",
-                config.bucket
-            )
-        });
-    }
-    js.get_key_value(config.bucket.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("could not open KV bucket `{}`: {e}", config.bucket))
-}
+/// Moved to [`crate::kv`]; re-exported here for callers not yet migrated.
+pub use crate::kv::open_or_create_bucket;
 
 /// Revocation record value: unix seconds of the revocation. Tokens of a revoked agent
 /// issued at or before that instant are refused; tokens revoked by `jti` always are.

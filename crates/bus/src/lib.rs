@@ -9,6 +9,8 @@
 //! - [`codec`]: JSON or protobuf by `Content-Type`.
 //! - [`problem`]: the error model (headers + Problem+JSON).
 //! - [`auth`]: [`Caller`], the [`Verify`] hook, the KV-backed verifier.
+//! - [`kv`]: KV buckets opened alike everywhere; typed records ([`kv::Bucket`]) changed by
+//!   compare-and-set.
 //! - [`jobs`]: durable JetStream workers and de-duplicated publishing.
 //! - [`telemetry`]: logs, spans, OTLP, `traceparent` in NATS headers.
 //! - [`events`]: CloudEvents-shaped events on `events.*`.
@@ -24,6 +26,7 @@ pub mod config;
 pub mod connect;
 pub mod events;
 pub mod jobs;
+pub mod kv;
 pub mod micro;
 pub mod node;
 pub mod problem;

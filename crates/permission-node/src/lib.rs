@@ -24,10 +24,10 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tether_auth::{Claims, KeySet, PublicKey, Scope, ScopeSet, SigningKey};
 use tether_bus::auth::{
-    keys_bucket_config, open_or_create_bucket, revoked_agent_key, revoked_bucket_config,
-    revoked_jti_key,
+    keys_bucket_config, revoked_agent_key, revoked_bucket_config, revoked_jti_key,
 };
 use tether_bus::config::AuthConfig;
+use tether_bus::kv::{Bucket, Change, open_or_create_bucket};
 use tether_bus::subject::is_valid_token;
 use tether_bus::{BusConfig, Caller, Endpoint, Node, Problem, Request};
 use tether_proto::{
@@ -124,7 +124,7 @@ struct State {
     key: SigningKey,
     cfg: PermissionConfig,
     auth: AuthConfig,
-    agents: kv::Store,
+    agents: Bucket<Agent>,
     keys: kv::Store,
     revoked: kv::Store,
 }
@@ -136,7 +136,7 @@ pub async fn build(
     key: SigningKey,
     js: &async_nats::jetstream::Context,
 ) -> anyhow::Result<Node> {
-    let agents = open_or_create_bucket(
+    let agents = Bucket::open(
         js,
         kv::Config {
             bucket: cfg.agents_bucket.clone(),
@@ -146,8 +146,10 @@ pub async fn build(
             storage: async_nats::jetstream::stream::StorageType::File,
             ..Default::default()
         },
+        tether_bus::Encoding::Json,
     )
-    .await?;
+    .await?
+    .named("agent registry");
     let keys = open_or_create_bucket(js, keys_bucket_config(&bus.auth, cfg.kv_replicas)).await?;
     let revoked =
         open_or_create_bucket(js, revoked_bucket_config(&bus.auth, cfg.kv_replicas)).await?;
@@ -220,6 +222,7 @@ async fn publish_key(keys: &kv::Store, key: &SigningKey, grace_secs: u64) -> any
     Ok(())
 }
 
+/// Failures of the key and revocation buckets (the agents' are the [`Bucket`]'s own).
 fn kv_err(e: impl std::fmt::Display) -> Problem {
     Problem::unavailable(format!("agent registry unavailable: {e}"))
 }
@@ -234,17 +237,6 @@ fn validate_id(what: &str, v: &str) -> Result<(), Problem> {
         )));
     }
     Ok(())
-}
-
-async fn load_agent(st: &State, id: &str) -> Result<Option<(Agent, u64)>, Problem> {
-    match st.agents.entry(id).await.map_err(kv_err)? {
-        Some(e) if e.operation == kv::Operation::Put => {
-            let a: Agent = serde_json::from_slice(&e.value)
-                .map_err(|e| Problem::internal(format!("corrupt agent record: {e}")))?;
-            Ok(Some((a, e.revision)))
-        }
-        _ => Ok(None),
-    }
 }
 
 async fn register(st: Arc<State>, req: Request<RegisterAgentRequest>) -> Result<Agent, Problem> {
@@ -267,37 +259,31 @@ async fn register(st: Arc<State>, req: Request<RegisterAgentRequest>) -> Result<
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         revoked: false,
     };
-    let body = serde_json::to_vec(&agent).map_err(|e| Problem::internal(e.to_string()))?;
-    match st.agents.create(&b.agent_id, body.into()).await {
-        Ok(_) => {
-            tracing::info!(agent = %agent.agent_id, space = %agent.space, by = %caller.agent_id, "agent registered");
-            Ok(agent)
-        }
-        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-            let (existing, _) = load_agent(&st, &b.agent_id).await?.ok_or_else(|| {
-                Problem::conflict("agent is being changed concurrently; try again")
-            })?;
-            if existing.revoked {
-                Err(Problem::conflict(format!(
-                    "agent `{}` was revoked; register it under a new id",
-                    b.agent_id
-                )))
-            } else if existing.space != agent.space {
-                Err(Problem::conflict(format!(
-                    "agent `{}` is already bound to space `{}`",
-                    b.agent_id, existing.space
-                )))
-            } else if existing.scopes != agent.scopes {
-                Err(Problem::conflict(format!(
-                    "agent `{}` exists with scopes {:?}",
-                    b.agent_id, existing.scopes
-                )))
-            } else {
-                Ok(existing)
-            }
-        }
-        Err(e) => Err(kv_err(e)),
+    // Registering again with the same binding and scopes is a no-op that answers the record.
+    let stored = st
+        .agents
+        .modify(&b.agent_id, |existing| match existing {
+            None => Ok(Change::Write(agent.clone())),
+            Some(existing) if existing.revoked => Err(Problem::conflict(format!(
+                "agent `{}` was revoked; register it under a new id",
+                b.agent_id
+            ))),
+            Some(existing) if existing.space != agent.space => Err(Problem::conflict(format!(
+                "agent `{}` is already bound to space `{}`",
+                b.agent_id, existing.space
+            ))),
+            Some(existing) if existing.scopes != agent.scopes => Err(Problem::conflict(format!(
+                "agent `{}` exists with scopes {:?}",
+                b.agent_id, existing.scopes
+            ))),
+            Some(_) => Ok(Change::Keep),
+        })
+        .await?
+        .ok_or_else(|| Problem::conflict("agent is being changed concurrently; try again"))?;
+    if stored.written {
+        tracing::info!(agent = %agent.agent_id, space = %agent.space, by = %caller.agent_id, "agent registered");
     }
+    Ok(stored.value)
 }
 
 /// An agent reads itself; reading others needs `agents:read`, within the caller's space
@@ -313,7 +299,7 @@ fn may_read(caller: &Caller, agent: &Agent) -> Result<(), Problem> {
 async fn get(st: Arc<State>, req: Request<AgentRef>) -> Result<Agent, Problem> {
     validate_id("agent_id", &req.body.agent_id)?;
     let caller = req.caller()?;
-    match load_agent(&st, &req.body.agent_id).await?.map(|(a, _)| a) {
+    match st.agents.get(&req.body.agent_id).await?.map(|(a, _)| a) {
         Some(a) => {
             may_read(caller, &a)?;
             Ok(a)
@@ -341,14 +327,9 @@ async fn list(st: Arc<State>, req: Request<ListAgentsRequest>) -> Result<AgentLi
     } else {
         caller.space.clone()
     };
-    let mut names = match st.agents.keys().await {
-        Ok(k) => k.boxed(),
-        Err(e) => return Err(kv_err(e)),
-    };
     let mut agents = Vec::new();
-    while let Some(k) = names.next().await {
-        let k = k.map_err(kv_err)?;
-        if let Some((a, _)) = load_agent(&st, &k).await?
+    for k in st.agents.keys().await? {
+        if let Some((a, _)) = st.agents.get(&k).await?
             && (only_space.is_empty() || a.space == only_space)
         {
             agents.push(a);
@@ -370,23 +351,23 @@ async fn revoke(st: Arc<State>, req: Request<RevokeRequest>) -> Result<RevokeRes
         )),
         (false, true) => {
             validate_id("agent_id", &b.agent_id)?;
-            let (mut agent, rev) = load_agent(&st, &b.agent_id)
+            let (agent, _) = st
+                .agents
+                .get(&b.agent_id)
                 .await?
                 .ok_or_else(|| Problem::not_found(format!("no agent `{}`", b.agent_id)))?;
             req.caller()?.space_for(&agent.space)?;
+            // The revocation first: from here on its tokens are refused, whatever follows.
             st.revoked
                 .put(revoked_agent_key(&b.agent_id), now.into())
                 .await
                 .map_err(kv_err)?;
-            if !agent.revoked {
-                agent.revoked = true;
-                let body =
-                    serde_json::to_vec(&agent).map_err(|e| Problem::internal(e.to_string()))?;
-                st.agents
-                    .update(&b.agent_id, body.into(), rev)
-                    .await
-                    .map_err(kv_err)?;
-            }
+            st.agents
+                .modify(&b.agent_id, |a| match a {
+                    Some(a) if !a.revoked => Ok(Change::Write(Agent { revoked: true, ..a })),
+                    _ => Ok(Change::Keep),
+                })
+                .await?;
             tracing::info!(agent = %b.agent_id, reason = %b.reason, "agent revoked");
             Ok(RevokeResponse {
                 revoked: true,
@@ -426,7 +407,9 @@ async fn issue(st: Arc<State>, req: Request<IssueTokenRequest>) -> Result<Issued
     let caller = req.caller()?;
     let b = &req.body;
     validate_id("agent_id", &b.agent_id)?;
-    let (agent, _) = load_agent(&st, &b.agent_id)
+    let (agent, _) = st
+        .agents
+        .get(&b.agent_id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("no agent `{}`", b.agent_id)))?;
     let allowed = caller.is_operator()

@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use tether_bus::{Caller, Problem};
+use tether_bus::kv::Bucket;
+use tether_bus::{Caller, Encoding, Problem};
 use tether_proto::ShellSession;
 
 /// How long a KV read or write may take before the request is answered 503.
@@ -16,11 +17,7 @@ const KV_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Sessions {
-    kv: kv::Store,
-}
-
-fn kv_err(e: impl std::fmt::Display) -> Problem {
-    Problem::unavailable(format!("shell sessions unavailable: {e}"))
+    kv: Bucket<ShellSession>,
 }
 
 /// The session key of a caller: `s_<space>.a_<agent>` (`nospace.a_<agent>` without a space).
@@ -45,7 +42,7 @@ impl Sessions {
         replicas: usize,
         ttl: Duration,
     ) -> anyhow::Result<Sessions> {
-        let kv = tether_bus::auth::open_or_create_bucket(
+        let kv = Bucket::open(
             js,
             kv::Config {
                 bucket: bucket.to_string(),
@@ -56,45 +53,31 @@ impl Sessions {
                 storage: jetstream::stream::StorageType::File,
                 ..Default::default()
             },
+            Encoding::Json,
         )
-        .await?;
+        .await?
+        .named("shell sessions")
+        .timeout(KV_WAIT);
         Ok(Sessions { kv })
     }
 
     pub async fn load(&self, key: &str) -> Result<Option<ShellSession>, Problem> {
-        let entry = tokio::time::timeout(KV_WAIT, self.kv.entry(key))
-            .await
-            .map_err(|_| kv_err("timed out"))?
-            .map_err(kv_err)?;
-        match entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                match serde_json::from_slice::<ShellSession>(&e.value) {
-                    Ok(s) => Ok(Some(s)),
-                    Err(err) => {
-                        // A record we cannot read is a fresh start, not a broken shell.
-                        tracing::warn!(key, error = %err, "unreadable shell session; starting afresh");
-                        Ok(None)
-                    }
-                }
+        match self.kv.get(key).await {
+            Ok(s) => Ok(s.map(|(s, _)| s)),
+            // 500 is the bucket's "unreadable record": a fresh start, not a broken shell.
+            Err(p) if p.status == 500 => {
+                tracing::warn!(key, error = %p.detail, "unreadable shell session; starting afresh");
+                Ok(None)
             }
-            _ => Ok(None),
+            Err(p) => Err(p),
         }
     }
 
     pub async fn save(&self, key: &str, s: &ShellSession) -> Result<(), Problem> {
-        let body = serde_json::to_vec(s).map_err(|e| Problem::internal(e.to_string()))?;
-        tokio::time::timeout(KV_WAIT, self.kv.put(key, body.into()))
-            .await
-            .map_err(|_| kv_err("timed out"))?
-            .map_err(kv_err)?;
-        Ok(())
+        self.kv.put(key, s).await.map(|_| ())
     }
 
     pub async fn forget(&self, key: &str) -> Result<(), Problem> {
-        tokio::time::timeout(KV_WAIT, self.kv.delete(key))
-            .await
-            .map_err(|_| kv_err("timed out"))?
-            .map_err(kv_err)?;
-        Ok(())
+        self.kv.delete(key).await
     }
 }

@@ -9,7 +9,8 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use tether_bus::{Caller, Problem};
+use tether_bus::kv::Bucket;
+use tether_bus::{Caller, Encoding, Problem};
 use tether_proto::SpaceBinding;
 
 const KV_WAIT: Duration = Duration::from_secs(5);
@@ -38,13 +39,9 @@ impl Target {
 }
 
 pub struct Resolver {
-    spaces: kv::Store,
+    spaces: Bucket<SpaceBinding>,
     target_container: Option<String>,
     allow_local: bool,
-}
-
-fn kv_err(e: impl std::fmt::Display) -> Problem {
-    Problem::unavailable(format!("space bindings unavailable: {e}"))
 }
 
 impl Resolver {
@@ -57,7 +54,7 @@ impl Resolver {
         target_container: &str,
         allow_local: bool,
     ) -> anyhow::Result<Resolver> {
-        let spaces = tether_bus::auth::open_or_create_bucket(
+        let spaces = Bucket::open(
             js,
             kv::Config {
                 bucket: bucket.to_string(),
@@ -67,8 +64,11 @@ impl Resolver {
                 storage: jetstream::stream::StorageType::File,
                 ..Default::default()
             },
+            Encoding::Json,
         )
-        .await?;
+        .await?
+        .named("space bindings")
+        .timeout(KV_WAIT);
         Ok(Resolver {
             spaces,
             target_container: (!target_container.is_empty()).then(|| target_container.to_string()),
@@ -77,16 +77,7 @@ impl Resolver {
     }
 
     async fn binding(&self, space: &str) -> Result<Option<SpaceBinding>, Problem> {
-        let entry = tokio::time::timeout(KV_WAIT, self.spaces.entry(space))
-            .await
-            .map_err(|_| kv_err("timed out"))?
-            .map_err(kv_err)?;
-        match entry {
-            Some(e) if e.operation == kv::Operation::Put => serde_json::from_slice(&e.value)
-                .map(Some)
-                .map_err(|err| Problem::internal(format!("corrupt space binding: {err}"))),
-            _ => Ok(None),
-        }
+        Ok(self.spaces.get(space).await?.map(|(b, _)| b))
     }
 
     pub async fn resolve(&self, caller: &Caller) -> Result<Target, Problem> {

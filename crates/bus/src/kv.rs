@@ -1,0 +1,357 @@
+//! JetStream KV for nodes: buckets opened the same way everywhere, and typed records
+//! ([`Bucket`]) changed by compare-and-set.
+//!
+//! [`Bucket<T>`] stores one proto message per key, in JSON or protobuf (the bucket says which,
+//! so records written before it existed read the same). Every failure of the store — the
+//! server unreachable, a timeout, an unreadable record — becomes a [`Problem`] in one place
+//! here (503, or 500 for an unreadable record), named after what the bucket holds
+//! ("agent registry unavailable: …").
+//!
+//! The one design decision to know: a change to a record is a function of the record, run by
+//! [`Bucket::modify`] in a read → decide → write-at-revision loop. The function sees the
+//! current value (or `None`), and says [`Change::Write`] or [`Change::Keep`] — or refuses with
+//! a problem, and nothing is written. When another writer got there first the function runs
+//! again on the newer value, a bounded number of times with a short jittered pause, so no
+//! update is ever lost and a hot key ends in a 409, not a spin.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::Problem;
+use crate::codec::Encoding;
+
+/// Opens a KV bucket, creating it with `config` when it does not exist yet.
+///
+/// Design decision: the bucket's stream is created here with the KV conventions
+/// (`KV_<bucket>`, `$KV.<bucket>.>`, rollups, direct get, discard new) rather than through
+/// async-nats' `create_key_value`, which first asks for account info in a shape nats-server
+/// 2.9 does not send; this way KV works on 2.9 and 2.1x alike.
+pub async fn open_or_create_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> anyhow::Result<kv::Store> {
+    if let Ok(store) = js.get_key_value(config.bucket.clone()).await {
+        return Ok(store);
+    }
+    let mut stream = jetstream::stream::Config {
+        name: format!("KV_{}", config.bucket),
+        description: Some(config.description.clone()),
+        subjects: vec![format!("$KV.{}.>", config.bucket)],
+        max_messages_per_subject: config.history.max(1),
+        max_age: config.max_age,
+        storage: config.storage,
+        num_replicas: config.num_replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    if config.max_bytes > 0 {
+        stream.max_bytes = config.max_bytes;
+    }
+    if !config.max_age.is_zero() && config.max_age < Duration::from_secs(120) {
+        stream.duplicate_window = config.max_age;
+    }
+    if let Err(create_err) = js.create_stream(stream).await {
+        // Another replica may have created it between our two calls; otherwise report.
+        return js.get_key_value(config.bucket.clone()).await.map_err(|_| {
+            anyhow::anyhow!(
+                "could not open or create KV bucket `{}`: {create_err}",
+                config.bucket
+            )
+        });
+    }
+    js.get_key_value(config.bucket.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("could not open KV bucket `{}`: {e}", config.bucket))
+}
+
+/// What a [`Bucket::modify`] function decided.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change<T> {
+    /// Store this value: created when the key has none, else written at the revision read.
+    Write(T),
+    /// Leave the record as it is (or absent, when there is none).
+    Keep,
+}
+
+/// A record as stored after [`Bucket::modify`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stored<T> {
+    pub value: T,
+    pub revision: u64,
+    /// Whether this call wrote it (false: the function said [`Change::Keep`]).
+    pub written: bool,
+}
+
+/// How many times [`Bucket::modify`] reads and decides again after losing a race.
+pub const MODIFY_ATTEMPTS: usize = 16;
+
+/// Typed records of one KV bucket. Cheap to clone.
+pub struct Bucket<T> {
+    store: kv::Store,
+    encoding: Encoding,
+    what: Arc<str>,
+    timeout: Option<Duration>,
+    _record: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Bucket<T> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            encoding: self.encoding,
+            what: self.what.clone(),
+            timeout: self.timeout,
+            _record: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Bucket<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bucket")
+            .field("bucket", &self.store.name)
+            .field("encoding", &self.encoding)
+            .finish()
+    }
+}
+
+impl<T> Bucket<T>
+where
+    T: prost::Message + Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static,
+{
+    /// Opens (or creates, see [`open_or_create_bucket`]) the bucket of `config`, whose records
+    /// are `encoding`-encoded. Errors are named after the bucket until [`Bucket::named`].
+    pub async fn open(
+        js: &jetstream::Context,
+        config: kv::Config,
+        encoding: Encoding,
+    ) -> anyhow::Result<Self> {
+        Ok(Self::from_store(
+            open_or_create_bucket(js, config).await?,
+            encoding,
+        ))
+    }
+
+    /// Typed records over an opened store.
+    pub fn from_store(store: kv::Store, encoding: Encoding) -> Self {
+        let what = Arc::from(format!("KV bucket `{}`", store.name));
+        Self {
+            store,
+            encoding,
+            what,
+            timeout: None,
+            _record: PhantomData,
+        }
+    }
+
+    /// What the bucket holds, for error details ("agent registry" → "agent registry
+    /// unavailable: …").
+    pub fn named(mut self, what: impl Into<String>) -> Self {
+        self.what = Arc::from(what.into());
+        self
+    }
+
+    /// A deadline for every store operation (without one, the connection's request timeout
+    /// applies); an operation that passes it is answered 503.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// The untyped store (watches, and keys that hold other things than `T`).
+    pub fn store(&self) -> &kv::Store {
+        &self.store
+    }
+
+    /// The one mapping of a store failure: 503, naming what is unavailable.
+    fn unavailable(&self, e: impl fmt::Display) -> Problem {
+        Problem::unavailable(format!("{} unavailable: {e}", self.what))
+    }
+
+    async fn bounded<R, E: fmt::Display>(
+        &self,
+        op: impl Future<Output = Result<R, E>>,
+    ) -> Result<Result<R, E>, Problem> {
+        match self.timeout {
+            Some(t) => tokio::time::timeout(t, op)
+                .await
+                .map_err(|_| self.unavailable("timed out")),
+            None => Ok(op.await),
+        }
+    }
+
+    fn encode(&self, value: &T) -> Result<Bytes, Problem> {
+        self.encoding.encode(value)
+    }
+
+    fn decode(&self, key: &str, raw: &[u8]) -> Result<T, Problem> {
+        let r = match self.encoding {
+            Encoding::Json => serde_json::from_slice(raw).map_err(|e| e.to_string()),
+            Encoding::Protobuf => T::decode(raw).map_err(|e| e.to_string()),
+        };
+        r.map_err(|e| Problem::internal(format!("unreadable record `{key}` in {}: {e}", self.what)))
+    }
+
+    /// The record at `key` and its revision; `None` when there is none (or it was deleted).
+    /// An unreadable record is a 500.
+    pub async fn get(&self, key: &str) -> Result<Option<(T, u64)>, Problem> {
+        let entry = self
+            .bounded(self.store.entry(key))
+            .await?
+            .map_err(|e| self.unavailable(e))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                Ok(Some((self.decode(key, &e.value)?, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Creates the record; `None` when the key holds one already.
+    pub async fn create(&self, key: &str, value: &T) -> Result<Option<u64>, Problem> {
+        let body = self.encode(value)?;
+        match self.bounded(self.store.create(key, body)).await? {
+            Ok(rev) => Ok(Some(rev)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(self.unavailable(e)),
+        }
+    }
+
+    /// Writes the record if it is still at `revision`; `None` when it changed since.
+    pub async fn update(
+        &self,
+        key: &str,
+        value: &T,
+        revision: u64,
+    ) -> Result<Option<u64>, Problem> {
+        let body = self.encode(value)?;
+        match self.bounded(self.store.update(key, body, revision)).await? {
+            Ok(rev) => Ok(Some(rev)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(self.unavailable(e)),
+        }
+    }
+
+    /// Writes the record whatever is there (last writer wins). Returns the new revision.
+    pub async fn put(&self, key: &str, value: &T) -> Result<u64, Problem> {
+        let body = self.encode(value)?;
+        self.bounded(self.store.put(key, body))
+            .await?
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// Deletes the record (absent already is fine).
+    pub async fn delete(&self, key: &str) -> Result<(), Problem> {
+        self.bounded(self.store.delete(key))
+            .await?
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// Deletes the record if it is still at `revision`; `false` when it changed since (or a
+    /// failure left it in place: the record is read to tell).
+    pub async fn delete_at(&self, key: &str, revision: u64) -> Result<bool, Problem> {
+        match self
+            .bounded(self.store.delete_expect_revision(key, Some(revision)))
+            .await?
+        {
+            Ok(()) => Ok(true),
+            Err(e) => match self.get(key).await? {
+                Some((_, rev)) if rev == revision => Err(self.unavailable(e)),
+                _ => Ok(false),
+            },
+        }
+    }
+
+    /// Every key that holds a record.
+    pub async fn keys(&self) -> Result<Vec<String>, Problem> {
+        let keys = self
+            .bounded(self.store.keys())
+            .await?
+            .map_err(|e| self.unavailable(e))?;
+        self.bounded(keys.boxed().try_collect::<Vec<String>>())
+            .await?
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// Changes the record at `key` by compare-and-set: reads it, asks `f` what to do with the
+    /// current value (`None`: no record), and writes the outcome at the revision read — or
+    /// creates it, when there was none. When another writer changed the key meanwhile, `f`
+    /// runs again on the newer value (up to [`MODIFY_ATTEMPTS`] times, then 409).
+    ///
+    /// Returns the record as stored afterwards — `None` when there is none and `f` kept it
+    /// so. An error of `f` is returned as it is, and nothing is written.
+    pub async fn modify<F>(&self, key: &str, mut f: F) -> Result<Option<Stored<T>>, Problem>
+    where
+        F: FnMut(Option<T>) -> Result<Change<T>, Problem>,
+    {
+        for attempt in 0..MODIFY_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+            let current = self.get(key).await?;
+            let (seen, revision) = match current {
+                Some((v, rev)) => (Some(v), Some(rev)),
+                None => (None, None),
+            };
+            let decided = f(seen.clone())?;
+            let value = match decided {
+                Change::Keep => {
+                    return Ok(seen.zip(revision).map(|(value, revision)| Stored {
+                        value,
+                        revision,
+                        written: false,
+                    }));
+                }
+                Change::Write(v) => v,
+            };
+            let written = match revision {
+                Some(rev) => self.update(key, &value, rev).await?,
+                None => self.create(key, &value).await?,
+            };
+            if let Some(revision) = written {
+                return Ok(Some(Stored {
+                    value,
+                    revision,
+                    written: true,
+                }));
+            }
+            tracing::debug!(key, attempt, bucket = %self.store.name, "KV record changed meanwhile; deciding again");
+        }
+        Err(Problem::conflict(format!(
+            "`{key}` in {} is being changed concurrently; try again",
+            self.what
+        )))
+    }
+}
+
+/// Pause before attempt `n` (n ≥ 1) of a lost compare-and-set: a random share of 1, 2, 4 …
+/// up to 32 ms, so racing writers spread out instead of colliding again in lockstep.
+fn backoff(attempt: usize) -> Duration {
+    let cap_ms = 1u64 << attempt.min(5);
+    // Randomness without another dependency: a v4 UUID's bits.
+    let r = u64::try_from(uuid::Uuid::new_v4().as_u128() & u128::from(u64::MAX)).unwrap_or(0);
+    Duration::from_micros(r % (cap_ms * 1000 + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded() {
+        for n in 1..40 {
+            assert!(backoff(n) <= Duration::from_millis(32), "{n}");
+        }
+    }
+}
