@@ -213,7 +213,7 @@ impl Shared {
             },
         )
         .await?;
-        let done = tether_bus::auth::open_or_create_bucket(
+        let done = tether_bus::kv::open_or_create_bucket(
             js,
             kv::Config {
                 bucket: format!("{}_done", cfg.tool_results_bucket),
