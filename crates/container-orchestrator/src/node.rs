@@ -364,24 +364,36 @@ async fn remove(
     }))
 }
 
-async fn list(o: O, req: Request<ListContainersRequest>) -> Result<Routed<ContainerList>, Problem> {
-    let caller = req.caller()?;
-    let b = &req.body;
-    for (what, v) in [("space", &b.space), ("session_id", &b.session_id)] {
-        if !v.is_empty() && !tether_bus::subject::is_valid_token(v) {
-            return Err(Problem::bad_request(format!(
-                "`{what}` {v:?} must be 1-128 characters of A-Z a-z 0-9 - _"
-            )));
+/// A `containers.list` request, checked: the space it lists (any, for an operator naming
+/// none).
+pub struct ListCall {
+    space: String,
+}
+
+impl ListCall {
+    pub fn validate(b: &ListContainersRequest, caller: &Caller) -> Result<Self, Problem> {
+        for (what, v) in [("space", &b.space), ("session_id", &b.session_id)] {
+            if !v.is_empty() && !tether_bus::subject::is_valid_token(v) {
+                return Err(Problem::bad_request(format!(
+                    "`{what}` {v:?} must be 1-128 characters of A-Z a-z 0-9 - _"
+                )));
+            }
         }
+        if !b.kind.is_empty() {
+            Kind::parse(&b.kind)?;
+        }
+        let space = if caller.is_operator() {
+            b.space.clone()
+        } else {
+            caller.space_for(&b.space)?
+        };
+        Ok(Self { space })
     }
-    if !b.kind.is_empty() {
-        Kind::parse(&b.kind)?;
-    }
-    let space = if caller.is_operator() {
-        b.space.clone()
-    } else {
-        caller.space_for(&b.space)?
-    };
+}
+
+async fn list(o: O, req: Request<ListContainersRequest>) -> Result<Routed<ContainerList>, Problem> {
+    let b = &req.body;
+    let ListCall { space } = ListCall::validate(b, req.caller()?)?;
     let list = o
         .engine
         .list_managed(&space, &b.session_id, &b.kind)

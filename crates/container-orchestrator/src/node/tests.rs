@@ -114,3 +114,32 @@ fn bad_exec_and_stop_requests_are_refused() {
         );
     }
 }
+
+#[test]
+fn bad_list_requests_are_refused() {
+    use crate::testing::{agent, decode, operator, refused};
+    use serde_json::json;
+    for (body, status, word) in [
+        (json!({"space": "a.b"}), 400, "space"),
+        (json!({"session_id": "a b"}), 400, "session_id"),
+        (json!({"kind": "daemon"}), 400, "kind"),
+        (json!({"space": "other"}), 403, "other"),
+    ] {
+        let b: ListContainersRequest = decode(&body).expect("decodes");
+        refused(
+            ListCall::validate(&b, &agent("s1")),
+            status,
+            word,
+            &body.to_string(),
+        );
+    }
+    let all: ListContainersRequest = decode(&json!({})).expect("decodes");
+    assert_eq!(
+        ListCall::validate(&all, &operator()).expect("valid").space,
+        ""
+    );
+    assert_eq!(
+        ListCall::validate(&all, &agent("s1")).expect("valid").space,
+        "s1"
+    );
+}
