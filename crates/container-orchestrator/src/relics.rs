@@ -517,16 +517,44 @@ enum Found {
     There(String),
 }
 
-async fn find(t: &Shared, caller: &Caller, r: &RelicRef) -> Result<Found, Problem> {
-    let space = caller.space_for(&r.space)?;
-    let o = &t.o;
-    if !r.relic_id.is_empty() {
-        if !(r.relic_id.len() <= 64 && r.relic_id.chars().all(|c| c.is_ascii_alphanumeric())) {
+/// A relic reference, checked: the space it is looked for in.
+struct RefCall {
+    space: String,
+}
+
+impl RefCall {
+    /// By `relic_id`, or by `session_id` and `relic_name`.
+    fn validate(r: &RelicRef, caller: &Caller) -> Result<Self, Problem> {
+        let space = caller.space_for(&r.space)?;
+        if !r.relic_id.is_empty() {
+            if !(r.relic_id.len() <= 64 && r.relic_id.chars().all(|c| c.is_ascii_alphanumeric())) {
+                return Err(bad(format!(
+                    "`relic_id` {:?} is not a relic id",
+                    r.relic_id
+                )));
+            }
+            return Ok(Self { space });
+        }
+        check_session(&r.session_id)?;
+        if r.relic_name.is_empty() {
+            return Err(bad(
+                "name the relic by `relic_id`, or by `session_id` and `relic_name`",
+            ));
+        }
+        if !is_valid_relic_name(&r.relic_name) {
             return Err(bad(format!(
-                "`relic_id` {:?} is not a relic id",
-                r.relic_id
+                "`relic_name` {:?} is not a relic name",
+                r.relic_name
             )));
         }
+        Ok(Self { space })
+    }
+}
+
+async fn find(t: &Shared, caller: &Caller, r: &RelicRef) -> Result<Found, Problem> {
+    let RefCall { space } = RefCall::validate(r, caller)?;
+    let o = &t.o;
+    if !r.relic_id.is_empty() {
         let mut extra = vec![(LABEL_RELIC_ID, r.relic_id.as_str())];
         if !caller.is_operator() || !r.space.is_empty() {
             extra.push((LABEL_SPACE, space.as_str()));
@@ -541,18 +569,6 @@ async fn find(t: &Shared, caller: &Caller, r: &RelicRef) -> Result<Found, Proble
             }
         }
         return Err(Problem::not_found(format!("no relic `{}`", r.relic_id)));
-    }
-    check_session(&r.session_id)?;
-    if r.relic_name.is_empty() {
-        return Err(bad(
-            "name the relic by `relic_id`, or by `session_id` and `relic_name`",
-        ));
-    }
-    if !is_valid_relic_name(&r.relic_name) {
-        return Err(bad(format!(
-            "`relic_name` {:?} is not a relic name",
-            r.relic_name
-        )));
     }
     if let Some(h) = session_host(t, &space, &r.session_id).await? {
         return Ok(Found::There(h));
@@ -727,5 +743,40 @@ mod tests {
             let b: RelicStartRequest = decode(&body).expect("decodes");
             refused(validate_start(&b), 400, word, &body.to_string());
         }
+    }
+
+    #[test]
+    fn bad_relic_refs_are_refused() {
+        use crate::testing::{agent, decode, refused};
+        use serde_json::json;
+        for (body, status, word) in [
+            (json!({"relic_id": "../x"}), 400, "relic_id"),
+            (json!({"relic_name": "web"}), 400, "session_id"),
+            (json!({"session_id": "s1"}), 400, "relic_name"),
+            (
+                json!({"session_id": "s1", "relic_name": "Web"}),
+                400,
+                "relic_name",
+            ),
+            (
+                json!({"session_id": "s1", "relic_name": "web", "space": "other"}),
+                403,
+                "other",
+            ),
+        ] {
+            let r: RelicRef = decode(&body).expect("decodes");
+            refused(
+                RefCall::validate(&r, &agent("s1")),
+                status,
+                word,
+                &body.to_string(),
+            );
+        }
+        let ok: RelicRef =
+            decode(&json!({"session_id": "x", "relic_name": "web"})).expect("decodes");
+        assert_eq!(
+            RefCall::validate(&ok, &agent("s1")).expect("valid").space,
+            "s1"
+        );
     }
 }
