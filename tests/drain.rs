@@ -31,7 +31,10 @@ async fn sigterm_completes_in_flight_requests_and_exits_zero() {
             break;
         }
     }
-    // Ten slow requests in flight.
+    // Ten slow requests in flight. A plain subscription on the same subject sees each request
+    // when the server routes it, i.e. when it is also on its way to the node.
+    let mut routed = c.subscribe("test.echo").await.expect("sub");
+    c.flush().await.expect("flush");
     let calls: Vec<_> = (0..10)
         .map(|i| {
             let c = c.clone();
@@ -44,7 +47,12 @@ async fn sigterm_completes_in_flight_requests_and_exits_zero() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..10 {
+        tokio::time::timeout(Duration::from_secs(20), routed.next())
+            .await
+            .expect("every request routed to the node")
+            .expect("subscription open");
+    }
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     for (i, call) in calls.into_iter().enumerate() {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_auth::{Claims, KeySet, Scope, ScopeSet, SigningKey};
+use tether_auth::{KeySet, Scope, ScopeSet, SigningKey};
 use tether_bus::config::AuthConfig;
 use tether_bus::{BusConfig, Endpoint, Node, NodeHandle, Problem, Request, StaticVerifier};
 use tether_proto::{EchoReply, EchoRequest};
@@ -17,11 +17,21 @@ pub fn config(url: &str) -> BusConfig {
     }
 }
 
+/// Messages of delayed echoes that have started, so a test can wait until its requests are
+/// being served (the node counts a request only when it is done).
+static STARTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// True when a delayed echo of `message` has started.
+pub fn echo_started(message: &str) -> bool {
+    STARTED.lock().expect("lock").iter().any(|m| m == message)
+}
+
 pub async fn echo(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
     if req.body.message == "panic" {
         panic!("asked to panic");
     }
     if req.body.delay_ms > 0 {
+        STARTED.lock().expect("lock").push(req.body.message.clone());
         tokio::time::sleep(Duration::from_millis(u64::from(req.body.delay_ms))).await;
     }
     let (agent_id, space, scopes) = match &req.caller {
@@ -59,17 +69,7 @@ impl Keys {
 
     pub fn token(&self, agent: &str, space: &str, scopes: &[Scope]) -> String {
         let scopes: ScopeSet = scopes.iter().copied().collect();
-        let a = AuthConfig::default();
-        let c = Claims::new(
-            &a.issuer,
-            &a.audience,
-            agent,
-            space,
-            scopes,
-            tether_auth::now_unix(),
-            300,
-        );
-        self.key.sign(&c).expect("sign")
+        tether_testkit::sign_token(&self.key, agent, space, scopes, 300).expect("sign")
     }
 
     pub fn verifier(&self) -> Arc<StaticVerifier> {

@@ -131,8 +131,22 @@ async fn consumer_resumes_after_server_restart_exactly_once_for_acked() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Give late redeliveries a chance to show up.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Wait until every delivery is settled on the server (nothing pending, nothing awaiting
+    // an ack): only then could no late redelivery still show up.
+    tether_testkit::eventually(Duration::from_secs(60), "every delivery settled", || {
+        let js = js.clone();
+        async move {
+            let info = js
+                .get_stream("JOBS")
+                .await
+                .ok()?
+                .consumer_info("workers")
+                .await
+                .ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+        }
+    })
+    .await;
     stop.cancel();
     worker.await.expect("join").expect("worker");
 

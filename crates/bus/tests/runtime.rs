@@ -306,22 +306,21 @@ async fn drain_finishes_in_flight_requests() {
     let keys = Keys::new();
     let node = echo_node(config(&nats.url()), &keys).await;
     let c = nats.client().await.expect("client");
-    let inflight: Vec<_> = (0..5)
-        .map(|i| {
+    let tag = tether_testkit::unique("drain");
+    let messages: Vec<String> = (0..5).map(|i| format!("{tag}-{i}")).collect();
+    let inflight: Vec<_> = messages
+        .iter()
+        .map(|m| {
             let c = c.clone();
-            tokio::spawn(async move {
-                request(
-                    &c,
-                    "t.echo",
-                    json_headers(None),
-                    format!(r#"{{"message":"{i}","delay_ms":700}}"#),
-                )
-                .await
-            })
+            let body = format!(r#"{{"message":"{m}","delay_ms":700}}"#);
+            tokio::spawn(async move { request(&c, "t.echo", json_headers(None), body).await })
         })
         .collect();
-    // Let the requests reach the node, then drain.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Once every request is being served, drain.
+    tether_testkit::eventually(Duration::from_secs(10), "requests in flight", || async {
+        messages.iter().all(|m| echo_started(m)).then_some(())
+    })
+    .await;
     node.shutdown().await.expect("shutdown");
     for h in inflight {
         let m = h.await.expect("join");

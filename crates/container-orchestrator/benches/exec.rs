@@ -81,7 +81,8 @@ async fn main() {
         .collect::<Vec<_>>()
         .await;
     let id0 = {
-        let i = callj(&f.c, "containers.inspect", &agents[0], json!({}))
+        let i = f
+            .call("containers.inspect", json!({}), Some(&agents[0]))
             .await
             .unwrap();
         i["container_id"].as_str().unwrap().to_string()
@@ -163,7 +164,7 @@ async fn main() {
                 let mut h = hist();
                 while start.elapsed() < per_run {
                     let s = Instant::now();
-                    callj(&c, "containers.exec", &t, body.clone())
+                    call(&c, "containers.exec", body.clone(), Some(&t))
                         .await
                         .unwrap();
                     h.record(s.elapsed().as_micros() as u64).unwrap();

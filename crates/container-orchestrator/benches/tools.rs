@@ -51,12 +51,11 @@ async fn throughput(f: &Fleet, token: &str, n: usize) -> (Duration, usize) {
     let started = Instant::now();
     let replies = futures::stream::iter(0..n)
         .map(|_| {
-            callj(
-                &f.c,
+            f.call(
                 "tools.execute",
-                token,
                 json!({"tool_name": "true", "session_id": session, "image": f.image,
                        "command": ["true"], "async": true}),
+                Some(token),
             )
         })
         .buffer_unordered(16)
@@ -96,7 +95,7 @@ async fn main() {
 
     // Warm up both paths.
     for _ in 0..3 {
-        callj(&f.c, "tools.execute", &t, body.clone())
+        f.call("tools.execute", body.clone(), Some(&t))
             .await
             .unwrap();
         cli_run(&f.image);
@@ -104,7 +103,8 @@ async fn main() {
     let (mut bus, mut cli) = (hist(), hist());
     for _ in 0..n {
         let s = Instant::now();
-        let r = callj(&f.c, "tools.execute", &t, body.clone())
+        let r = f
+            .call("tools.execute", body.clone(), Some(&t))
             .await
             .unwrap();
         bus.record(s.elapsed().as_micros() as u64).unwrap();

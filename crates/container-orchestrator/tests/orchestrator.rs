@@ -93,19 +93,23 @@ async fn echo_hello_round_trip_and_exit_codes() {
     assert_eq!(r["stdout"], "65534\n");
 
     // inspect, list, logs, stats through the bus.
-    let i = callj(&f.c, "containers.inspect", &t, json!({}))
+    let i = f
+        .call("containers.inspect", json!({}), Some(&t))
         .await
         .expect("inspect");
     assert_eq!(i["container_id"], id.as_str());
-    let l = callj(&f.c, "containers.list", &t, json!({}))
+    let l = f
+        .call("containers.list", json!({}), Some(&t))
         .await
         .expect("list");
     assert_eq!(l["containers"].as_array().expect("list").len(), 1);
-    let lg = callj(&f.c, "containers.logs", &t, json!({"tail": 10}))
+    let lg = f
+        .call("containers.logs", json!({"tail": 10}), Some(&t))
         .await
         .expect("logs");
     assert_eq!(lg["container_id"], id.as_str());
-    let st = callj(&f.c, "containers.stats", &t, json!({}))
+    let st = f
+        .call("containers.stats", json!({}), Some(&t))
         .await
         .expect("stats");
     assert_eq!(num(&st["memory_limit_bytes"]), 512 * 1024 * 1024);
@@ -114,27 +118,30 @@ async fn echo_hello_round_trip_and_exit_codes() {
 
     // Host-addressed twin.
     let r = f
-        .exec_on(
+        .call(
             &format!("hosts.{}.containers.exec", f.host_id),
-            &t,
             json!({"command": "echo twin"}),
+            Some(&t),
         )
         .await
         .expect("twin");
     assert_eq!(r["stdout"], "twin\n");
 
     // stop, start, remove; the binding goes with the container.
-    let s = callj(&f.c, "containers.stop", &t, json!({"grace_seconds": 5}))
+    let s = f
+        .call("containers.stop", json!({"grace_seconds": 5}), Some(&t))
         .await
         .expect("stop");
     assert_eq!(s["state"], "exited");
     let ex = next_event(&mut events, "tether.container.exited").await;
     assert_eq!(ex["data"]["container_id"], id.as_str());
-    let s = callj(&f.c, "containers.start", &t, json!({}))
+    let s = f
+        .call("containers.start", json!({}), Some(&t))
         .await
         .expect("start");
     assert_eq!(s["state"], "running");
-    let rm = callj(&f.c, "containers.remove", &t, json!({}))
+    let rm = f
+        .call("containers.remove", json!({}), Some(&t))
         .await
         .expect("remove");
     assert_eq!(rm["unbound"], true);
@@ -183,28 +190,31 @@ async fn agents_cannot_touch_another_space() {
                 body[k] = v.clone();
             }
             for s in [subject.to_string(), format!("{host_prefix}{subject}")] {
-                let e = callj(&f.c, &s, &ta, body.clone())
+                let e = f
+                    .call(&s, body.clone(), Some(&ta))
                     .await
                     .expect_err("must be refused");
-                assert_eq!(e.0, 403, "{s} {body}: {e:?}");
+                assert_eq!(e.status, 403, "{s} {body}: {e:?}");
             }
         }
     }
     // Nor can A create into B's space, nor list it.
-    let e = callj(
-        &f.c,
-        "containers.create",
-        &ta,
-        json!({"image": f.image, "space": sb}),
-    )
-    .await
-    .expect_err("create in another space");
-    assert_eq!(e.0, 403);
-    let e = callj(&f.c, "containers.list", &ta, json!({"space": sb}))
+    let e = f
+        .call(
+            "containers.create",
+            json!({"image": f.image, "space": sb}),
+            Some(&ta),
+        )
+        .await
+        .expect_err("create in another space");
+    assert_eq!(e.status, 403);
+    let e = f
+        .call("containers.list", json!({"space": sb}), Some(&ta))
         .await
         .expect_err("list another space");
-    assert_eq!(e.0, 403);
-    let l = callj(&f.c, "containers.list", &ta, json!({}))
+    assert_eq!(e.status, 403);
+    let l = f
+        .call("containers.list", json!({}), Some(&ta))
         .await
         .expect("own list");
     assert!(
@@ -273,15 +283,15 @@ async fn memory_hog_is_oom_killed_and_reported() {
     assert_eq!(r["stdout"], "alive\n");
 
     // A container whose main process is the hog: exited, OOM-killed, and said so.
-    let tool = callj(
-        &f.c,
-        "containers.create",
-        &t,
-        json!({"image": f.image, "kind": "tool", "command": "head -c 200m /dev/zero | tail",
+    let tool = f
+        .call(
+            "containers.create",
+            json!({"image": f.image, "kind": "tool", "command": "head -c 200m /dev/zero | tail",
                "resource_limits": {"memory_mb": 16}}),
-    )
-    .await
-    .expect("tool");
+            Some(&t),
+        )
+        .await
+        .expect("tool");
     let id = tool["container_id"].as_str().expect("id").to_string();
     let ex = loop {
         let ev = next_event(&mut events, "tether.container.exited").await;
@@ -290,7 +300,8 @@ async fn memory_hog_is_oom_killed_and_reported() {
         }
     };
     assert_eq!(ex["data"]["exit_code"].as_f64(), Some(137.0));
-    let i = callj(&f.c, "containers.inspect", &t, json!({"container": id}))
+    let i = f
+        .call("containers.inspect", json!({"container": id}), Some(&t))
         .await
         .expect("inspect");
     assert_eq!(i["oom_killed"], true);
@@ -316,8 +327,13 @@ async fn fork_bomb_is_held_by_the_pids_limit() {
         json!({"command": "(while :; do sleep 1000 & done); exec sleep 1000", "timeout_seconds": 5, "max_output_bytes": 4096}),
     );
     let others = async {
-        // While it runs, the node serves others and their containers work.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // While it runs (it has forked many sleeps, as the engine sees), the node serves
+        // others and their containers work.
+        eventually(Duration::from_secs(30), "the bomb is forking", || async {
+            let top = docker(&["top", &bomb_id]);
+            (top.matches("sleep 1000").count() >= 16).then_some(())
+        })
+        .await;
         let pids = docker(&["inspect", "-f", "{{.HostConfig.PidsLimit}}", &bomb_id]);
         assert_eq!(pids, "32");
         for _ in 0..3 {
@@ -331,7 +347,7 @@ async fn fork_bomb_is_held_by_the_pids_limit() {
         if let Ok(n) = cgroup_pids.parse::<u32>() {
             assert!(n <= 32, "pids held at the limit: {n}");
         }
-        callj(&f.c, "containers.list", &t2, json!({}))
+        f.call("containers.list", json!({}), Some(&t2))
             .await
             .expect("list");
     };
@@ -458,9 +474,9 @@ async fn streamed_output_arrives_in_order() {
 
 #[tokio::test]
 async fn bad_input_is_refused_and_creates_nothing() {
-    // What `validate` refuses is unit-tested (node.rs, spec/tests.rs, tools/prepare.rs,
-    // relics.rs); here, refusals that need the engine, KV or the bus, and that none of them
-    // leaves anything behind.
+    // What `validate` refuses is unit-tested (node/tests.rs, spec/tests.rs,
+    // tools/prepare.rs, relics.rs); here, refusals that need the engine, KV or the bus, and
+    // that none of them leaves anything behind.
     let f = fleet().await;
     let space = unique("s");
     let t = f.agent(&unique("a"), &space, SCOPES).await;
@@ -476,16 +492,16 @@ async fn bad_input_is_refused_and_creates_nothing() {
     let networks = engine_networks(&f.host_id);
     let img = f.image.clone();
     let name = unique("bad");
-    let e = callj(
-        &f.c,
-        "containers.create",
-        &t,
-        json!({"image": "tether-test/no-such-image:latest", "name": name}),
-    )
-    .await
-    .expect_err("refused");
-    assert_eq!(e.0, 422, "{e:?}");
-    assert!(e.1.contains("no-such-image"), "{e:?}");
+    let e = f
+        .call(
+            "containers.create",
+            json!({"image": "tether-test/no-such-image:latest", "name": name}),
+            Some(&t),
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(e.status, 422, "{e:?}");
+    assert!(e.detail.contains("no-such-image"), "{e:?}");
     // A request that validates, refused by what the engine, KV or the bus says.
     for (subject, body, status, word) in [
         (
@@ -513,11 +529,12 @@ async fn bad_input_is_refused_and_creates_nothing() {
             "no session",
         ),
     ] {
-        let e = callj(&f.c, subject, &tools, body.clone())
+        let e = f
+            .call(subject, body.clone(), Some(&tools))
             .await
             .expect_err("refused");
-        assert_eq!(e.0, status, "{subject} {body}: {e:?}");
-        assert!(e.1.contains(word), "{subject} {body}: {e:?}");
+        assert_eq!(e.status, status, "{subject} {body}: {e:?}");
+        assert!(e.detail.contains(word), "{subject} {body}: {e:?}");
     }
     // Unknown containers and spaces without one.
     for (subject, body) in [
@@ -536,10 +553,11 @@ async fn bad_input_is_refused_and_creates_nothing() {
         ),
         ("containers.exec", json!({"command": "true"})),
     ] {
-        let e = callj(&f.c, subject, &t, body.clone())
+        let e = f
+            .call(subject, body.clone(), Some(&t))
             .await
             .expect_err("404");
-        assert_eq!(e.0, 404, "{subject} {body}: {e:?}");
+        assert_eq!(e.status, 404, "{subject} {body}: {e:?}");
     }
     f.create_space(&t, json!({})).await;
     let made = f.engine_containers();
@@ -549,43 +567,47 @@ async fn bad_input_is_refused_and_creates_nothing() {
         .exec(&t, json!({"command": "true", "timeout_seconds": -1}))
         .await
         .expect_err("refused");
-    assert_eq!(e.0, 400, "{e:?}");
+    assert_eq!(e.status, 400, "{e:?}");
     // No token, wrong scope, a second space container.
-    let e = call(&f.c, "containers.create", None, "{}")
+    let e = f
+        .call("containers.create", "{}", None)
         .await
         .expect_err("401");
-    assert_eq!(e.0, 401);
-    let e = callj(&f.c, "containers.create", &reader, json!({"image": img}))
+    assert_eq!(e.status, 401);
+    let e = f
+        .call("containers.create", json!({"image": img}), Some(&reader))
         .await
         .expect_err("403");
-    assert_eq!(e.0, 403);
-    let e = callj(&f.c, "containers.exec", &reader, json!({"command": "true"}))
+    assert_eq!(e.status, 403);
+    let e = f
+        .call("containers.exec", json!({"command": "true"}), Some(&reader))
         .await
         .expect_err("403");
-    assert_eq!(e.0, 403);
-    let e = callj(
-        &f.c,
-        "tools.execute",
-        &reader,
-        json!({"tool_name": "t", "image": img, "command": "true"}),
-    )
-    .await
-    .expect_err("403");
-    assert_eq!(e.0, 403);
-    let e = callj(&f.c, "containers.create", &t, json!({"image": img}))
+    assert_eq!(e.status, 403);
+    let e = f
+        .call(
+            "tools.execute",
+            json!({"tool_name": "t", "image": img, "command": "true"}),
+            Some(&reader),
+        )
+        .await
+        .expect_err("403");
+    assert_eq!(e.status, 403);
+    let e = f
+        .call("containers.create", json!({"image": img}), Some(&t))
         .await
         .expect_err("one per space");
-    assert_eq!(e.0, 409);
+    assert_eq!(e.status, 409);
     // A refused create is refused whole: one bad field, nothing made.
-    let e = callj(
-        &f.c,
-        "containers.create",
-        &f.op,
-        json!({"image": img, "space": unique("s"), "name": name, "mounts": [{"source": "/etc", "target": "/x"}]}),
-    )
-    .await
-    .expect_err("403");
-    assert_eq!(e.0, 403);
+    let e = f
+        .call(
+            "containers.create",
+            json!({"image": img, "space": unique("s"), "name": name, "mounts": [{"source": "/etc", "target": "/x"}]}),
+            Some(&f.op),
+        )
+        .await
+        .expect_err("403");
+    assert_eq!(e.status, 403);
     // Nothing else was created on the engine.
     assert_eq!(f.engine_containers(), made);
     assert_eq!(engine_networks(&f.host_id), networks);
@@ -624,7 +646,7 @@ async fn container_removed_behind_its_back_is_unbound() {
         .exec(&t, json!({"command": "true"}))
         .await
         .expect_err("gone");
-    assert_eq!(e.0, 404);
+    assert_eq!(e.status, 404);
     // The space can have a new container.
     f.create_space(&t, json!({})).await;
 }
@@ -636,14 +658,14 @@ async fn expired_containers_are_removed_by_the_janitor() {
     let t = f.agent(&unique("a"), &space, SCOPES).await;
     f.create_space(&t, json!({"resource_limits": {"timeout_seconds": 2}}))
         .await;
-    let keep = callj(
-        &f.c,
-        "containers.create",
-        &t,
-        json!({"image": f.image, "kind": "tool", "command": "sleep 600"}),
-    )
-    .await
-    .expect("tool");
+    let keep = f
+        .call(
+            "containers.create",
+            json!({"image": f.image, "kind": "tool", "command": "sleep 600"}),
+            Some(&t),
+        )
+        .await
+        .expect("tool");
     eventually(
         Duration::from_secs(15),
         "expired container removed",
@@ -669,8 +691,8 @@ async fn unmanaged_containers_are_never_listed_nor_touched() {
     .await;
     let plain = unique("plain");
     let other_host = unique("elsewhere");
-    f.cleanup.names.push(plain.clone());
-    f.cleanup.names.push(other_host.clone());
+    f.engine.name(plain.clone());
+    f.engine.name(other_host.clone());
     let run = |name: &str, labels: &[&str]| {
         let mut args = vec!["run", "-d", "--name", name];
         for l in labels {
@@ -692,7 +714,8 @@ async fn unmanaged_containers_are_never_listed_nor_touched() {
         ],
     );
     assert!(!plain_id.is_empty() && !other_id.is_empty());
-    let l = callj(&f.c, "containers.list", &f.op, json!({}))
+    let l = f
+        .call("containers.list", json!({}), Some(&f.op))
         .await
         .expect("list");
     assert!(l["containers"].as_array().expect("list").is_empty(), "{l}");
@@ -707,14 +730,16 @@ async fn unmanaged_containers_are_never_listed_nor_touched() {
             ("containers.remove", json!({"container": name})),
             ("containers.logs", json!({"container": name})),
         ] {
-            let e = callj(&f.c, subject, &f.op, body)
+            let e = f
+                .call(subject, body, Some(&f.op))
                 .await
                 .expect_err("not ours");
-            assert_eq!(e.0, 404, "{subject} {name}");
+            assert_eq!(e.status, 404, "{subject} {name}");
         }
     }
-    // Several janitor passes (remove policy, no grace) later, both still run, untouched.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Two janitor passes (remove policy, no grace) later, both still run, untouched.
+    janitor_pass(&f).await;
+    janitor_pass(&f).await;
     for id in [&plain_id, &other_id] {
         assert_eq!(
             docker(&["inspect", "-f", "{{.State.Running}} {{.RestartCount}}", id]),
@@ -729,19 +754,19 @@ async fn unmanaged_containers_are_never_listed_nor_touched() {
 async fn host_addressed_twins_and_forwarding() {
     let mut f = fleet().await;
     let other = unique("t2");
-    f.cleanup.host_ids.push(other.clone());
+    f.clean_label(host_label(&other));
     let _second = start_orchestrator(&f.nats.url(), orch_config(&other)).await;
     let space = unique("s");
     let t = f.agent(&unique("a"), &space, SCOPES).await;
     // Created on the second host, addressed.
-    let info = callj(
-        &f.c,
-        &format!("hosts.{other}.containers.create"),
-        &t,
-        json!({"image": f.image}),
-    )
-    .await
-    .expect("create on host 2");
+    let info = f
+        .call(
+            &format!("hosts.{other}.containers.create"),
+            json!({"image": f.image}),
+            Some(&t),
+        )
+        .await
+        .expect("create on host 2");
     assert_eq!(info["host_id"], other.as_str());
     // The shared subject reaches it from either node (forwarded when needed).
     for i in 0..8 {
@@ -753,33 +778,33 @@ async fn host_addressed_twins_and_forwarding() {
     }
     // The first host neither lists nor serves it when addressed itself.
     let e = f
-        .exec_on(
+        .call(
             &format!("hosts.{}.containers.exec", f.host_id),
-            &t,
             json!({"command": "true"}),
+            Some(&t),
         )
         .await
         .expect_err("bound elsewhere");
-    assert_eq!(e.0, 409);
-    let l = callj(
-        &f.c,
-        &format!("hosts.{}.containers.list", f.host_id),
-        &f.op,
-        json!({}),
-    )
-    .await
-    .expect("list");
+    assert_eq!(e.status, 409);
+    let l = f
+        .call(
+            &format!("hosts.{}.containers.list", f.host_id),
+            json!({}),
+            Some(&f.op),
+        )
+        .await
+        .expect("list");
     assert!(l["containers"].as_array().expect("list").is_empty());
     // One container per space across hosts.
-    let e = callj(
-        &f.c,
-        &format!("hosts.{}.containers.create", f.host_id),
-        &t,
-        json!({"image": f.image}),
-    )
-    .await
-    .expect_err("space bound on host 2");
-    assert_eq!(e.0, 409);
+    let e = f
+        .call(
+            &format!("hosts.{}.containers.create", f.host_id),
+            json!({"image": f.image}),
+            Some(&t),
+        )
+        .await
+        .expect_err("space bound on host 2");
+    assert_eq!(e.status, 409);
 }
 
 #[tokio::test]
@@ -800,11 +825,11 @@ async fn sigkill_restart_keeps_bindings_and_leaves_no_orphans() {
         let c = f.c.clone();
         let t = t1.clone();
         tokio::spawn(async move {
-            let _ = callj(
+            let _ = call(
                 &c,
                 "containers.exec",
-                &t,
                 json!({"command": "sleep 300", "timeout_seconds": 4}),
+                Some(&t),
             )
             .await;
         })

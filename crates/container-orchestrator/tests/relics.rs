@@ -11,22 +11,6 @@ use serde_json::{Value, json};
 
 const SCOPES: &[&str] = &["tools:run", "relics:write", "containers:read"];
 
-/// Removes the test's networks (after its containers) when dropped.
-struct Networks(String);
-
-impl Drop for Networks {
-    fn drop(&mut self) {
-        let l = format!("label=tether.host={}", self.0);
-        let ids = docker(&["ps", "-aq", "--filter", &l]);
-        for id in ids.lines() {
-            docker(&["rm", "-f", id]);
-        }
-        for n in docker(&["network", "ls", "-q", "--filter", &l]).lines() {
-            docker(&["network", "rm", n]);
-        }
-    }
-}
-
 fn by_labels(what: &[&str], labels: &[(&str, &str)]) -> Vec<String> {
     let mut args: Vec<String> = what.iter().map(|s| s.to_string()).collect();
     for (k, v) in labels {
@@ -65,13 +49,12 @@ fn httpd(f: &Fleet, name: &str, session: &str, serve_health: bool) -> Value {
 }
 
 async fn tool_in(f: &Fleet, t: &str, session: &str, command: &str, timeout: u32) -> Value {
-    callj(
-        &f.c,
+    f.call(
         "tools.execute",
-        t,
         json!({"tool_name": "probe", "session_id": session, "image": f.image,
                "network": "session", "command": command,
                "resource_limits": {"timeout_seconds": timeout}}),
+        Some(t),
     )
     .await
     .expect("tool")
@@ -80,12 +63,12 @@ async fn tool_in(f: &Fleet, t: &str, session: &str, command: &str, timeout: u32)
 #[tokio::test]
 async fn relics_serve_their_own_session_only_and_are_cleaned_up() {
     let f = fleet().await;
-    let _nets = Networks(f.host_id.clone());
     let space = unique("s");
     let t = f.agent(&unique("a"), &space, SCOPES).await;
     let (sa, sb) = (unique("sa"), unique("sb"));
 
-    let web = callj(&f.c, "relics.start", &t, httpd(&f, "web", &sa, true))
+    let web = f
+        .call("relics.start", httpd(&f, "web", &sa, true), Some(&t))
         .await
         .expect("start web");
     assert_eq!(web["healthy"], true, "{web}");
@@ -116,11 +99,10 @@ async fn relics_serve_their_own_session_only_and_are_cleaned_up() {
     assert_eq!(r["stdout"], "ok\n");
 
     // Another session's containers cannot: neither by name nor by address.
-    let peer = callj(
-        &f.c,
+    let peer = f.call(
         "relics.start",
-        &t,
         json!({"relic_name": "peer", "session_id": sb, "image": f.image, "command": "sleep 600"}),
+        Some(&t),
     )
     .await
     .expect("start peer");
@@ -162,52 +144,56 @@ async fn relics_serve_their_own_session_only_and_are_cleaned_up() {
     // Nor may a container request name that network by its id or an id prefix (the engine
     // would take either).
     for mode in [net.clone(), net[..12].to_string(), net[..2].to_string()] {
-        let e = callj(
-            &f.c,
+        let e = f.call(
             "containers.create",
-            &f.op,
             json!({"image": f.image, "space": unique("s4"), "kind": "tool", "network_mode": mode}),
+            Some(&f.op),
         )
         .await
         .expect_err("a session network by id");
-        assert_eq!(e.0, 403, "{mode}: {}", e.1);
-        assert!(e.1.contains("allowed_networks"), "{}", e.1);
+        assert_eq!(e.status, 403, "{mode}: {}", e.detail);
+        assert!(e.detail.contains("allowed_networks"), "{}", e.detail);
     }
 
     // get (probes again), list, a second relic of the same name.
-    let g = callj(&f.c, "relics.get", &t, json!({"relic_id": relic_id}))
+    let g = f
+        .call("relics.get", json!({"relic_id": relic_id}), Some(&t))
         .await
         .expect("get");
     assert_eq!(g["healthy"], true, "{g}");
     assert_eq!(g["container_id"], web["container_id"]);
-    let g = callj(
-        &f.c,
-        "relics.get",
-        &t,
-        json!({"session_id": sa, "relic_name": "web"}),
-    )
-    .await
-    .expect("get by name");
+    let g = f
+        .call(
+            "relics.get",
+            json!({"session_id": sa, "relic_name": "web"}),
+            Some(&t),
+        )
+        .await
+        .expect("get by name");
     assert_eq!(g["relic_id"], relic_id.as_str());
-    let l = callj(&f.c, "relics.list", &t, json!({"session_id": sa}))
+    let l = f
+        .call("relics.list", json!({"session_id": sa}), Some(&t))
         .await
         .expect("list");
     assert_eq!(l["relics"].as_array().map(Vec::len), Some(1));
-    let e = callj(&f.c, "relics.start", &t, httpd(&f, "web", &sa, true))
+    let e = f
+        .call("relics.start", httpd(&f, "web", &sa, true), Some(&t))
         .await
         .expect_err("same name");
-    assert_eq!(e.0, 409);
+    assert_eq!(e.status, 409);
     // Another agent's space does not see it.
     let stranger = f.agent(&unique("x"), &unique("s3"), SCOPES).await;
-    let e = callj(&f.c, "relics.get", &stranger, json!({"relic_id": relic_id}))
+    let e = f
+        .call("relics.get", json!({"relic_id": relic_id}), Some(&stranger))
         .await
         .expect_err("stranger");
-    assert_eq!(e.0, 404);
+    assert_eq!(e.status, 404);
 
     // A relic whose health check never passes: unhealthy within its timeout, and removed.
     let mut sick = httpd(&f, "sick", &sa, false);
     sick["health_check_timeout_seconds"] = json!(3);
-    let s = callj(&f.c, "relics.start", &t, sick)
+    let s = f
+        .call("relics.start", sick, Some(&t))
         .await
         .expect("start sick");
     assert_eq!(s["healthy"], false, "{s}");
@@ -231,7 +217,8 @@ async fn relics_serve_their_own_session_only_and_are_cleaned_up() {
     let sd = unique("sd");
     let mut sick = httpd(&f, "sick", &sd, false);
     sick["health_check_timeout_seconds"] = json!(2);
-    let s = callj(&f.c, "relics.start", &t, sick)
+    let s = f
+        .call("relics.start", sick, Some(&t))
         .await
         .expect("start sick");
     assert_eq!(s["healthy"], false, "{s}");
@@ -242,29 +229,32 @@ async fn relics_serve_their_own_session_only_and_are_cleaned_up() {
     );
 
     // stop, then delete.
-    let st = callj(&f.c, "relics.stop", &t, json!({"relic_id": relic_id}))
+    let st = f
+        .call("relics.stop", json!({"relic_id": relic_id}), Some(&t))
         .await
         .expect("stop");
     assert_eq!(st["status"], "exited");
-    let d = callj(&f.c, "relics.delete", &t, json!({"relic_id": relic_id}))
+    let d = f
+        .call("relics.delete", json!({"relic_id": relic_id}), Some(&t))
         .await
         .expect("delete");
     assert_eq!(d["status"], "removed");
-    let e = callj(&f.c, "relics.get", &t, json!({"relic_id": relic_id}))
+    let e = f
+        .call("relics.get", json!({"relic_id": relic_id}), Some(&t))
         .await
         .expect_err("deleted");
-    assert_eq!(e.0, 404);
+    assert_eq!(e.status, 404);
 
     // sessions.cleanup: nothing of session B is left on the engine.
     assert!(!session_containers(&f.host_id, &sb).is_empty());
-    let c = callj(
-        &f.c,
-        "sessions.cleanup",
-        &t,
-        json!({"session_id": sb, "force": true}),
-    )
-    .await
-    .expect("cleanup");
+    let c = f
+        .call(
+            "sessions.cleanup",
+            json!({"session_id": sb, "force": true}),
+            Some(&t),
+        )
+        .await
+        .expect("cleanup");
     assert_eq!(
         c["removed_containers"].as_array().map(Vec::len),
         Some(1),
@@ -278,7 +268,7 @@ async fn relics_serve_their_own_session_only_and_are_cleaned_up() {
     assert!(session_containers(&f.host_id, &sb).is_empty());
     assert!(session_networks(&f.host_id, &sb).is_empty());
     // Session A: its network only (its relics are gone); cleaned too.
-    callj(&f.c, "sessions.cleanup", &t, json!({"session_id": sa}))
+    f.call("sessions.cleanup", json!({"session_id": sa}), Some(&t))
         .await
         .expect("cleanup a");
     assert!(session_containers(&f.host_id, &sa).is_empty());
@@ -288,16 +278,14 @@ async fn relics_serve_their_own_session_only_and_are_cleaned_up() {
 #[tokio::test]
 async fn the_janitor_removes_expired_sessions() {
     let f = fleet().await;
-    let _nets = Networks(f.host_id.clone());
     let space = unique("s");
     let t = f.agent(&unique("a"), &space, SCOPES).await;
     let sc = unique("sc");
-    let r = callj(
-        &f.c,
+    let r = f.call(
         "relics.start",
-        &t,
         json!({"relic_name": "brief", "session_id": sc, "image": f.image, "command": "sleep 600",
                "resource_limits": {"timeout_seconds": 3}}),
+        Some(&t),
     )
     .await
     .expect("start");
@@ -318,42 +306,42 @@ async fn the_janitor_removes_expired_sessions() {
 #[tokio::test]
 async fn a_space_holds_a_bounded_number_of_session_networks() {
     let f = fleet_with(true, |c| c.max_sessions_per_space = 1).await;
-    let _nets = Networks(f.host_id.clone());
     let t = f.agent(&unique("a"), &unique("s"), SCOPES).await;
     let (s1, s2) = (unique("s1"), unique("s2"));
     let relic = |session: &str| json!({"relic_name": "cache", "session_id": session, "image": f.image, "command": "sleep 600"});
-    let r = callj(&f.c, "relics.start", &t, relic(&s1))
+    let r = f
+        .call("relics.start", relic(&s1), Some(&t))
         .await
         .expect("first session");
     assert_eq!(r["healthy"], true, "{r}");
     // A second session of the same space: refused, nothing made.
-    let e = callj(&f.c, "relics.start", &t, relic(&s2))
+    let e = f
+        .call("relics.start", relic(&s2), Some(&t))
         .await
         .expect_err("over the limit");
-    assert_eq!(e.0, 429, "{}", e.1);
-    assert!(e.1.contains("sessions.cleanup"), "{}", e.1);
+    assert_eq!(e.status, 429, "{}", e.detail);
+    assert!(e.detail.contains("sessions.cleanup"), "{}", e.detail);
     assert!(session_containers(&f.host_id, &s2).is_empty());
     assert!(session_networks(&f.host_id, &s2).is_empty());
     // Another relic in the first session is still fine, and another space has its own count.
     let mut second = relic(&s1);
     second["relic_name"] = json!("db");
-    callj(&f.c, "relics.start", &t, second)
+    f.call("relics.start", second, Some(&t))
         .await
         .expect("same session");
     let other = f.agent(&unique("b"), &unique("s"), SCOPES).await;
-    callj(&f.c, "relics.start", &other, relic(&s2))
+    f.call("relics.start", relic(&s2), Some(&other))
         .await
         .expect("another space");
     // Cleaned up, the first space may open a session again.
-    callj(
-        &f.c,
+    f.call(
         "sessions.cleanup",
-        &t,
         json!({"session_id": s1, "force": true}),
+        Some(&t),
     )
     .await
     .expect("cleanup");
-    callj(&f.c, "relics.start", &t, relic(&s2))
+    f.call("relics.start", relic(&s2), Some(&t))
         .await
         .expect("after cleanup");
 }

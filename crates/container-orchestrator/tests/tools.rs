@@ -33,20 +33,20 @@ async fn sync_runs_report_result_failure_and_timeout_and_leave_nothing() {
     let t = f.agent(&unique("a"), &space, TOOL_SCOPES).await;
 
     // Parameters as variables and as one document; the last JSON line is the result.
-    let r = callj(
-        &f.c,
-        "tools.execute",
-        &t,
-        with(
-            tool(
-                &f.image,
-                r#"echo working; echo "$TETHER_PARAMETERS" >&2; echo "{\"sum\": $((A + B))}""#,
+    let r = f
+        .call(
+            "tools.execute",
+            with(
+                tool(
+                    &f.image,
+                    r#"echo working; echo "$TETHER_PARAMETERS" >&2; echo "{\"sum\": $((A + B))}""#,
+                ),
+                json!({"parameters": {"a": 1, "b": 2}, "session_id": "sess1"}),
             ),
-            json!({"parameters": {"a": 1, "b": 2}, "session_id": "sess1"}),
-        ),
-    )
-    .await
-    .expect("execute");
+            Some(&t),
+        )
+        .await
+        .expect("execute");
     assert_eq!(r["status"], "completed", "{r}");
     assert_eq!(r["exit_code"], 0);
     assert_eq!(r["result"], json!({"sum": 3}));
@@ -57,25 +57,27 @@ async fn sync_runs_report_result_failure_and_timeout_and_leave_nothing() {
     let id = r["execution_id"].as_str().expect("id").to_string();
     assert!(f.engine_containers().is_empty(), "the container is removed");
     // Any replica can read it back.
-    let g = callj(&f.c, "tools.get", &t, json!({"execution_id": id}))
+    let g = f
+        .call("tools.get", json!({"execution_id": id}), Some(&t))
         .await
         .expect("get");
     assert_eq!(g["result"], json!({"sum": 3}));
     assert_eq!(g["status"], "completed");
-    let l = callj(&f.c, "tools.logs", &t, json!({"execution_id": id}))
+    let l = f
+        .call("tools.logs", json!({"execution_id": id}), Some(&t))
         .await
         .expect("logs");
     assert_eq!(l["stdout"], "working\n{\"sum\": 3}\n");
 
     // Its own failure: exit 3 with its stderr; exit 124 is a failure too, not a timeout.
-    let r = callj(
-        &f.c,
-        "tools.execute",
-        &t,
-        tool(&f.image, "echo bad input >&2; exit 3"),
-    )
-    .await
-    .expect("execute");
+    let r = f
+        .call(
+            "tools.execute",
+            tool(&f.image, "echo bad input >&2; exit 3"),
+            Some(&t),
+        )
+        .await
+        .expect("execute");
     assert_eq!(r["status"], "failed");
     assert_eq!(r["exit_code"], 3);
     assert_eq!(r["stderr"], "bad input\n");
@@ -86,7 +88,8 @@ async fn sync_runs_report_result_failure_and_timeout_and_leave_nothing() {
             .is_some_and(|n| n.contains("no result")),
         "{r}"
     );
-    let r = callj(&f.c, "tools.execute", &t, tool(&f.image, "exit 124"))
+    let r = f
+        .call("tools.execute", tool(&f.image, "exit 124"), Some(&t))
         .await
         .expect("execute");
     assert_eq!(
@@ -96,17 +99,17 @@ async fn sync_runs_report_result_failure_and_timeout_and_leave_nothing() {
 
     // Past its deadline: killed, `timed_out`, in about its timeout.
     let started = Instant::now();
-    let r = callj(
-        &f.c,
-        "tools.execute",
-        &t,
-        with(
-            tool(&f.image, "echo before; sleep 60"),
-            json!({"resource_limits": {"timeout_seconds": 2}}),
-        ),
-    )
-    .await
-    .expect("execute");
+    let r = f
+        .call(
+            "tools.execute",
+            with(
+                tool(&f.image, "echo before; sleep 60"),
+                json!({"resource_limits": {"timeout_seconds": 2}}),
+            ),
+            Some(&t),
+        )
+        .await
+        .expect("execute");
     let took = started.elapsed();
     assert_eq!(r["status"], "timed_out", "{r}");
     assert_eq!(r["stdout"], "before\n");
@@ -120,15 +123,14 @@ async fn sync_runs_report_result_failure_and_timeout_and_leave_nothing() {
     );
 
     // What it used: sampled while it ran.
-    let r = callj(
-        &f.c,
+    let r = f.call(
         "tools.execute",
-        &t,
         tool(
             &f.image,
             // Busy for three seconds of wall time, so sampling sees it even on a loaded engine.
             "end=$(($(date +%s) + 3)); while [ $(date +%s) -lt $end ]; do :; done; echo '{\"n\": 1}'",
         ),
+        Some(&t),
     )
     .await
     .expect("execute");
@@ -140,20 +142,20 @@ async fn sync_runs_report_result_failure_and_timeout_and_leave_nothing() {
 
     // A result too big to return twice (as the line and parsed: protobuf keeps a double per
     // number) still completes, once, with its output; the parsed result gives way, with a note.
-    let r = callj(
-        &f.c,
-        "tools.execute",
-        &t,
-        with(
-            tool(
-                &f.image,
-                "printf '['; yes '1,' | head -n 100000 | tr -d '\\n'; echo '1]'",
+    let r = f
+        .call(
+            "tools.execute",
+            with(
+                tool(
+                    &f.image,
+                    "printf '['; yes '1,' | head -n 100000 | tr -d '\\n'; echo '1]'",
+                ),
+                json!({"max_output_bytes": 900_000}),
             ),
-            json!({"max_output_bytes": 900_000}),
-        ),
-    )
-    .await
-    .expect("a big result");
+            Some(&t),
+        )
+        .await
+        .expect("a big result");
     assert_eq!(r["status"], "completed", "{}", r["detail"]);
     assert!(r["result"].is_null());
     assert!(
@@ -169,35 +171,36 @@ async fn sync_runs_report_result_failure_and_timeout_and_leave_nothing() {
         "{}",
         out.len()
     );
-    let g = callj(
-        &f.c,
-        "tools.get",
-        &t,
-        json!({"execution_id": r["execution_id"]}),
-    )
-    .await
-    .expect("get");
+    let g = f
+        .call(
+            "tools.get",
+            json!({"execution_id": r["execution_id"]}),
+            Some(&t),
+        )
+        .await
+        .expect("get");
     assert_eq!(g["stdout"], r["stdout"]);
 
     // cleanup: false keeps the container (labelled for the janitor).
-    let r = callj(
-        &f.c,
-        "tools.execute",
-        &t,
-        with(tool(&f.image, "true"), json!({"cleanup": false})),
-    )
-    .await
-    .expect("execute");
+    let r = f
+        .call(
+            "tools.execute",
+            with(tool(&f.image, "true"), json!({"cleanup": false})),
+            Some(&t),
+        )
+        .await
+        .expect("execute");
     let kept = r["container_id"].as_str().expect("container").to_string();
     assert_eq!(f.engine_containers(), vec![kept.clone()]);
     docker(&["rm", "-f", &kept]);
 
     // Another space's run does not exist for this agent.
     let other = f.agent(&unique("b"), &unique("s"), TOOL_SCOPES).await;
-    let e = callj(&f.c, "tools.get", &other, json!({"execution_id": id}))
+    let e = f
+        .call("tools.get", json!({"execution_id": id}), Some(&other))
         .await
         .expect_err("other space");
-    assert_eq!(e.0, 404);
+    assert_eq!(e.status, 404);
 }
 
 /// Counts a finishing event per execution id.
@@ -236,7 +239,8 @@ async fn async_jobs_run_once_on_two_replicas_through_a_sigkill() {
     const N: usize = 200;
     let mut f = fleet_with(false, |_| {}).await;
     let (ha, hb) = (unique("ha"), unique("hb"));
-    f.cleanup.host_ids = vec![ha.clone(), hb.clone()];
+    f.clean_label(host_label(&ha));
+    f.clean_label(host_label(&hb));
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     std::fs::create_dir(&data).expect("data dir");
@@ -276,7 +280,7 @@ async fn async_jobs_run_once_on_two_replicas_through_a_sigkill() {
     let submitted = Instant::now();
     let mut ids = Vec::with_capacity(N);
     let replies = futures::stream::iter(0..N)
-        .map(|i| callj(&f.c, "tools.execute", &t, job(i)))
+        .map(|i| f.call("tools.execute", job(i), Some(&t)))
         .buffered(16)
         .collect::<Vec<_>>()
         .await;
@@ -287,10 +291,12 @@ async fn async_jobs_run_once_on_two_replicas_through_a_sigkill() {
     }
     // The same idempotency key twice: one execution.
     let keyed = with(job(N), json!({"idempotency_key": "once-only"}));
-    let k1 = callj(&f.c, "tools.execute", &t, keyed.clone())
+    let k1 = f
+        .call("tools.execute", keyed.clone(), Some(&t))
         .await
         .expect("keyed");
-    let k2 = callj(&f.c, "tools.execute", &t, keyed)
+    let k2 = f
+        .call("tools.execute", keyed, Some(&t))
         .await
         .expect("keyed again");
     assert_eq!(k1["execution_id"], k2["execution_id"]);
@@ -327,7 +333,8 @@ async fn async_jobs_run_once_on_two_replicas_through_a_sigkill() {
     let mut redelivered = 0;
     for id in &ids {
         assert_eq!(finished.get(id), Some(&1), "one completion of {id}");
-        let r = callj(&f.c, "tools.get", &t, json!({"execution_id": id}))
+        let r = f
+            .call("tools.get", json!({"execution_id": id}), Some(&t))
             .await
             .expect("get");
         assert_eq!(r["status"], "completed", "{r}");
@@ -366,30 +373,33 @@ async fn async_jobs_run_once_on_two_replicas_through_a_sigkill() {
     // A comes back; a running job is cancelled from whichever replica gets the request.
     let _a = spawn_worker(&f.nats.url(), &ha, &config);
     wait_up(&f, &ha).await;
-    let r = callj(
-        &f.c,
-        "tools.execute",
-        &t,
-        with(tool(&f.image, "sleep 120"), json!({"async": true})),
-    )
-    .await
-    .expect("submit");
+    let r = f
+        .call(
+            "tools.execute",
+            with(tool(&f.image, "sleep 120"), json!({"async": true})),
+            Some(&t),
+        )
+        .await
+        .expect("submit");
     let id = r["execution_id"].as_str().expect("id").to_string();
     eventually(Duration::from_secs(30), "job running", || async {
-        let r = callj(&f.c, "tools.get", &t, json!({"execution_id": id}))
+        let r = f
+            .call("tools.get", json!({"execution_id": id}), Some(&t))
             .await
             .ok()?;
         (r["status"] == "running" && r["container_id"] != "").then_some(())
     })
     .await;
-    let r = callj(&f.c, "tools.cancel", &t, json!({"execution_id": id}))
+    let r = f
+        .call("tools.cancel", json!({"execution_id": id}), Some(&t))
         .await
         .expect("cancel");
     assert_eq!(r["status"], "cancelled", "{r}");
-    let e = callj(&f.c, "tools.cancel", &t, json!({"execution_id": id}))
+    let e = f
+        .call("tools.cancel", json!({"execution_id": id}), Some(&t))
         .await
         .expect_err("finished");
-    assert_eq!(e.0, 409);
+    assert_eq!(e.status, 409);
     eventually(
         Duration::from_secs(20),
         "cancelled container removed",
@@ -404,7 +414,7 @@ async fn async_jobs_run_once_on_two_replicas_through_a_sigkill() {
 async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
     let mut f = fleet_with(false, |_| {}).await;
     let h = unique("hs");
-    f.cleanup.host_ids = vec![h.clone()];
+    f.clean_label(host_label(&h));
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("tether.toml");
     std::fs::write(&config, "").expect("config");
@@ -415,14 +425,14 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
     // A sync run whose caller waits; its node is SIGKILLed while the tool runs.
     let (c, tok, image) = (f.c.clone(), t.clone(), f.image.clone());
     let caller = tokio::spawn(async move {
-        callj(
+        call(
             &c,
             "tools.execute",
-            &tok,
             with(
                 tool(&image, "echo partial; sleep 60"),
                 json!({"resource_limits": {"timeout_seconds": 2}}),
             ),
+            Some(&tok),
         )
         .await
     });
@@ -440,8 +450,17 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
     let _ = node.0.wait();
     // Its caller would wait out its own timeout; it is not what this test is about.
     caller.abort();
-    let r = callj(&f.c, "tools.get", &t, json!({"execution_id": execution})).await;
-    assert!(r.is_err(), "no node serves while it is down: {r:?}");
+    // No node serves while it is down: no responders, once the server has seen the killed
+    // connection close (a request routed to it just before gets no answer at all).
+    eventually(Duration::from_secs(30), "no node serves", || async {
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            f.call("tools.get", json!({"execution_id": execution}), Some(&t)),
+        )
+        .await;
+        matches!(r, Ok(Err(Problem { status: 503, .. }))).then_some(())
+    })
+    .await;
 
     // The node comes back (a new instance, the same host): past the run's deadline and the
     // grace, its janitor records the run as failed, with what the tool printed, and removes
@@ -452,7 +471,8 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
         Duration::from_secs(60),
         "abandoned run finished",
         || async {
-            let r = callj(&f.c, "tools.get", &t, json!({"execution_id": execution}))
+            let r = f
+                .call("tools.get", json!({"execution_id": execution}), Some(&t))
                 .await
                 .ok()?;
             (r["status"] != "running").then_some(r)
@@ -479,26 +499,27 @@ async fn a_job_no_host_can_run_is_recorded_failed_on_its_last_delivery() {
     // An image that is there at submission and gone by the time a worker takes the job.
     let gone = format!("tether-test/gone:{}", unique("i"));
     docker(&["tag", &f.image, &gone]);
-    let r = callj(
-        &f.c,
-        "tools.execute",
-        &t,
-        with(tool(&gone, "true"), json!({"async": true})),
-    )
-    .await
-    .expect("submit");
+    let r = f
+        .call(
+            "tools.execute",
+            with(tool(&gone, "true"), json!({"async": true})),
+            Some(&t),
+        )
+        .await
+        .expect("submit");
     assert_eq!(r["status"], "queued");
     let id = r["execution_id"].as_str().expect("id").to_string();
     docker(&["rmi", &gone]);
 
     let w = unique("w");
-    f.cleanup.host_ids.push(w.clone());
+    f.clean_label(host_label(&w));
     let mut cfg = orch_config(&w);
     cfg.tool_job_max_deliver = 3;
     let worker = start_orchestrator(&f.nats.url(), cfg).await;
     // Left for another host twice, then failed for good: not `running` until the TTL.
     let r = eventually(Duration::from_secs(60), "job given up", || async {
-        let r = callj(&f.c, "tools.get", &t, json!({"execution_id": id}))
+        let r = f
+            .call("tools.get", json!({"execution_id": id}), Some(&t))
             .await
             .ok()?;
         is_final(&r).then_some(r)
@@ -524,7 +545,8 @@ fn is_final(r: &Value) -> bool {
 async fn a_job_that_finished_while_its_worker_was_dead_is_adopted_by_its_outcome() {
     let mut f = fleet_with(false, |_| {}).await;
     let (ha, hb) = (unique("ha"), unique("hb"));
-    f.cleanup.host_ids = vec![ha.clone(), hb.clone()];
+    f.clean_label(host_label(&ha));
+    f.clean_label(host_label(&hb));
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("tether.toml");
     std::fs::write(&config, "").expect("config");
@@ -543,17 +565,17 @@ async fn a_job_that_finished_while_its_worker_was_dead_is_adopted_by_its_outcome
     let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
     // Exits well before its 3 s deadline; its worker is SIGKILLed while it runs, and the job
     // comes back (ack wait 6 s) only after the deadline has passed.
-    let r = callj(
-        &f.c,
-        "tools.execute",
-        &t,
-        with(
-            tool(&f.image, "sleep 1; echo '{\"ok\": 1}'"),
-            json!({"async": true, "resource_limits": {"timeout_seconds": 3}}),
-        ),
-    )
-    .await
-    .expect("submit");
+    let r = f
+        .call(
+            "tools.execute",
+            with(
+                tool(&f.image, "sleep 1; echo '{\"ok\": 1}'"),
+                json!({"async": true, "resource_limits": {"timeout_seconds": 3}}),
+            ),
+            Some(&t),
+        )
+        .await
+        .expect("submit");
     let id = r["execution_id"].as_str().expect("id").to_string();
     eventually(Duration::from_secs(30), "tool running", || async {
         host_containers(&ha).into_iter().next()
@@ -563,7 +585,8 @@ async fn a_job_that_finished_while_its_worker_was_dead_is_adopted_by_its_outcome
     let _ = a.0.wait();
     let _b = worker(&hb);
     let r = eventually(Duration::from_secs(60), "job finished", || async {
-        let r = callj(&f.c, "tools.get", &t, json!({"execution_id": id}))
+        let r = f
+            .call("tools.get", json!({"execution_id": id}), Some(&t))
             .await
             .ok()?;
         is_final(&r).then_some(r)

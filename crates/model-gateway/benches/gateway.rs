@@ -73,7 +73,7 @@ async fn bench() {
         assert!(v["choices"][0]["message"]["content"].is_string());
     };
     let via_gateway = |c: async_nats::Client, token: String, body: Value| async move {
-        let r = call(&c, "model.chat", Some(&token), body)
+        let r = call(&c, "model.chat", body, Some(&token))
             .await
             .expect("gateway call");
         assert_eq!(r["provider"], "llm");
@@ -108,9 +108,9 @@ async fn bench() {
             let mut sub = c.subscribe(subject.clone()).await.map_err(|e| e.to_string())?;
             let body = json!({"model": "m", "messages": [{"role": "user", "content": format!("stream {i}")}],
                               "stream": true, "stream_subject": subject, "timeout_ms": 60000});
-            let reply = call(&c, "model.chat", Some(&token), body)
+            let reply = call(&c, "model.chat", body, Some(&token))
                 .await
-                .map_err(|e| format!("{} {}", e.0, e.1))?;
+                .map_err(|e| format!("{} {}", e.status, e.detail))?;
             let mut text = String::new();
             let mut seq = 0u64;
             loop {

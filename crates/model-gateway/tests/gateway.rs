@@ -41,11 +41,11 @@ async fn chat_embed_rank_round_trip() {
     let gw = f.gateway(cfg).await;
 
     // Chat: OpenAI shape, who served it, the upstream model name from the route, the key sent.
-    let r = call(&f.c, "model.chat", Some(&token), json!({
+    let r = f.call("model.chat", json!({
         "model": "chat-small",
         "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],
         "temperature": 0.2, "max_tokens": 64,
-    })).await.unwrap();
+    }), Some(&token)).await.unwrap();
     assert_eq!(r["object"], "chat.completion");
     assert_eq!(r["model"], "chat-small");
     assert_eq!(content(&r), answer_of("llm", "hello there"));
@@ -72,24 +72,20 @@ async fn chat_embed_rank_round_trip() {
     );
 
     // A glob route passes the caller's model name through.
-    let r = call(
-        &f.c,
-        "model.chat",
-        Some(&token),
-        chat_body("llama3.1:8b", "hi"),
-    )
-    .await
-    .unwrap();
+    let r = f
+        .call("model.chat", chat_body("llama3.1:8b", "hi"), Some(&token))
+        .await
+        .unwrap();
     assert_eq!(r["upstream_model"], "llama3.1:8b");
     assert_eq!(llm.last_body().unwrap()["model"], "llama3.1:8b");
 
     // Tools pass through and tool calls come back.
-    let r = call(&f.c, "model.chat", Some(&token), json!({
+    let r = f.call("model.chat", json!({
         "model": "chat-small",
         "messages": [{"role": "user", "content": "weather?"}],
         "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
         "tool_choice": "auto",
-    })).await.unwrap();
+    }), Some(&token)).await.unwrap();
     assert_eq!(
         llm.last_body().unwrap()["tools"][0]["function"]["name"],
         "get_weather"
@@ -100,14 +96,14 @@ async fn chat_embed_rank_round_trip() {
     assert_eq!(call0["function"]["arguments"], "{\"city\":\"Paris\"}");
     assert_eq!(r["choices"][0]["finish_reason"], "tool_calls");
     // …and the tool's answer goes back up in OpenAI shape.
-    call(&f.c, "model.chat", Some(&token), json!({
+    f.call("model.chat", json!({
         "model": "chat-small",
         "messages": [
             {"role": "user", "content": "weather?"},
             {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
             {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
         ],
-    })).await.unwrap();
+    }), Some(&token)).await.unwrap();
     let msgs = llm.last_body().unwrap()["messages"].clone();
     assert_eq!(msgs[1]["content"], Value::Null);
     assert_eq!(msgs[1]["tool_calls"][0]["id"], "call_1");
@@ -118,14 +114,14 @@ async fn chat_embed_rank_round_trip() {
 
     // Embeddings: one vector per input, in order.
     let inputs = ["the quick brown fox", "hello", "a b c d e f"];
-    let r = call(
-        &f.c,
-        "model.embed",
-        Some(&token),
-        json!({"model": "embed-small", "input": inputs}),
-    )
-    .await
-    .unwrap();
+    let r = f
+        .call(
+            "model.embed",
+            json!({"model": "embed-small", "input": inputs}),
+            Some(&token),
+        )
+        .await
+        .unwrap();
     assert_eq!(r["object"], "list");
     assert_eq!(r["provider"], "llm");
     assert_eq!(llm.last_body().unwrap()["model"], "nomic-embed-text");
@@ -145,14 +141,14 @@ async fn chat_embed_rank_round_trip() {
         "rust and cats",
         "nothing here",
     ];
-    let r = call(
-        &f.c,
-        "model.rank",
-        Some(&token),
-        json!({"model": "rank-small", "query": "rust cats", "documents": docs, "top_n": 3}),
-    )
-    .await
-    .unwrap();
+    let r = f
+        .call(
+            "model.rank",
+            json!({"model": "rank-small", "query": "rust cats", "documents": docs, "top_n": 3}),
+            Some(&token),
+        )
+        .await
+        .unwrap();
     assert_eq!(r["provider"], "rr");
     assert_eq!(
         rr.last_body().unwrap(),
@@ -169,19 +165,16 @@ async fn chat_embed_rank_round_trip() {
     assert!(scores.windows(2).all(|w| w[0] >= w[1]));
 
     // A rerank-only provider never gets chat traffic.
-    let e = call(
-        &f.c,
-        "model.chat",
-        Some(&token),
-        chat_body("rank-small", "hi"),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(e.0, 422, "{e:?}");
+    let e = f
+        .call("model.chat", chat_body("rank-small", "hi"), Some(&token))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 422, "{e:?}");
     assert_eq!(rr.state.chat_calls.load(Ordering::SeqCst), 0);
 
     // What is routable, and provider health.
-    let m = call(&f.c, "model.models", Some(&token), json!({}))
+    let m = f
+        .call("model.models", json!({}), Some(&token))
         .await
         .unwrap();
     let names: Vec<&str> = m["models"]
@@ -224,17 +217,17 @@ async fn streaming_chunks_arrive_in_order_and_concatenate() {
 
     let subject = f.c.new_inbox();
     let mut sub = f.c.subscribe(subject.clone()).await.unwrap();
-    let r = call(
-        &f.c,
-        "model.chat",
-        Some(&token),
-        json!({
-            "model": "m", "messages": [{"role": "user", "content": "tell me a long story"}],
-            "stream": true, "stream_subject": subject,
-        }),
-    )
-    .await
-    .unwrap();
+    let r = f
+        .call(
+            "model.chat",
+            json!({
+                "model": "m", "messages": [{"role": "user", "content": "tell me a long story"}],
+                "stream": true, "stream_subject": subject,
+            }),
+            Some(&token),
+        )
+        .await
+        .unwrap();
     let mut chunks = Vec::new();
     loop {
         let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
@@ -277,18 +270,18 @@ async fn streaming_chunks_arrive_in_order_and_concatenate() {
     // A streamed tool call is assembled into the final message.
     let subject = format!("model.stream.{}", uuid_like());
     let mut sub = f.c.subscribe(subject.clone()).await.unwrap();
-    let r = call(
-        &f.c,
-        "model.chat",
-        Some(&token),
-        json!({
-            "model": "m", "messages": [{"role": "user", "content": "weather?"}],
-            "tools": [{"type": "function", "function": {"name": "get_weather"}}],
-            "stream": true, "stream_subject": subject,
-        }),
-    )
-    .await
-    .unwrap();
+    let r = f
+        .call(
+            "model.chat",
+            json!({
+                "model": "m", "messages": [{"role": "user", "content": "weather?"}],
+                "tools": [{"type": "function", "function": {"name": "get_weather"}}],
+                "stream": true, "stream_subject": subject,
+            }),
+            Some(&token),
+        )
+        .await
+        .unwrap();
     let tc = &r["choices"][0]["message"]["tool_calls"][0];
     assert_eq!(
         (tc["id"].as_str(), tc["function"]["name"].as_str()),
@@ -320,10 +313,11 @@ async fn streaming_chunks_arrive_in_order_and_concatenate() {
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": true, "stream_subject": "_INBOX.>"}),
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_subject": "_INBOX.x"}),
     ] {
-        let e = call(&f.c, "model.chat", Some(&token), body.clone())
+        let e = f
+            .call("model.chat", body.clone(), Some(&token))
             .await
             .unwrap_err();
-        assert_eq!(e.0, 400, "{body}: {e:?}");
+        assert_eq!(e.status, 400, "{body}: {e:?}");
     }
     assert_eq!(llm.calls(), before);
     gw.shutdown().await.unwrap();
@@ -365,11 +359,10 @@ async fn fallback_when_the_first_provider_fails_500_times_out_or_refuses() {
     first.set_mode(Mode::Fail500);
     let gw = two_provider_gateway(&f, &first.base_url(), &second, 10_000).await;
     let t = Instant::now();
-    let r = call(
-        &f.c,
+    let r = f.call(
         "model.chat",
-        Some(&token),
         json!({"model": "m", "messages": [{"role": "user", "content": "q"}], "timeout_ms": 5000}),
+        Some(&token),
     )
     .await
     .unwrap();
@@ -382,14 +375,14 @@ async fn fallback_when_the_first_provider_fails_500_times_out_or_refuses() {
     assert_eq!(first.calls(), 3, "one call and two retries on 5xx");
     assert_eq!(r["attempts"], 4);
     // Embeddings fall back the same way.
-    let r = call(
-        &f.c,
-        "model.embed",
-        Some(&token),
-        json!({"model": "e", "input": ["x"]}),
-    )
-    .await
-    .unwrap();
+    let r = f
+        .call(
+            "model.embed",
+            json!({"model": "e", "input": ["x"]}),
+            Some(&token),
+        )
+        .await
+        .unwrap();
     assert_eq!(r["provider"], "second");
     gw.shutdown().await.unwrap();
 
@@ -398,11 +391,10 @@ async fn fallback_when_the_first_provider_fails_500_times_out_or_refuses() {
     first.set_mode(Mode::Hang);
     let gw = two_provider_gateway(&f, &first.base_url(), &second, 300).await;
     let t = Instant::now();
-    let r = call(
-        &f.c,
+    let r = f.call(
         "model.chat",
-        Some(&token),
         json!({"model": "m", "messages": [{"role": "user", "content": "q"}], "timeout_ms": 3000}),
+        Some(&token),
     )
     .await
     .unwrap();
@@ -413,20 +405,21 @@ async fn fallback_when_the_first_provider_fails_500_times_out_or_refuses() {
     );
     assert_eq!(r["provider"], "second");
     assert_eq!(first.calls(), 1);
-    eventually("the hung request's connection was dropped", || {
-        first.disconnected() == 1
-    })
+    eventually(
+        SOON,
+        "the hung request's connection was dropped",
+        || async { (first.disconnected() == 1).then_some(()) },
+    )
     .await;
     gw.shutdown().await.unwrap();
 
     // Refuses connections (nothing listens): retried, then the second answers.
     let gw = two_provider_gateway(&f, &refused_base_url(), &second, 10_000).await;
     let t = Instant::now();
-    let r = call(
-        &f.c,
+    let r = f.call(
         "model.chat",
-        Some(&token),
         json!({"model": "m", "messages": [{"role": "user", "content": "q"}], "timeout_ms": 3000}),
+        Some(&token),
     )
     .await
     .unwrap();
@@ -439,7 +432,8 @@ async fn fallback_when_the_first_provider_fails_500_times_out_or_refuses() {
     let first = StandIn::start("first").await;
     first.set_mode(Mode::Garbage);
     let gw = two_provider_gateway(&f, &first.base_url(), &second, 10_000).await;
-    let r = call(&f.c, "model.chat", Some(&token), chat_body("m", "q"))
+    let r = f
+        .call("model.chat", chat_body("m", "q"), Some(&token))
         .await
         .unwrap();
     assert_eq!((r["provider"].as_str(), first.calls()), (Some("second"), 1));
@@ -447,14 +441,15 @@ async fn fallback_when_the_first_provider_fails_500_times_out_or_refuses() {
     // Everything down: 503 naming each provider's failure.
     second.set_mode(Mode::Fail500);
     first.set_mode(Mode::Fail500);
-    let e = call(&f.c, "model.chat", Some(&token), chat_body("m", "q"))
+    let e = f
+        .call("model.chat", chat_body("m", "q"), Some(&token))
         .await
         .unwrap_err();
-    assert_eq!(e.0, 503, "{e:?}");
+    assert_eq!(e.status, 503, "{e:?}");
     assert!(
-        e.1.contains("first: HTTP 500") && e.1.contains("second: HTTP 500"),
+        e.detail.contains("first: HTTP 500") && e.detail.contains("second: HTTP 500"),
         "{}",
-        e.1
+        e.detail
     );
     gw.shutdown().await.unwrap();
 }
@@ -475,7 +470,8 @@ async fn transient_errors_are_retried_on_the_same_provider() {
         ))
         .await;
     a.state.fail_first.store(2, Ordering::SeqCst);
-    let r = call(&f.c, "model.chat", Some(&token), chat_body("m", "q"))
+    let r = f
+        .call("model.chat", chat_body("m", "q"), Some(&token))
         .await
         .unwrap();
     assert_eq!(
@@ -487,7 +483,8 @@ async fn transient_errors_are_retried_on_the_same_provider() {
     // 429 is retried too (Retry-After: 0), then falls back.
     a.set_mode(Mode::Throttle429);
     let before = a.calls();
-    let r = call(&f.c, "model.chat", Some(&token), chat_body("m", "q"))
+    let r = f
+        .call("model.chat", chat_body("m", "q"), Some(&token))
         .await
         .unwrap();
     assert_eq!(r["provider"], "b");
@@ -516,13 +513,15 @@ async fn a_failing_provider_is_skipped_then_probed_after_its_cool_down() {
     };
     let gw = f.gateway(cfg).await;
     for _ in 0..2 {
-        let r = call(&f.c, "model.chat", Some(&token), chat_body("m", "q"))
+        let r = f
+            .call("model.chat", chat_body("m", "q"), Some(&token))
             .await
             .unwrap();
         assert_eq!(r["provider"], "b");
     }
     assert_eq!(a.calls(), 2);
-    let m = call(&f.c, "model.models", Some(&token), json!({}))
+    let m = f
+        .call("model.models", json!({}), Some(&token))
         .await
         .unwrap();
     assert_eq!(
@@ -537,7 +536,8 @@ async fn a_failing_provider_is_skipped_then_probed_after_its_cool_down() {
     // Open: skipped — the stand-in sees no call.
     let t = Instant::now();
     for _ in 0..5 {
-        let r = call(&f.c, "model.chat", Some(&token), chat_body("m", "q"))
+        let r = f
+            .call("model.chat", chat_body("m", "q"), Some(&token))
             .await
             .unwrap();
         assert_eq!(
@@ -553,7 +553,7 @@ async fn a_failing_provider_is_skipped_then_probed_after_its_cool_down() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while a.calls() < 3 {
         assert!(Instant::now() < deadline, "no probe after the cool-down");
-        call(&f.c, "model.chat", Some(&token), chat_body("m", "q"))
+        f.call("model.chat", chat_body("m", "q"), Some(&token))
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -563,7 +563,8 @@ async fn a_failing_provider_is_skipped_then_probed_after_its_cool_down() {
     a.set_mode(Mode::Ok);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let r = call(&f.c, "model.chat", Some(&token), chat_body("m", "q"))
+        let r = f
+            .call("model.chat", chat_body("m", "q"), Some(&token))
             .await
             .unwrap();
         if r["provider"] == "a" {
@@ -572,7 +573,8 @@ async fn a_failing_provider_is_skipped_then_probed_after_its_cool_down() {
         assert!(Instant::now() < deadline, "never went back to a");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let m = call(&f.c, "model.models", Some(&token), json!({}))
+    let m = f
+        .call("model.models", json!({}), Some(&token))
         .await
         .unwrap();
     assert_eq!(m["providers"][0]["circuit"], "closed");
@@ -598,19 +600,21 @@ async fn a_provider_400_is_returned_with_its_reason_and_not_retried() {
             vec![route("m", &[("a", ""), ("b", "")])],
         ))
         .await;
-    let e = call(&f.c, "model.chat", Some(&token), chat_body("m", "q"))
+    let e = f
+        .call("model.chat", chat_body("m", "q"), Some(&token))
         .await
         .unwrap_err();
-    assert_eq!(e.0, 400);
+    assert_eq!(e.status, 400);
     assert!(
-        e.1.contains("maximum context length is 8192 tokens"),
+        e.detail.contains("maximum context length is 8192 tokens"),
         "{}",
-        e.1
+        e.detail
     );
     assert_eq!(a.calls(), 1, "not retried");
     assert_eq!(b.calls(), 0, "no fallback for a bad request");
     // The provider is fine: its circuit stays closed.
-    let m = call(&f.c, "model.models", Some(&token), json!({}))
+    let m = f
+        .call("model.models", json!({}), Some(&token))
         .await
         .unwrap();
     assert_eq!(m["providers"][0]["consecutive_failures"], 0);
@@ -630,14 +634,15 @@ async fn unknown_model_malformed_request_and_missing_scope() {
         ))
         .await;
 
-    let e = call(&f.c, "model.chat", Some(&token), chat_body("nope", "q"))
+    let e = f
+        .call("model.chat", chat_body("nope", "q"), Some(&token))
         .await
         .unwrap_err();
-    assert_eq!(e.0, 404);
+    assert_eq!(e.status, 404);
     assert!(
-        e.1.contains("gpt-4o") && e.1.contains("llama*"),
+        e.detail.contains("gpt-4o") && e.detail.contains("llama*"),
         "lists routable models: {}",
-        e.1
+        e.detail
     );
     for (s, body) in [
         ("model.embed", json!({"model": "nope", "input": ["x"]})),
@@ -646,7 +651,7 @@ async fn unknown_model_malformed_request_and_missing_scope() {
             json!({"model": "nope", "query": "q", "documents": ["d"]}),
         ),
     ] {
-        assert_eq!(call(&f.c, s, Some(&token), body).await.unwrap_err().0, 404);
+        assert_eq!(f.call(s, body, Some(&token)).await.unwrap_err().status, 404);
     }
 
     let bad: Vec<(&str, Vec<u8>)> = vec![
@@ -666,29 +671,36 @@ async fn unknown_model_malformed_request_and_missing_scope() {
         ("model.cancel", br#"{"request_id":""}"#.to_vec()),
     ];
     for (s, body) in bad {
-        let e = call_raw(
+        let e = request(
             &f.c,
             s,
-            Some(&token),
             body.clone(),
+            Some(&token),
             async_nats::HeaderMap::new(),
+            CALL_TIMEOUT,
         )
         .await
         .unwrap_err();
-        assert_eq!(e.0, 400, "{s} {}: {e:?}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            e.status,
+            400,
+            "{s} {}: {e:?}",
+            String::from_utf8_lossy(&body)
+        );
     }
     let mut h = async_nats::HeaderMap::new();
     h.insert("Tether-Timeout-Ms", "soon");
-    let e = call_raw(
+    let e = request(
         &f.c,
         "model.chat",
-        Some(&token),
         chat_body("gpt-4o", "q").to_string().into_bytes(),
+        Some(&token),
         h,
+        CALL_TIMEOUT,
     )
     .await
     .unwrap_err();
-    assert_eq!(e.0, 400);
+    assert_eq!(e.status, 400);
 
     for s in [
         "model.chat",
@@ -698,15 +710,15 @@ async fn unknown_model_malformed_request_and_missing_scope() {
         "model.cancel",
     ] {
         assert_eq!(
-            call(&f.c, s, None, json!({})).await.unwrap_err().0,
+            f.call(s, json!({}), None).await.unwrap_err().status,
             401,
             "{s} without a token"
         );
         assert_eq!(
-            call(&f.c, s, Some(&shell_only), json!({}))
+            f.call(s, json!({}), Some(&shell_only))
                 .await
                 .unwrap_err()
-                .0,
+                .status,
             403,
             "{s} without model:call"
         );
@@ -740,7 +752,8 @@ async fn privacy_never_sends_anything_to_a_remote_provider() {
     };
     let gw = f.gateway(cfg).await;
 
-    let r = call(&f.c, "model.chat", Some(&token), chat_body("m", "q"))
+    let r = f
+        .call("model.chat", chat_body("m", "q"), Some(&token))
         .await
         .unwrap();
     assert_eq!(
@@ -750,11 +763,10 @@ async fn privacy_never_sends_anything_to_a_remote_provider() {
     let remote_calls = remote.calls();
 
     // Asked per request: the local provider serves, and the answer says so.
-    let r = call(
-        &f.c,
+    let r = f.call(
         "model.chat",
-        Some(&token),
         json!({"model": "m", "messages": [{"role": "user", "content": "secret"}], "privacy": true}),
+        Some(&token),
     )
     .await
     .unwrap();
@@ -762,59 +774,54 @@ async fn privacy_never_sends_anything_to_a_remote_provider() {
         (r["provider"].as_str(), r["local"].as_bool()),
         (Some("local"), Some(true))
     );
-    let r = call(
-        &f.c,
-        "model.embed",
-        Some(&token),
-        json!({"model": "m", "input": ["secret"], "privacy": true}),
-    )
-    .await
-    .unwrap();
+    let r = f
+        .call(
+            "model.embed",
+            json!({"model": "m", "input": ["secret"], "privacy": true}),
+            Some(&token),
+        )
+        .await
+        .unwrap();
     assert_eq!(r["provider"], "local");
     // Required for the agent by config: no flag needed.
-    let r = call(
-        &f.c,
-        "model.chat",
-        Some(&private_agent),
-        chat_body("m", "secret"),
-    )
-    .await
-    .unwrap();
+    let r = f
+        .call("model.chat", chat_body("m", "secret"), Some(&private_agent))
+        .await
+        .unwrap();
     assert_eq!(r["provider"], "local");
     // Streaming too.
     let subject = f.c.new_inbox();
     let _sub = f.c.subscribe(subject.clone()).await.unwrap();
-    let r = call(&f.c, "model.chat", Some(&token), json!({"model": "m", "messages": [{"role": "user", "content": "secret"}], "privacy": true, "stream": true, "stream_subject": subject})).await.unwrap();
+    let r = f.call("model.chat", json!({"model": "m", "messages": [{"role": "user", "content": "secret"}], "privacy": true, "stream": true, "stream_subject": subject}), Some(&token)).await.unwrap();
     assert_eq!(r["provider"], "local");
 
     // The local provider fails: refused, not sent out.
     local.set_mode(Mode::Fail500);
-    let e = call(
-        &f.c,
+    let e = f.call(
         "model.chat",
-        Some(&token),
         json!({"model": "m", "messages": [{"role": "user", "content": "secret"}], "privacy": true}),
+        Some(&token),
     )
     .await
     .unwrap_err();
-    assert_eq!(e.0, 503);
-    assert!(e.1.contains("privacy"), "{}", e.1);
+    assert_eq!(e.status, 503);
+    assert!(e.detail.contains("privacy"), "{}", e.detail);
     local.set_mode(Mode::Hang);
-    let e = call(&f.c, "model.chat", Some(&private_agent), json!({"model": "m", "messages": [{"role": "user", "content": "secret"}], "timeout_ms": 500})).await.unwrap_err();
-    assert_eq!(e.0, 504);
+    let e = f.call("model.chat", json!({"model": "m", "messages": [{"role": "user", "content": "secret"}], "timeout_ms": 500}), Some(&private_agent)).await.unwrap_err();
+    assert_eq!(e.status, 504);
     // No local provider at all: refused before any call.
-    let e = call(&f.c, "model.chat", Some(&token), json!({"model": "remote-only", "messages": [{"role": "user", "content": "secret"}], "privacy": true})).await.unwrap_err();
-    assert_eq!(e.0, 422);
-    assert!(e.1.contains("no local provider"), "{}", e.1);
-    let e = call(
-        &f.c,
-        "model.rank",
-        Some(&private_agent),
-        json!({"model": "rank", "query": "q", "documents": ["d"]}),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(e.0, 422);
+    let e = f.call("model.chat", json!({"model": "remote-only", "messages": [{"role": "user", "content": "secret"}], "privacy": true}), Some(&token)).await.unwrap_err();
+    assert_eq!(e.status, 422);
+    assert!(e.detail.contains("no local provider"), "{}", e.detail);
+    let e = f
+        .call(
+            "model.rank",
+            json!({"model": "rank", "query": "q", "documents": ["d"]}),
+            Some(&private_agent),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 422);
     assert_eq!(
         remote.calls(),
         remote_calls,
@@ -830,19 +837,21 @@ async fn privacy_never_sends_anything_to_a_remote_provider() {
         ..config(providers, routes)
     };
     let gw = f.gateway(cfg).await;
-    let r = call(&f.c, "model.chat", Some(&token), chat_body("m", "q"))
+    let r = f
+        .call("model.chat", chat_body("m", "q"), Some(&token))
         .await
         .unwrap();
     assert_eq!(r["provider"], "local");
     local.set_mode(Mode::Fail500);
     assert_eq!(
-        call(&f.c, "model.chat", Some(&token), chat_body("m", "q"))
+        f.call("model.chat", chat_body("m", "q"), Some(&token))
             .await
             .unwrap_err()
-            .0,
+            .status,
         503
     );
-    let m = call(&f.c, "model.models", Some(&token), json!({}))
+    let m = f
+        .call("model.models", json!({}), Some(&token))
         .await
         .unwrap();
     assert_eq!(m["privacy"], true);
@@ -871,22 +880,21 @@ async fn the_callers_deadline_bounds_the_whole_call() {
         .await;
 
     let t = Instant::now();
-    let e = call(
-        &f.c,
+    let e = f.call(
         "model.chat",
-        Some(&token),
         json!({"model": "m", "messages": [{"role": "user", "content": "q"}], "timeout_ms": 400}),
+        Some(&token),
     )
     .await
     .unwrap_err();
     let took = t.elapsed();
-    assert_eq!(e.0, 504, "{e:?}");
+    assert_eq!(e.status, 504, "{e:?}");
     assert!(
         took >= Duration::from_millis(400) && took < Duration::from_secs(5),
         "{took:?}"
     );
-    eventually("the upstream request was abandoned", || {
-        a.disconnected() == 1
+    eventually(SOON, "the upstream request was abandoned", || async {
+        (a.disconnected() == 1).then_some(())
     })
     .await;
 
@@ -896,16 +904,17 @@ async fn the_callers_deadline_bounds_the_whole_call() {
     let t = Instant::now();
     let body =
         json!({"model": "m", "messages": [{"role": "user", "content": "q"}], "timeout_ms": 20000});
-    let e = call_raw(
+    let e = request(
         &f.c,
         "model.chat",
-        Some(&token),
         body.to_string().into_bytes(),
+        Some(&token),
         h,
+        CALL_TIMEOUT,
     )
     .await
     .unwrap_err();
-    assert_eq!(e.0, 504);
+    assert_eq!(e.status, 504);
     assert!(t.elapsed() < Duration::from_secs(5));
     assert_eq!(b.calls(), 0, "no time was left for the fallback");
     gw.shutdown().await.unwrap();
@@ -933,7 +942,7 @@ async fn a_caller_that_goes_away_or_cancels_stops_the_upstream_call() {
     let t2 = token.clone();
     let s2 = subject.clone();
     let pending = tokio::spawn(async move {
-        call(&c2, "model.chat", Some(&t2), json!({"model": "m", "messages": [{"role": "user", "content": "long"}], "stream": true, "stream_subject": s2})).await
+        call(&c2, "model.chat", json!({"model": "m", "messages": [{"role": "user", "content": "long"}], "stream": true, "stream_subject": s2}), Some(&t2)).await
     });
     for _ in 0..2 {
         tokio::time::timeout(Duration::from_secs(5), sub.next())
@@ -943,9 +952,12 @@ async fn a_caller_that_goes_away_or_cancels_stops_the_upstream_call() {
     }
     sub.unsubscribe().await.unwrap();
     drop(sub);
-    eventually("the upstream stream was dropped", || a.disconnected() == 1).await;
+    eventually(SOON, "the upstream stream was dropped", || async {
+        (a.disconnected() == 1).then_some(())
+    })
+    .await;
     let e = pending.await.unwrap().unwrap_err();
-    assert_eq!(e.0, 499, "{e:?}");
+    assert_eq!(e.status, 499, "{e:?}");
 
     // model.cancel stops a running call of the same agent; another agent cannot.
     a.state.delay_ms.store(0, Ordering::SeqCst);
@@ -953,34 +965,26 @@ async fn a_caller_that_goes_away_or_cancels_stops_the_upstream_call() {
     let c2 = f.c.clone();
     let t2 = token.clone();
     let pending = tokio::spawn(async move {
-        call(&c2, "model.chat", Some(&t2), json!({"model": "m", "messages": [{"role": "user", "content": "q"}], "request_id": "job-1"})).await
+        call(&c2, "model.chat", json!({"model": "m", "messages": [{"role": "user", "content": "q"}], "request_id": "job-1"}), Some(&t2)).await
     });
-    eventually("the call reached the provider", || {
-        a.state.in_flight.load(Ordering::SeqCst) == 1
+    eventually(SOON, "the call reached the provider", || async {
+        (a.state.in_flight.load(Ordering::SeqCst) == 1).then_some(())
     })
     .await;
-    let r = call(
-        &f.c,
-        "model.cancel",
-        Some(&other),
-        json!({"request_id": "job-1"}),
-    )
-    .await
-    .unwrap();
+    let r = f
+        .call("model.cancel", json!({"request_id": "job-1"}), Some(&other))
+        .await
+        .unwrap();
     assert_eq!(r["cancelled"], false, "another agent's call");
-    let r = call(
-        &f.c,
-        "model.cancel",
-        Some(&token),
-        json!({"request_id": "job-1"}),
-    )
-    .await
-    .unwrap();
+    let r = f
+        .call("model.cancel", json!({"request_id": "job-1"}), Some(&token))
+        .await
+        .unwrap();
     assert_eq!(r["cancelled"], true);
     let e = pending.await.unwrap().unwrap_err();
-    assert_eq!(e.0, 499);
-    eventually("the cancelled upstream call was dropped", || {
-        a.disconnected() == 2
+    assert_eq!(e.status, 499);
+    eventually(SOON, "the cancelled upstream call was dropped", || async {
+        (a.disconnected() == 2).then_some(())
     })
     .await;
     gw.shutdown().await.unwrap();
@@ -1000,39 +1004,36 @@ async fn usage_is_accounted_per_agent_and_model_and_rate_limited() {
         )
     };
     let gw = f.gateway(cfg).await;
-    let r1 = call(
-        &f.c,
-        "model.chat",
-        Some(&t1),
-        chat_body("m", "one two three"),
-    )
-    .await
-    .unwrap();
-    let r2 = call(&f.c, "model.chat", Some(&t1), chat_body("m", "four"))
+    let r1 = f
+        .call("model.chat", chat_body("m", "one two three"), Some(&t1))
         .await
         .unwrap();
-    call(
-        &f.c,
+    let r2 = f
+        .call("model.chat", chat_body("m", "four"), Some(&t1))
+        .await
+        .unwrap();
+    f.call(
         "model.embed",
-        Some(&t1),
         json!({"model": "e", "input": ["a b", "c"]}),
+        Some(&t1),
     )
     .await
     .unwrap();
     assert_eq!(
-        call(&f.c, "model.chat", Some(&t1), chat_body("nope", "x"))
+        f.call("model.chat", chat_body("nope", "x"), Some(&t1))
             .await
             .unwrap_err()
-            .0,
+            .status,
         404
     );
     // Fifth request in the minute: 429. Another agent has its own budget.
-    let e = call(&f.c, "model.chat", Some(&t1), chat_body("m", "x"))
+    let e = f
+        .call("model.chat", chat_body("m", "x"), Some(&t1))
         .await
         .unwrap_err();
-    assert_eq!(e.0, 429);
-    assert!(e.1.contains("agent-a"), "{}", e.1);
-    call(&f.c, "model.chat", Some(&t2), chat_body("m", "hi"))
+    assert_eq!(e.status, 429);
+    assert!(e.detail.contains("agent-a"), "{}", e.detail);
+    f.call("model.chat", chat_body("m", "hi"), Some(&t2))
         .await
         .unwrap();
 
@@ -1091,11 +1092,16 @@ async fn only_configured_base_urls_are_contacted() {
             vec![route("m", &[("a", "")])],
         ))
         .await;
-    let e = call(&f.c, "model.chat", Some(&token), chat_body("m", "q"))
+    let e = f
+        .call("model.chat", chat_body("m", "q"), Some(&token))
         .await
         .unwrap_err();
-    assert_eq!(e.0, 503);
-    assert!(e.1.contains("redirects are not followed"), "{}", e.1);
+    assert_eq!(e.status, 503);
+    assert!(
+        e.detail.contains("redirects are not followed"),
+        "{}",
+        e.detail
+    );
     assert_eq!(a.calls(), 1);
     assert_eq!(
         elsewhere.calls(),
@@ -1123,16 +1129,18 @@ async fn a_full_provider_spills_over_to_the_next() {
     let c2 = f.c.clone();
     let t2 = token.clone();
     let first =
-        tokio::spawn(async move { call(&c2, "model.chat", Some(&t2), chat_body("m", "1")).await });
-    eventually("a holds one call", || {
-        a.state.in_flight.load(Ordering::SeqCst) == 1
+        tokio::spawn(async move { call(&c2, "model.chat", chat_body("m", "1"), Some(&t2)).await });
+    eventually(SOON, "a holds one call", || async {
+        (a.state.in_flight.load(Ordering::SeqCst) == 1).then_some(())
     })
     .await;
-    let m = call(&f.c, "model.models", Some(&token), json!({}))
+    let m = f
+        .call("model.models", json!({}), Some(&token))
         .await
         .unwrap();
     assert_eq!(m["providers"][0]["in_flight"], 1);
-    let r = call(&f.c, "model.chat", Some(&token), chat_body("m", "2"))
+    let r = f
+        .call("model.chat", chat_body("m", "2"), Some(&token))
         .await
         .unwrap();
     assert_eq!(r["provider"], "b");

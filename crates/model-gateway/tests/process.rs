@@ -94,26 +94,27 @@ targets = [{{ provider = "file-keyed" }}]
 
     let mut replies = Vec::new();
     // Both keys are used: the stand-ins see them.
-    let r = call(&f.c, "model.chat", Some(&token), chat_body("m-env", "hi"))
+    let r = f
+        .call("model.chat", chat_body("m-env", "hi"), Some(&token))
         .await
         .unwrap();
     assert_eq!(r["provider"], "env-keyed");
     assert_eq!(env_llm.last_auth(), Some(format!("Bearer {ENV_KEY}")));
     replies.push(r.to_string());
-    let r = call(
-        &f.c,
-        "model.embed",
-        Some(&token),
-        json!({"model": "m-file", "input": ["x"]}),
-    )
-    .await
-    .unwrap();
+    let r = f
+        .call(
+            "model.embed",
+            json!({"model": "m-file", "input": ["x"]}),
+            Some(&token),
+        )
+        .await
+        .unwrap();
     assert_eq!(file_llm.last_auth(), Some(format!("Bearer {FILE_KEY}")));
     replies.push(r.to_string());
     // A stream.
     let subject = f.c.new_inbox();
     let mut sub = f.c.subscribe(subject.clone()).await.unwrap();
-    let r = call(&f.c, "model.chat", Some(&token), json!({"model": "m-file", "messages": [{"role": "user", "content": "s"}], "stream": true, "stream_subject": subject})).await.unwrap();
+    let r = f.call("model.chat", json!({"model": "m-file", "messages": [{"role": "user", "content": "s"}], "stream": true, "stream_subject": subject}), Some(&token)).await.unwrap();
     replies.push(r.to_string());
     loop {
         let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
@@ -129,31 +130,31 @@ targets = [{{ provider = "file-keyed" }}]
     }
     // The provider quotes the key back in its error: the caller gets the reason, redacted.
     env_llm.set_mode(Mode::EchoKey400);
-    let e = call(&f.c, "model.chat", Some(&token), chat_body("m-env", "hi"))
+    let e = f
+        .call("model.chat", chat_body("m-env", "hi"), Some(&token))
         .await
         .unwrap_err();
-    assert_eq!(e.0, 400);
-    assert!(e.1.contains("you sent Bearer ***"), "{}", e.1);
-    replies.push(e.1);
+    assert_eq!(e.status, 400);
+    assert!(e.detail.contains("you sent Bearer ***"), "{}", e.detail);
+    replies.push(e.detail);
     // Failures that get logged with provider text.
     file_llm.set_mode(Mode::EchoKey400);
     replies.push(
-        call(
-            &f.c,
+        f.call(
             "model.rank",
-            Some(&token),
             json!({"model": "m-file", "query": "q", "documents": ["d"]}),
+            Some(&token),
         )
         .await
         .unwrap_err()
-        .1,
+        .detail,
     );
     file_llm.set_mode(Mode::Fail500);
     replies.push(
-        call(&f.c, "model.chat", Some(&token), chat_body("m-file", "x"))
+        f.call("model.chat", chat_body("m-file", "x"), Some(&token))
             .await
             .unwrap_err()
-            .1,
+            .detail,
     );
     for s in [
         "$SRV.INFO.model-gateway",
@@ -164,7 +165,7 @@ targets = [{{ provider = "file-keyed" }}]
         replies.push(String::from_utf8_lossy(&m.payload).to_string());
     }
     replies.push(
-        call(&f.c, "model.models", Some(&token), json!({}))
+        f.call("model.models", json!({}), Some(&token))
             .await
             .unwrap()
             .to_string(),

@@ -7,27 +7,14 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tether_auth::{Claims, Scope, ScopeSet, SigningKey};
 use tether_bus::config::AuthConfig;
 use tether_bus::{BusConfig, Endpoint, Node, NodeHandle, Problem, Request};
-use tether_permission_node::{PermissionConfig, build};
+use tether_permission_node::PermissionConfig;
 use tether_proto::{Agent, AgentList, EchoReply, EchoRequest, IssuedToken, KeySet};
-use tether_testkit::NatsServer;
-
-fn bus(url: &str) -> BusConfig {
-    BusConfig {
-        nats_url: url.into(),
-        ..Default::default()
-    }
-}
+use tether_testkit::{Fleet, bus, call};
 
 async fn permission_node(url: &str, key: SigningKey, cfg: PermissionConfig) -> NodeHandle {
-    let b = bus(url);
-    let client = async_nats::connect(url).await.expect("connect");
-    let js = async_nats::jetstream::new(client.clone());
-    build(&b, cfg, key, &js)
+    tether_testkit::permission_node(url, key, cfg)
         .await
-        .expect("build")
-        .start_with_client(b, client)
-        .await
-        .expect("start")
+        .expect("permission node")
 }
 
 async fn whoami(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
@@ -50,93 +37,31 @@ async fn other_node(url: &str) -> NodeHandle {
         .expect("other node")
 }
 
-fn operator_token(key: &SigningKey) -> String {
-    let a = AuthConfig::default();
-    let c = Claims::new(
-        &a.issuer,
-        &a.audience,
-        "operator",
-        "",
-        [Scope::Operator].into_iter().collect(),
-        tether_auth::now_unix(),
-        3600,
-    );
-    key.sign(&c).expect("sign")
-}
-
-async fn call(
-    c: &async_nats::Client,
-    subject: &str,
-    token: Option<&str>,
-    body: serde_json::Value,
-) -> Result<serde_json::Value, (u16, String)> {
-    let mut h = async_nats::HeaderMap::new();
-    if let Some(t) = token {
-        h.insert("Authorization", format!("Bearer {t}").as_str());
-    }
-    let m = tokio::time::timeout(
-        Duration::from_secs(10),
-        c.request_with_headers(subject.to_string(), h, body.to_string().into()),
-    )
-    .await
-    .expect("reply in time")
-    .expect("request");
-    if let Some(p) = tether_bus::Problem::from_reply(m.headers.as_ref(), &m.payload) {
-        return Err((p.status, p.detail));
-    }
-    Ok(serde_json::from_slice(&m.payload).expect("json reply"))
-}
-
-struct Fleet {
-    nats: NatsServer,
-    key: SigningKey,
-    perm: Option<NodeHandle>,
-    op: String,
-    c: async_nats::Client,
-}
-
 async fn fleet() -> Fleet {
-    let nats = NatsServer::start().await.expect("nats");
-    let key = SigningKey::generate().expect("key");
-    let pem = key.to_pem();
-    let perm = permission_node(
-        &nats.url(),
-        SigningKey::from_pem(&pem).expect("pem"),
-        PermissionConfig::default(),
-    )
-    .await;
-    let op = operator_token(&key);
-    let c = nats.client().await.expect("client");
-    Fleet {
-        nats,
-        key,
-        perm: Some(perm),
-        op,
-        c,
-    }
+    Fleet::start().await.expect("fleet")
 }
 
 async fn register(f: &Fleet, agent: &str, space: &str, scopes: &[&str]) -> Agent {
-    let v = call(
-        &f.c,
-        "agents.register",
-        Some(&f.op),
-        serde_json::json!({"agent_id": agent, "space": space, "scopes": scopes}),
-    )
-    .await
-    .expect("register");
+    let v = f
+        .call(
+            "agents.register",
+            serde_json::json!({"agent_id": agent, "space": space, "scopes": scopes}),
+            Some(&f.op),
+        )
+        .await
+        .expect("register");
     serde_json::from_value(v).expect("agent")
 }
 
 async fn issue(f: &Fleet, agent: &str) -> IssuedToken {
-    let v = call(
-        &f.c,
-        "tokens.issue",
-        Some(&f.op),
-        serde_json::json!({"agent_id": agent}),
-    )
-    .await
-    .expect("issue");
+    let v = f
+        .call(
+            "tokens.issue",
+            serde_json::json!({"agent_id": agent}),
+            Some(&f.op),
+        )
+        .await
+        .expect("issue");
     serde_json::from_value(v).expect("token")
 }
 
@@ -153,35 +78,35 @@ async fn register_issue_verify_round_trip() {
             .space,
         "space-a"
     );
-    let e = call(
-        &f.c,
-        "agents.register",
-        Some(&f.op),
-        serde_json::json!({"agent_id": "agent-a", "space": "space-b", "scopes": []}),
-    )
-    .await;
-    assert_eq!(e.expect_err("conflict").0, 409);
+    let e = f
+        .call(
+            "agents.register",
+            serde_json::json!({"agent_id": "agent-a", "space": "space-b", "scopes": []}),
+            Some(&f.op),
+        )
+        .await;
+    assert_eq!(e.expect_err("conflict").status, 409);
 
     let t = issue(&f, "agent-a").await;
     assert_eq!(
         (t.agent_id.as_str(), t.space.as_str()),
         ("agent-a", "space-a")
     );
-    let r = call(
-        &f.c,
-        "other.whoami",
-        Some(&t.token),
-        serde_json::json!({"message": "hi"}),
-    )
-    .await
-    .expect("verified");
+    let r = f
+        .call(
+            "other.whoami",
+            serde_json::json!({"message": "hi"}),
+            Some(&t.token),
+        )
+        .await
+        .expect("verified");
     assert_eq!(r["agent_id"], "agent-a");
     assert_eq!(r["space"], "space-a");
     assert_eq!(r["scopes"], serde_json::json!(["shell:exec", "model:call"]));
 
     // The public key set is published; the issuing kid is in it.
     let ks: KeySet = serde_json::from_value(
-        call(&f.c, "auth.keys", None, serde_json::json!({}))
+        f.call("auth.keys", serde_json::json!({}), None)
             .await
             .expect("keys"),
     )
@@ -239,11 +164,10 @@ async fn bad_tokens_are_401_and_change_nothing() {
     };
     let stranger = SigningKey::generate().expect("key");
     // The victim's token, then the victim revoked.
-    call(
-        &f.c,
+    f.call(
         "agents.revoke",
-        Some(&f.op),
         serde_json::json!({"agent_id": "victim"}),
+        Some(&f.op),
     )
     .await
     .expect("revoke");
@@ -296,7 +220,7 @@ async fn bad_tokens_are_401_and_change_nothing() {
         ("garbage", Some("not-a-token".into())),
         ("empty header", None),
     ];
-    let list = || call(&f.c, "agents.list", Some(&f.op), serde_json::json!({}));
+    let list = || f.call("agents.list", serde_json::json!({}), Some(&f.op));
     let before: AgentList = serde_json::from_value(list().await.expect("list")).expect("agents");
     for (name, token) in cases {
         let mut h = async_nats::HeaderMap::new();
@@ -334,100 +258,98 @@ async fn scope_and_space_rules_are_403() {
     let admin = issue(&f, "admin-a").await.token;
     let plain = issue(&f, "plain-b").await.token;
     // Missing scope.
-    let e = call(
-        &f.c,
-        "agents.register",
-        Some(&plain),
-        serde_json::json!({"agent_id": "x", "space": "space-b", "scopes": []}),
-    )
-    .await;
-    assert_eq!(e.expect_err("scope").0, 403);
+    let e = f
+        .call(
+            "agents.register",
+            serde_json::json!({"agent_id": "x", "space": "space-b", "scopes": []}),
+            Some(&plain),
+        )
+        .await;
+    assert_eq!(e.expect_err("scope").status, 403);
     // Naming another space in a request field.
-    let e = call(
-        &f.c,
-        "agents.register",
-        Some(&admin),
-        serde_json::json!({"agent_id": "y", "space": "space-b", "scopes": ["shell:exec"]}),
-    )
-    .await;
-    assert_eq!(e.expect_err("space").0, 403);
-    let e = call(
-        &f.c,
-        "agents.list",
-        Some(&admin),
-        serde_json::json!({"space": "space-b"}),
-    )
-    .await;
-    assert_eq!(e.expect_err("space").0, 403);
-    let e = call(
-        &f.c,
-        "agents.get",
-        Some(&admin),
-        serde_json::json!({"agent_id": "plain-b"}),
-    )
-    .await;
-    assert_eq!(e.expect_err("space").0, 403);
-    let e = call(
-        &f.c,
-        "agents.revoke",
-        Some(&admin),
-        serde_json::json!({"agent_id": "plain-b"}),
-    )
-    .await;
-    assert_eq!(e.expect_err("space").0, 403);
-    let e = call(
-        &f.c,
-        "tokens.issue",
-        Some(&admin),
-        serde_json::json!({"agent_id": "plain-b"}),
-    )
-    .await;
-    assert_eq!(e.expect_err("other agent").0, 403);
+    let e = f
+        .call(
+            "agents.register",
+            serde_json::json!({"agent_id": "y", "space": "space-b", "scopes": ["shell:exec"]}),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(e.expect_err("space").status, 403);
+    let e = f
+        .call(
+            "agents.list",
+            serde_json::json!({"space": "space-b"}),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(e.expect_err("space").status, 403);
+    let e = f
+        .call(
+            "agents.get",
+            serde_json::json!({"agent_id": "plain-b"}),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(e.expect_err("space").status, 403);
+    let e = f
+        .call(
+            "agents.revoke",
+            serde_json::json!({"agent_id": "plain-b"}),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(e.expect_err("space").status, 403);
+    let e = f
+        .call(
+            "tokens.issue",
+            serde_json::json!({"agent_id": "plain-b"}),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(e.expect_err("other agent").status, 403);
     // Granting a scope it does not hold.
-    let e = call(
-        &f.c,
-        "agents.register",
-        Some(&admin),
-        serde_json::json!({"agent_id": "z", "space": "space-a", "scopes": ["operator"]}),
-    )
-    .await;
-    assert_eq!(e.expect_err("escalation").0, 403);
+    let e = f
+        .call(
+            "agents.register",
+            serde_json::json!({"agent_id": "z", "space": "space-a", "scopes": ["operator"]}),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(e.expect_err("escalation").status, 403);
     // Allowed within its own space.
-    call(
-        &f.c,
+    f.call(
         "agents.register",
-        Some(&admin),
         serde_json::json!({"agent_id": "z", "space": "space-a", "scopes": ["shell:exec"]}),
+        Some(&admin),
     )
     .await
     .expect("own space");
     // The operator may name any space.
-    let v = call(
-        &f.c,
-        "agents.list",
-        Some(&f.op),
-        serde_json::json!({"space": "space-b"}),
-    )
-    .await
-    .expect("operator");
+    let v = f
+        .call(
+            "agents.list",
+            serde_json::json!({"space": "space-b"}),
+            Some(&f.op),
+        )
+        .await
+        .expect("operator");
     assert_eq!(v["agents"].as_array().map(Vec::len), Some(1));
     // An agent refreshes its own token; asking for scopes beyond its own is refused.
-    call(
-        &f.c,
+    f.call(
         "tokens.issue",
-        Some(&plain),
         serde_json::json!({"agent_id": "plain-b"}),
+        Some(&plain),
     )
     .await
     .expect("refresh");
-    let e = call(
-        &f.c,
-        "tokens.issue",
-        Some(&plain),
-        serde_json::json!({"agent_id": "plain-b", "scopes": ["agents:admin"]}),
-    )
-    .await;
-    assert_eq!(e.expect_err("more scopes").0, 403);
+    let e = f
+        .call(
+            "tokens.issue",
+            serde_json::json!({"agent_id": "plain-b", "scopes": ["agents:admin"]}),
+            Some(&plain),
+        )
+        .await;
+    assert_eq!(e.expect_err("more scopes").status, 403);
 }
 
 #[tokio::test]
@@ -440,28 +362,31 @@ async fn bad_input_is_400_or_404() {
         serde_json::json!({"agent_id": "a", "space": "s", "scopes": ["root"]}),
         serde_json::json!({"agent_id": "a", "space": "s", "extra": 1}),
     ] {
-        let e = call(&f.c, "agents.register", Some(&f.op), body.clone()).await;
-        assert_eq!(e.expect_err("bad").0, 400, "{body}");
+        let e = f.call("agents.register", body.clone(), Some(&f.op)).await;
+        assert_eq!(e.expect_err("bad").status, 400, "{body}");
     }
-    let e = call(
-        &f.c,
-        "agents.get",
-        Some(&f.op),
-        serde_json::json!({"agent_id": "nobody"}),
-    )
-    .await;
-    assert_eq!(e.expect_err("404").0, 404);
-    let e = call(
-        &f.c,
-        "tokens.issue",
-        Some(&f.op),
-        serde_json::json!({"agent_id": "nobody"}),
-    )
-    .await;
-    assert_eq!(e.expect_err("404").0, 404);
-    let e = call(&f.c, "agents.revoke", Some(&f.op), serde_json::json!({})).await;
-    assert_eq!(e.expect_err("400").0, 400);
-    let v = call(&f.c, "agents.list", Some(&f.op), serde_json::json!({}))
+    let e = f
+        .call(
+            "agents.get",
+            serde_json::json!({"agent_id": "nobody"}),
+            Some(&f.op),
+        )
+        .await;
+    assert_eq!(e.expect_err("404").status, 404);
+    let e = f
+        .call(
+            "tokens.issue",
+            serde_json::json!({"agent_id": "nobody"}),
+            Some(&f.op),
+        )
+        .await;
+    assert_eq!(e.expect_err("404").status, 404);
+    let e = f
+        .call("agents.revoke", serde_json::json!({}), Some(&f.op))
+        .await;
+    assert_eq!(e.expect_err("400").status, 400);
+    let v = f
+        .call("agents.list", serde_json::json!({}), Some(&f.op))
         .await
         .expect("list");
     assert_eq!(v["agents"], serde_json::json!([]), "nothing was created");
@@ -470,7 +395,9 @@ async fn bad_input_is_400_or_404() {
 async fn wait_refused(c: &async_nats::Client, token: &str, within: Duration) -> Duration {
     let start = Instant::now();
     loop {
-        if let Err((401, _)) = call(c, "other.whoami", Some(token), serde_json::json!({})).await {
+        if let Err(Problem { status: 401, .. }) =
+            call(c, "other.whoami", serde_json::json!({}), Some(token)).await
+        {
             return start.elapsed();
         }
         assert!(start.elapsed() < within, "still accepted after {within:?}");
@@ -492,55 +419,42 @@ async fn revocation_reaches_every_node_within_a_second() {
     let t1 = issue(&f, "r1").await;
     let t1b = issue(&f, "r1").await;
     for s in ["other.whoami", "other2.whoami"] {
-        call(&f.c, s, Some(&t1.token), serde_json::json!({}))
+        f.call(s, serde_json::json!({}), Some(&t1.token))
             .await
             .expect("valid before");
     }
     // Revoke one token by jti.
-    call(
-        &f.c,
+    f.call(
         "agents.revoke",
-        Some(&f.op),
         serde_json::json!({"jti": t1.jti}),
+        Some(&f.op),
     )
     .await
     .expect("revoke jti");
     let took = wait_refused(&f.c, &t1.token, Duration::from_secs(1)).await;
     println!("jti revocation took {took:?}");
-    call(
-        &f.c,
-        "other.whoami",
-        Some(&t1b.token),
-        serde_json::json!({}),
-    )
-    .await
-    .expect("the other token still works");
+    f.call("other.whoami", serde_json::json!({}), Some(&t1b.token))
+        .await
+        .expect("the other token still works");
     // Revoke the agent: every node refuses all its tokens within a second.
     let start = Instant::now();
-    call(
-        &f.c,
+    f.call(
         "agents.revoke",
-        Some(&f.op),
         serde_json::json!({"agent_id": "r1"}),
+        Some(&f.op),
     )
     .await
     .expect("revoke agent");
     loop {
-        let a = call(
-            &f.c,
-            "other.whoami",
-            Some(&t1b.token),
-            serde_json::json!({}),
-        )
-        .await;
-        let b = call(
-            &f.c,
-            "other2.whoami",
-            Some(&t1b.token),
-            serde_json::json!({}),
-        )
-        .await;
-        if matches!(a, Err((401, _))) && matches!(b, Err((401, _))) {
+        let a = f
+            .call("other.whoami", serde_json::json!({}), Some(&t1b.token))
+            .await;
+        let b = f
+            .call("other2.whoami", serde_json::json!({}), Some(&t1b.token))
+            .await;
+        if matches!(a, Err(Problem { status: 401, .. }))
+            && matches!(b, Err(Problem { status: 401, .. }))
+        {
             break;
         }
         assert!(
@@ -551,14 +465,14 @@ async fn revocation_reaches_every_node_within_a_second() {
     }
     println!("agent revocation took {:?}", start.elapsed());
     // And a revoked agent gets no new token.
-    let e = call(
-        &f.c,
-        "tokens.issue",
-        Some(&f.op),
-        serde_json::json!({"agent_id": "r1"}),
-    )
-    .await;
-    assert_eq!(e.expect_err("revoked").0, 403);
+    let e = f
+        .call(
+            "tokens.issue",
+            serde_json::json!({"agent_id": "r1"}),
+            Some(&f.op),
+        )
+        .await;
+    assert_eq!(e.expect_err("revoked").status, 403);
     n1.shutdown().await.expect("n1");
     n2.shutdown().await.expect("n2");
 }
@@ -597,24 +511,22 @@ async fn rotated_key_keeps_old_tokens_valid_until_they_expire() {
     assert_eq!(new_token.kid, new_kid);
     assert_ne!(old_token.kid, new_kid);
     // The old token is still valid right after the rotation…
-    call(
-        &f.c,
+    f.call(
         "other.whoami",
-        Some(&old_token.token),
         serde_json::json!({}),
+        Some(&old_token.token),
     )
     .await
     .expect("old token valid after rotation");
-    call(
-        &f.c,
+    f.call(
         "other.whoami",
-        Some(&new_token.token),
         serde_json::json!({}),
+        Some(&new_token.token),
     )
     .await
     .expect("new token valid");
     let ks: KeySet = serde_json::from_value(
-        call(&f.c, "auth.keys", None, serde_json::json!({}))
+        f.call("auth.keys", serde_json::json!({}), None)
             .await
             .expect("keys"),
     )
@@ -646,23 +558,23 @@ async fn two_replicas_answer_consistently() {
     register(&f, "c1", "space-c", &["shell:exec"]).await;
     let mut instances = std::collections::HashSet::new();
     for i in 0..40 {
-        let v = call(
-            &f.c,
-            "agents.get",
-            Some(&f.op),
-            serde_json::json!({"agent_id": "c1"}),
-        )
-        .await
-        .expect("get");
+        let v = f
+            .call(
+                "agents.get",
+                serde_json::json!({"agent_id": "c1"}),
+                Some(&f.op),
+            )
+            .await
+            .expect("get");
         assert_eq!(v["space"], "space-c", "round {i}");
-        let e = call(
-            &f.c,
-            "agents.register",
-            Some(&f.op),
-            serde_json::json!({"agent_id": "c1", "space": "other", "scopes": ["shell:exec"]}),
-        )
-        .await;
-        assert_eq!(e.expect_err("409").0, 409);
+        let e = f
+            .call(
+                "agents.register",
+                serde_json::json!({"agent_id": "c1", "space": "other", "scopes": ["shell:exec"]}),
+                Some(&f.op),
+            )
+            .await;
+        assert_eq!(e.expect_err("409").status, 409);
     }
     // Both replicas really served.
     let m =

@@ -4,8 +4,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tether_auth::{Claims, Scope, SigningKey};
-use tether_bus::config::AuthConfig;
+use tether_auth::{Scope, SigningKey};
 use tether_testkit::NatsServer;
 
 #[tokio::test]
@@ -65,18 +64,14 @@ async fn binary_serves_and_never_logs_secrets() {
     let pem = std::fs::read_to_string(&key_path).expect("pem");
     let key = SigningKey::from_pem(&pem).expect("key");
 
-    let a = AuthConfig::default();
-    let op = key
-        .sign(&Claims::new(
-            &a.issuer,
-            &a.audience,
-            "operator",
-            "",
-            [Scope::Operator].into_iter().collect(),
-            tether_auth::now_unix(),
-            600,
-        ))
-        .expect("sign");
+    let op = tether_testkit::sign_token(
+        &key,
+        "operator",
+        "",
+        [Scope::Operator].into_iter().collect(),
+        600,
+    )
+    .expect("sign");
     let mut h = async_nats::HeaderMap::new();
     h.insert("Authorization", format!("Bearer {op}").as_str());
     let reg = c

@@ -146,7 +146,11 @@ async fn request_fields_cannot_redirect_a_command() {
         json!({"command": "touch /tmp/intruder", "container": other_id}),
         json!({"command": "touch /tmp/intruder", "space": "s2"}),
     ] {
-        let (s, d) = f.sh(&t1, body).await.unwrap_err();
+        let Problem {
+            status: s,
+            detail: d,
+            ..
+        } = f.sh(&t1, body).await.unwrap_err();
         assert_eq!(s, 400, "{d}");
     }
     // Protobuf with extra fields (as if a newer client sent `container`/`space`): they are
@@ -216,7 +220,11 @@ async fn target_container_serves_tokens_without_a_bound_space() {
     // The orchestrator still checks the caller: a space-less agent of another space may
     // not use s3's container (403 from the orchestrator, passed through).
     let t4 = f.agent("a4", "s4", SCOPES).await;
-    let (s, d) = f.sh(&t4, json!({"command": "hostname"})).await.unwrap_err();
+    let Problem {
+        status: s,
+        detail: d,
+        ..
+    } = f.sh(&t4, json!({"command": "hostname"})).await.unwrap_err();
     assert_eq!(s, 403, "{d}");
     shell.shutdown().await.unwrap();
 
@@ -354,7 +362,11 @@ async fn orchestrator_down_is_a_clear_503_and_the_shell_recovers() {
     assert_eq!(f.sh_ok(&t, "hostname").await.trim(), host);
     f.orch.take().unwrap().shutdown().await.unwrap();
     let started = Instant::now();
-    let (s, d) = f
+    let Problem {
+        status: s,
+        detail: d,
+        ..
+    } = f
         .sh(&t, json!({"command": "hostname", "timeout_seconds": 5}))
         .await
         .unwrap_err();

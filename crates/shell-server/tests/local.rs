@@ -22,7 +22,7 @@ async fn local_fallback_is_refused_unless_enabled() {
     let t = f.agent("a1", "s1", AGENT).await;
     let marker = dir.path().join("ran");
     let cmd = format!("touch {}", marker.display());
-    let (status, detail) = f.sh(&t, json!({"command": cmd})).await.unwrap_err();
+    let Problem { status, detail, .. } = f.sh(&t, json!({"command": cmd})).await.unwrap_err();
     assert_eq!(status, 404, "{detail}");
     assert!(
         detail.contains("allow_local_exec = false")
@@ -31,7 +31,7 @@ async fn local_fallback_is_refused_unless_enabled() {
     );
     assert!(!marker.exists(), "nothing ran");
     // An operator token bound to no space is told so.
-    let (status, detail) = f.sh(&f.op, json!({"command": "true"})).await.unwrap_err();
+    let Problem { status, detail, .. } = f.sh(&f.op, json!({"command": "true"})).await.unwrap_err();
     assert_eq!(status, 404);
     assert!(detail.contains("bound to no space"), "{detail}");
     shell.shutdown().await.unwrap();
@@ -339,41 +339,39 @@ async fn bad_requests_are_refused_and_run_nothing() {
         (json!({"command": 42}), 400, ""),
     ];
     for (body, status, needle) in cases {
-        let (s, detail) = f.sh(&t, body.clone()).await.unwrap_err();
+        let Problem {
+            status: s, detail, ..
+        } = f.sh(&t, body.clone()).await.unwrap_err();
         assert_eq!(s, status, "{body}: {detail}");
         assert!(detail.contains(needle), "{body}: {detail}");
     }
-    let (s, _) = call(
-        &f.c,
-        "shell.exec",
-        None,
-        &json!({"command": touch}).to_string(),
-    )
-    .await
-    .unwrap_err();
+    let Problem { status: s, .. } = f
+        .call("shell.exec", &json!({"command": touch}).to_string(), None)
+        .await
+        .unwrap_err();
     assert_eq!(s, 401);
-    let (s, _) = call(
-        &f.c,
-        "shell.exec",
-        Some("not-a-jwt"),
-        &json!({"command": touch}).to_string(),
-    )
-    .await
-    .unwrap_err();
+    let Problem { status: s, .. } = f
+        .call(
+            "shell.exec",
+            &json!({"command": touch}).to_string(),
+            Some("not-a-jwt"),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(s, 401);
-    let (s, detail) = f
+    let Problem {
+        status: s, detail, ..
+    } = f
         .sh(&no_scope, json!({"command": touch}))
         .await
         .unwrap_err();
     assert_eq!(s, 403, "{detail}");
-    let (s, _) = call(&f.c, "shell.exec", Some(&t), "{oops")
-        .await
-        .unwrap_err();
+    let Problem { status: s, .. } = f.call("shell.exec", "{oops", Some(&t)).await.unwrap_err();
     assert_eq!(s, 400);
     assert!(!marker.exists(), "no refused request ran anything");
 
     // A revoked agent is refused from then on.
-    callj(&f.c, "agents.revoke", &f.op, json!({"agent_id": "a1"}))
+    f.call("agents.revoke", json!({"agent_id": "a1"}), Some(&f.op))
         .await
         .unwrap();
     eventually(
@@ -383,7 +381,11 @@ async fn bad_requests_are_refused_and_run_nothing() {
             let f = &f;
             let t = t.clone();
             async move {
-                matches!(f.sh(&t, json!({"command": "true"})).await, Err((401, _))).then_some(())
+                matches!(
+                    f.sh(&t, json!({"command": "true"})).await,
+                    Err(Problem { status: 401, .. })
+                )
+                .then_some(())
             }
         },
     )

@@ -143,25 +143,18 @@ fn write_dockerfile(ctx: &Path) -> anyhow::Result<()> {
 /// Removes (force, with anonymous volumes) every container matching the label filter `label`
 /// (`key` or `key=value`, e.g. `tether.test.run=<id>`). Returns how many were removed.
 pub fn remove_labeled(label: &str) -> anyhow::Result<usize> {
-    let filter = format!("label={label}");
-    let out = docker(&["ps", "-aq", "--no-trunc", "--filter", &filter])?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "`docker ps --filter {filter}` failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let ids: Vec<&str> = stdout
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
+    let ids = listed(&[
+        "ps",
+        "-aq",
+        "--no-trunc",
+        "--filter",
+        &format!("label={label}"),
+    ])?;
     if ids.is_empty() {
         return Ok(0);
     }
     let mut args = vec!["rm", "-f", "-v"];
-    args.extend(ids.iter().copied());
+    args.extend(ids.iter().map(String::as_str));
     let out = docker(&args)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     // A container that went away meanwhile (e.g. `--rm`) is not an error.
@@ -176,4 +169,103 @@ pub fn remove_labeled(label: &str) -> anyhow::Result<usize> {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .count())
+}
+
+/// Removes (force, with anonymous volumes) every network matching the label filter `label`.
+/// Returns how many were removed.
+pub fn remove_labeled_networks(label: &str) -> anyhow::Result<usize> {
+    let ids = listed(&["network", "ls", "-q", "--filter", &format!("label={label}")])?;
+    Ok(ids
+        .iter()
+        .filter(|id| docker(&["network", "rm", id]).is_ok_and(|o| o.status.success()))
+        .count())
+}
+
+/// The non-empty lines a listing command (`docker ps -q …`, `docker network ls -q …`) printed.
+fn listed(args: &[&str]) -> anyhow::Result<Vec<String>> {
+    let out = docker(args)?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "`docker {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// What a test created on the engine, removed when this drops (also when the test panics):
+/// containers and networks by label (e.g. `tether.host=<host id>`, which the orchestrator
+/// sets on everything it makes), and containers by name.
+#[derive(Debug, Default)]
+pub struct Cleanup {
+    labels: Vec<String>,
+    names: Vec<String>,
+}
+
+impl Cleanup {
+    /// Also remove every container and network labelled `label` (`key=value`).
+    pub fn label(&mut self, label: impl Into<String>) {
+        self.labels.push(label.into());
+    }
+
+    /// Also remove the container named (or with id) `name`.
+    pub fn name(&mut self, name: impl Into<String>) {
+        self.names.push(name.into());
+    }
+
+    /// Removes everything named now (it is removed again, harmlessly, on drop).
+    pub fn run(&self) {
+        for l in &self.labels {
+            let _ = remove_labeled(l);
+        }
+        if !self.names.is_empty() {
+            let mut args = vec!["rm", "-f", "-v"];
+            args.extend(self.names.iter().map(String::as_str));
+            let _ = docker(&args);
+        }
+        // Networks after containers: a network with endpoints cannot be removed.
+        for l in &self.labels {
+            let _ = remove_labeled_networks(l);
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if !self.labels.is_empty() || !self.names.is_empty() {
+            self.run();
+        }
+    }
+}
+
+/// The label the orchestrator puts on every container and network it makes for host `host_id`.
+pub fn host_label(host_id: &str) -> String {
+    format!("tether.host={host_id}")
+}
+
+/// Ids (full) of every container, running or not, labelled `label`, sorted.
+pub fn labeled_containers(label: &str) -> Vec<String> {
+    let mut v = listed(&[
+        "ps",
+        "-aq",
+        "--no-trunc",
+        "--filter",
+        &format!("label={label}"),
+    ])
+    .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// `docker ARGS...`: its stdout, trimmed (empty when it failed; tests assert on the output).
+pub fn run(args: &[&str]) -> String {
+    docker(args)
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }

@@ -8,17 +8,29 @@
 //! - [`cargo_bin`]: a binary of this workspace, next to the running test executable.
 //! - [`docker`]: is the engine there, the one test image (`FROM scratch` + Debian's static
 //!   busybox, built locally once per machine since no registry is reachable), label cleanup.
+//! - [`Fleet`] (module `fleet`): the server, the permission node in-process, an operator,
+//!   `agent(id, space, scopes)`, `call` answering the reply or the [`Problem`], [`eventually`],
+//!   and the engine cleanup of what the test created. Every crate's tests build on it.
+//! - [`orchestrator`] (feature `orchestrator`): that fleet with an orchestrator on the engine,
+//!   for the orchestrator's and the shell-server's tests.
 //!
 //! Key decision: fixtures wait by polling with a deadline, never by fixed sleeps, and every
 //! error says what to install or build.
 
 pub mod docker;
+pub mod fleet;
 mod nats;
+#[cfg(feature = "orchestrator")]
+pub mod orchestrator;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 
+pub use fleet::{
+    Body, CALL_TIMEOUT, Fleet, Problem, bus, call, eventually, num, operator_token,
+    permission_node, request, sign_token, unique,
+};
 pub use nats::NatsServer;
 
 /// Path of a binary built by cargo in this workspace (e.g. `"tether"`, `"permission-node"`),

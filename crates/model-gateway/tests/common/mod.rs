@@ -1,7 +1,7 @@
 //! Test support shared by the gateway's tests and benchmark: stand-in model servers that speak
 //! the OpenAI chat/embeddings (JSON and SSE) and `/rerank` wire formats, a real nats-server
-//! with a real permission node issuing tokens, and a helper to call the bus.
-#![allow(dead_code, clippy::unwrap_used)]
+//! with a real permission node issuing tokens (`tether_testkit::Fleet`), and the gateway on it.
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,14 +16,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
-use tether_auth::{Claims, Scope, SigningKey};
-use tether_bus::config::AuthConfig;
-use tether_bus::{BusConfig, NodeHandle};
+use tether_bus::NodeHandle;
 use tether_model_gateway::{
     GatewayConfig, ProviderConfig, ProviderKind, RouteConfig, TargetConfig,
 };
-use tether_permission_node::{PermissionConfig, build};
-use tether_testkit::NatsServer;
+pub use tether_testkit::{
+    CALL_TIMEOUT, Fleet, Problem, bus, call, eventually, operator_token, request,
+};
 
 /// How a stand-in answers.
 #[derive(Clone, Debug, PartialEq)]
@@ -542,141 +541,26 @@ pub fn config(providers: Vec<ProviderConfig>, routes: Vec<RouteConfig>) -> Gatew
 // ---------------------------------------------------------------------------------------------
 // The bus: real nats-server, real permission node
 
-pub fn bus(url: &str) -> BusConfig {
-    BusConfig {
-        nats_url: url.into(),
-        ..Default::default()
-    }
-}
-
-pub struct Fleet {
-    pub nats: NatsServer,
-    pub key: SigningKey,
-    pub perm: NodeHandle,
-    pub op: String,
-    pub c: async_nats::Client,
-}
-
-pub fn operator_token(key: &SigningKey) -> String {
-    let a = AuthConfig::default();
-    let c = Claims::new(
-        &a.issuer,
-        &a.audience,
-        "operator",
-        "",
-        [Scope::Operator].into_iter().collect(),
-        tether_auth::now_unix(),
-        3600,
-    );
-    key.sign(&c).expect("sign")
-}
+/// How long the gateway's tests wait for something that happens at once.
+pub const SOON: Duration = Duration::from_secs(5);
 
 pub async fn fleet() -> Fleet {
-    let nats = NatsServer::start().await.expect("nats");
-    let key = SigningKey::generate().expect("key");
-    let pem = key.to_pem();
-    let b = bus(&nats.url());
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    let js = async_nats::jetstream::new(client.clone());
-    let perm = build(
-        &b,
-        PermissionConfig::default(),
-        SigningKey::from_pem(&pem).expect("pem"),
-        &js,
-    )
-    .await
-    .expect("build")
-    .start_with_client(b, client)
-    .await
-    .expect("start");
-    let op = operator_token(&key);
-    let c = nats.client().await.expect("client");
-    Fleet {
-        nats,
-        key,
-        perm,
-        op,
-        c,
-    }
+    Fleet::start().await.expect("fleet")
 }
 
-impl Fleet {
-    /// Registers an agent and returns a fresh token for it.
-    pub async fn agent(&self, agent: &str, space: &str, scopes: &[&str]) -> String {
-        call(
-            &self.c,
-            "agents.register",
-            Some(&self.op),
-            json!({"agent_id": agent, "space": space, "scopes": scopes}),
-        )
-        .await
-        .expect("register");
-        let t = call(
-            &self.c,
-            "tokens.issue",
-            Some(&self.op),
-            json!({"agent_id": agent}),
-        )
-        .await
-        .expect("issue");
-        t["token"].as_str().expect("token").to_string()
-    }
+/// The gateway on a fleet.
+pub trait Gateway {
+    /// The gateway at `cfg`, in-process on this fleet's bus.
+    async fn gateway(&self, cfg: GatewayConfig) -> NodeHandle;
+}
 
-    pub async fn gateway(&self, cfg: GatewayConfig) -> NodeHandle {
+impl Gateway for Fleet {
+    async fn gateway(&self, cfg: GatewayConfig) -> NodeHandle {
         tether_model_gateway::build(cfg)
             .expect("config")
-            .start(bus(&self.nats.url()))
+            .start(self.bus())
             .await
             .expect("gateway")
-    }
-}
-
-/// A bus request with an optional token; a Problem reply becomes `Err((status, detail))`.
-pub async fn call(
-    c: &async_nats::Client,
-    subject: &str,
-    token: Option<&str>,
-    body: Value,
-) -> Result<Value, (u16, String)> {
-    call_raw(
-        c,
-        subject,
-        token,
-        body.to_string().into_bytes(),
-        async_nats::HeaderMap::new(),
-    )
-    .await
-}
-
-pub async fn call_raw(
-    c: &async_nats::Client,
-    subject: &str,
-    token: Option<&str>,
-    body: Vec<u8>,
-    mut h: async_nats::HeaderMap,
-) -> Result<Value, (u16, String)> {
-    if let Some(t) = token {
-        h.insert("Authorization", format!("Bearer {t}").as_str());
-    }
-    let m = tokio::time::timeout(
-        Duration::from_secs(30),
-        c.request_with_headers(subject.to_string(), h, body.into()),
-    )
-    .await
-    .expect("reply in time")
-    .expect("request");
-    if let Some(p) = tether_bus::Problem::from_reply(m.headers.as_ref(), &m.payload) {
-        return Err((p.status, p.detail));
-    }
-    Ok(serde_json::from_slice(&m.payload).expect("json reply"))
-}
-
-/// Polls `f` until it is true or 5 s pass.
-pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !f() {
-        assert!(Instant::now() < deadline, "not within 5 s: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -1,0 +1,312 @@
+//! The test fleet: a real nats-server, the permission node in-process, an operator, agents with
+//! tokens, requests that answer the reply or the [`Problem`], waiting with a deadline, and the
+//! engine cleanup of what the test created.
+//!
+//! Every crate's tests build on [`Fleet`]; what is specific to a crate (starting the
+//! orchestrator, the gateway's stand-in model servers) stays in that crate's tests.
+//!
+//! Key decisions: a request that finds no responder is the Problem 503 the bus would answer,
+//! never a panic; a request that gets no reply at all within its timeout panics (a hang is a
+//! failure, and must not pass for a server's own 504). Waiting is [`eventually`]: polling with
+//! a deadline, never a fixed sleep.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+use tether_auth::{Claims, Scope, ScopeSet, SigningKey};
+pub use tether_bus::Problem;
+use tether_bus::config::AuthConfig;
+use tether_bus::{BusConfig, NodeHandle};
+use tether_permission_node::PermissionConfig;
+
+use crate::NatsServer;
+use crate::docker::Cleanup;
+
+/// How long [`call`] waits for a reply by default (tools and engine work can be slow under
+/// load; this bounds a hang, it measures nothing).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A request body: JSON, or raw bytes (for malformed-input tests).
+pub struct Body(Vec<u8>);
+
+impl From<Value> for Body {
+    fn from(v: Value) -> Self {
+        Body(v.to_string().into_bytes())
+    }
+}
+
+impl From<&Value> for Body {
+    fn from(v: &Value) -> Self {
+        Body(v.to_string().into_bytes())
+    }
+}
+
+impl From<&str> for Body {
+    fn from(s: &str) -> Self {
+        Body(s.as_bytes().to_vec())
+    }
+}
+
+impl From<String> for Body {
+    fn from(s: String) -> Self {
+        Body(s.into_bytes())
+    }
+}
+
+impl From<&String> for Body {
+    fn from(s: &String) -> Self {
+        Body(s.as_bytes().to_vec())
+    }
+}
+
+impl From<Vec<u8>> for Body {
+    fn from(b: Vec<u8>) -> Self {
+        Body(b)
+    }
+}
+
+/// A bus config for `url` with everything else at its default.
+pub fn bus(url: &str) -> BusConfig {
+    BusConfig {
+        nats_url: url.into(),
+        ..Default::default()
+    }
+}
+
+/// `prefix-` and ten random hex digits: a host id, space or agent of this test alone.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+/// A token signed by `key` with the default issuer and audience, issued now.
+pub fn sign_token(
+    key: &SigningKey,
+    agent: &str,
+    space: &str,
+    scopes: ScopeSet,
+    ttl_seconds: u64,
+) -> anyhow::Result<String> {
+    let a = AuthConfig::default();
+    let c = Claims::new(
+        &a.issuer,
+        &a.audience,
+        agent,
+        space,
+        scopes,
+        tether_auth::now_unix(),
+        ttl_seconds,
+    );
+    key.sign(&c).context("sign token")
+}
+
+/// The permission node in-process against `url`, signing with `key`.
+pub async fn permission_node(
+    url: &str,
+    key: SigningKey,
+    cfg: PermissionConfig,
+) -> anyhow::Result<NodeHandle> {
+    let b = bus(url);
+    let client = async_nats::connect(url)
+        .await
+        .with_context(|| format!("connect to {url}"))?;
+    let js = async_nats::jetstream::new(client.clone());
+    tether_permission_node::build(&b, cfg, key, &js)
+        .await
+        .context("build permission node")?
+        .start_with_client(b, client)
+        .await
+        .context("start permission node")
+}
+
+/// A request with an optional bearer token and the default timeout: the JSON reply, or the
+/// Problem it answered (no responders: 503). Panics when no reply comes in time or a
+/// success reply is not JSON.
+pub async fn call(
+    c: &async_nats::Client,
+    subject: &str,
+    body: impl Into<Body>,
+    token: Option<&str>,
+) -> Result<Value, Problem> {
+    request(
+        c,
+        subject,
+        body,
+        token,
+        async_nats::HeaderMap::new(),
+        CALL_TIMEOUT,
+    )
+    .await
+}
+
+/// Like [`call`], with extra headers and a timeout of its own.
+pub async fn request(
+    c: &async_nats::Client,
+    subject: &str,
+    body: impl Into<Body>,
+    token: Option<&str>,
+    mut headers: async_nats::HeaderMap,
+    timeout: Duration,
+) -> Result<Value, Problem> {
+    if let Some(t) = token {
+        headers.insert("Authorization", format!("Bearer {t}").as_str());
+    }
+    let req = async_nats::client::Request::new()
+        .payload(body.into().0.into())
+        .headers(headers)
+        .timeout(Some(timeout));
+    let m = match c.send_request(subject.to_string(), req).await {
+        Ok(m) => m,
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            return Err(Problem::new(503, format!("no responders on {subject}")));
+        }
+        Err(e) => panic!("request {subject}: {e}"),
+    };
+    if let Some(p) = Problem::from_reply(m.headers.as_ref(), &m.payload) {
+        return Err(p);
+    }
+    Ok(serde_json::from_slice(&m.payload).unwrap_or_else(|e| {
+        panic!(
+            "reply on {subject} is not JSON ({e}): {}",
+            String::from_utf8_lossy(&m.payload)
+        )
+    }))
+}
+
+/// Polls `f` until it returns `Some` (its value is returned) or `within` passes (then it
+/// panics naming `what`).
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < until, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A 64-bit number from JSON (proto3 JSON writes them as strings).
+pub fn num(v: &Value) -> u64 {
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// A real nats-server, the permission node in-process, an operator token, a client, and the
+/// engine cleanup of this test.
+///
+/// Fields drop in order: the server is killed first (so no node creates anything more), then
+/// the permission node, then the engine is cleaned of what [`Fleet::engine`] names.
+pub struct Fleet {
+    pub nats: NatsServer,
+    /// The permission node's signing key.
+    pub key: SigningKey,
+    /// `None` after a test took it down.
+    pub perm: Option<NodeHandle>,
+    /// An operator token (also [`Fleet::operator`]).
+    pub op: String,
+    /// A plain client of the server.
+    pub c: async_nats::Client,
+    /// Containers and networks removed when the fleet drops (also on panic).
+    pub engine: Cleanup,
+}
+
+impl Fleet {
+    /// A fleet with the permission node at its default config.
+    pub async fn start() -> anyhow::Result<Fleet> {
+        Self::start_with(PermissionConfig::default()).await
+    }
+
+    /// A fleet with the permission node at `cfg`.
+    pub async fn start_with(cfg: PermissionConfig) -> anyhow::Result<Fleet> {
+        let nats = NatsServer::start().await?;
+        let key = SigningKey::generate().context("generate key")?;
+        let perm = permission_node(
+            &nats.url(),
+            SigningKey::from_pem(&key.to_pem()).context("key from pem")?,
+            cfg,
+        )
+        .await?;
+        let op = operator_token(&key)?;
+        let c = nats.client().await?;
+        Ok(Fleet {
+            nats,
+            key,
+            perm: Some(perm),
+            op,
+            c,
+            engine: Cleanup::default(),
+        })
+    }
+
+    /// `nats://127.0.0.1:PORT` of the server.
+    pub fn url(&self) -> String {
+        self.nats.url()
+    }
+
+    /// A bus config for a node of this fleet.
+    pub fn bus(&self) -> BusConfig {
+        bus(&self.url())
+    }
+
+    /// The operator's token.
+    pub fn operator(&self) -> &str {
+        &self.op
+    }
+
+    /// Registers agent `id` in `space` with `scopes` (as the operator) and returns a fresh
+    /// token for it. Panics when the permission node refuses.
+    pub async fn agent(&self, id: &str, space: &str, scopes: &[&str]) -> String {
+        self.call(
+            "agents.register",
+            json!({"agent_id": id, "space": space, "scopes": scopes}),
+            Some(&self.op),
+        )
+        .await
+        .unwrap_or_else(|p| panic!("register {id}: {p:?}"));
+        let t = self
+            .call("tokens.issue", json!({"agent_id": id}), Some(&self.op))
+            .await
+            .unwrap_or_else(|p| panic!("issue a token for {id}: {p:?}"));
+        t["token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("tokens.issue answered no token: {t}"))
+            .to_string()
+    }
+
+    /// [`call`] on this fleet's client.
+    pub async fn call(
+        &self,
+        subject: &str,
+        body: impl Into<Body>,
+        token: Option<&str>,
+    ) -> Result<Value, Problem> {
+        call(&self.c, subject, body, token).await
+    }
+
+    /// Removes, when the fleet drops, every container and network labelled with `label`
+    /// (`key=value`, e.g. the orchestrator's `tether.host=<host id>`).
+    pub fn clean_label(&mut self, label: impl Into<String>) {
+        self.engine.label(label);
+    }
+}
+
+/// An operator token (scope `operator`, no space, one hour) signed by `key`.
+pub fn operator_token(key: &SigningKey) -> anyhow::Result<String> {
+    sign_token(
+        key,
+        "operator",
+        "",
+        [Scope::Operator].into_iter().collect(),
+        3600,
+    )
+}

@@ -1,0 +1,147 @@
+//! The test fleet with an orchestrator on the real Docker engine (feature `orchestrator`): a
+//! host id of its own per test, so parallel tests never see each other's containers, and every
+//! container and network of that host removed when the test ends, also on panic.
+//!
+//! Shared by the orchestrator's and the shell-server's tests; what only one of them needs
+//! (the orchestrator binary as a child process, the shell-server) stays in that crate.
+
+use std::ops::{Deref, DerefMut};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+use tether_bus::NodeHandle;
+use tether_container_orchestrator::OrchestratorConfig;
+
+use crate::docker::{self, host_label, labeled_containers};
+use crate::fleet::{Fleet, Problem, bus, unique};
+
+/// An orchestrator config for tests: host `host_id`, janitor every second.
+pub fn config(host_id: &str) -> OrchestratorConfig {
+    OrchestratorConfig {
+        host_id: host_id.into(),
+        janitor_interval_seconds: 1,
+        ..Default::default()
+    }
+}
+
+/// The orchestrator in-process against `url`.
+pub async fn start(url: &str, cfg: OrchestratorConfig) -> anyhow::Result<NodeHandle> {
+    let b = bus(url);
+    let client = async_nats::connect(url)
+        .await
+        .with_context(|| format!("connect to {url}"))?;
+    tether_container_orchestrator::build(&b, cfg, &client)
+        .await
+        .context("build orchestrator")?
+        .start_with_client(b, client)
+        .await
+        .context("start orchestrator")
+}
+
+/// Every container (running or not) the orchestrator of `host_id` made: full ids, sorted.
+pub fn host_containers(host_id: &str) -> Vec<String> {
+    labeled_containers(&host_label(host_id))
+}
+
+/// A [`Fleet`] (derefs to it) with a host id of its own and, when asked, an orchestrator for
+/// that host in-process.
+///
+/// Drops the orchestrator first, then the fleet (server, permission node, then the engine
+/// cleanup of this host's label).
+pub struct OrchFleet {
+    /// `None` when started without one, or after a test took it down.
+    pub orch: Option<NodeHandle>,
+    pub host_id: String,
+    /// The busybox test image (empty for a fleet without the engine).
+    pub image: String,
+    pub fleet: Fleet,
+}
+
+impl OrchFleet {
+    /// The test image, a fleet, host id `prefix-…` cleaned up on drop, and (with `node`) an
+    /// orchestrator for it at [`config`] changed by `tweak`.
+    pub async fn start(
+        prefix: &str,
+        node: bool,
+        tweak: impl FnOnce(&mut OrchestratorConfig),
+    ) -> anyhow::Result<OrchFleet> {
+        let image = docker::busybox_image()?;
+        let mut fleet = Fleet::start().await?;
+        let host_id = unique(prefix);
+        fleet.clean_label(host_label(&host_id));
+        let orch = if node {
+            let mut cfg = config(&host_id);
+            tweak(&mut cfg);
+            Some(start(&fleet.url(), cfg).await?)
+        } else {
+            None
+        };
+        Ok(OrchFleet {
+            orch,
+            host_id,
+            image,
+            fleet,
+        })
+    }
+
+    /// A fleet that never touches the engine (no image, no orchestrator).
+    pub fn without_engine(fleet: Fleet, prefix: &str) -> OrchFleet {
+        OrchFleet {
+            orch: None,
+            host_id: unique(prefix),
+            image: String::new(),
+            fleet,
+        }
+    }
+
+    /// Creates the caller's space container (busybox) with `extra` fields merged in; panics
+    /// when refused.
+    pub async fn create_space(&self, token: &str, extra: Value) -> Value {
+        assert!(!self.image.is_empty(), "a fleet without the engine");
+        let mut body = json!({"image": self.image});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        self.call("containers.create", body, Some(token))
+            .await
+            .unwrap_or_else(|p| panic!("create space container: {p:?}"))
+    }
+
+    /// `containers.exec` as `token`.
+    pub async fn exec(&self, token: &str, body: Value) -> Result<Value, Problem> {
+        self.call("containers.exec", body, Some(token)).await
+    }
+
+    /// Managed containers of this test's host, straight from the engine (full ids, sorted).
+    pub fn engine_containers(&self) -> Vec<String> {
+        host_containers(&self.host_id)
+    }
+
+    /// The space binding of `space` in KV, as JSON.
+    pub async fn binding(&self, space: &str) -> Option<Value> {
+        let js = async_nats::jetstream::new(self.c.clone());
+        let kv = js
+            .get_key_value("tether_spaces")
+            .await
+            .unwrap_or_else(|e| panic!("bucket tether_spaces: {e}"));
+        kv.get(space)
+            .await
+            .unwrap_or_else(|e| panic!("kv get {space}: {e}"))
+            .map(|b| serde_json::from_slice(&b).unwrap_or_else(|e| panic!("binding json: {e}")))
+    }
+}
+
+impl Deref for OrchFleet {
+    type Target = Fleet;
+    fn deref(&self) -> &Fleet {
+        &self.fleet
+    }
+}
+
+impl DerefMut for OrchFleet {
+    fn deref_mut(&mut self) -> &mut Fleet {
+        &mut self.fleet
+    }
+}
