@@ -193,8 +193,9 @@ impl OrchestratorConfig {
         Ok(sanitize_host_id(&raw))
     }
 
-    /// Checks values that would otherwise fail at the first request.
-    pub fn validate(&self) -> Result<(), InvalidConfig> {
+    /// Checks values that would otherwise fail at the first request, and gives the limits
+    /// requests are checked against.
+    pub fn validate(&self) -> Result<Limits, InvalidConfig> {
         self.resolved_host_id()?;
         let bad = |m: &str| Err(InvalidConfig(m.to_string()));
         if !tether_bus::subject::is_valid_token(&self.spaces_bucket) {
@@ -292,7 +293,51 @@ impl OrchestratorConfig {
                 )));
             }
         }
-        Ok(())
+        Ok(Limits::from_checked(self))
+    }
+}
+
+/// The limits a request is checked against, made once from a checked configuration
+/// ([`OrchestratorConfig::validate`]); what validation reads instead of the whole node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    pub exec_default_timeout_seconds: f64,
+    pub exec_max_timeout_seconds: f64,
+    /// Output a request gets when it names no size, and the most it may ask for (at most
+    /// what fits one bus message, see [`Limits::within_reply`]).
+    pub default_output: usize,
+    pub max_output: usize,
+    pub stop_grace_seconds: i32,
+    pub tool_default_timeout_seconds: i32,
+    pub tool_max_timeout_seconds: i32,
+    pub default_ttl_seconds: i32,
+    pub max_ttl_seconds: i32,
+}
+
+impl Limits {
+    /// The limits of a configuration already checked by [`OrchestratorConfig::validate`].
+    pub fn from_checked(c: &OrchestratorConfig) -> Self {
+        let max_output = usize::try_from(c.exec_max_output_bytes).unwrap_or(usize::MAX);
+        Self {
+            exec_default_timeout_seconds: c.exec_default_timeout_seconds,
+            exec_max_timeout_seconds: c.exec_max_timeout_seconds,
+            default_output: usize::try_from(c.exec_default_output_bytes)
+                .unwrap_or(max_output)
+                .min(max_output),
+            max_output,
+            stop_grace_seconds: c.stop_grace_seconds,
+            tool_default_timeout_seconds: c.tool_default_timeout_seconds,
+            tool_max_timeout_seconds: c.tool_max_timeout_seconds,
+            default_ttl_seconds: c.default_ttl_seconds,
+            max_ttl_seconds: c.max_ttl_seconds,
+        }
+    }
+
+    /// The limits with output capped at `max_output` (what fits one reply on this bus).
+    pub fn within_reply(mut self, max_output: usize) -> Self {
+        self.max_output = self.max_output.min(max_output);
+        self.default_output = self.default_output.min(self.max_output);
+        self
     }
 }
 

@@ -43,6 +43,9 @@ pub mod spec;
 pub mod state;
 pub mod tools;
 
+#[cfg(test)]
+mod testing;
+
 use std::sync::Arc;
 
 use tether_bus::{BusConfig, Node};

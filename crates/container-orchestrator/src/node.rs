@@ -3,26 +3,24 @@
 //! Every operation on an existing container goes through [`resolve`]: the target is named by
 //! `container` (id or name) or by `space` (its bound container), and the caller must be an
 //! operator or belong to the container's `tether.space` label — the label, not a request
-//! field, decides. A request on the shared subject for a space bound on another host is
-//! forwarded to that host's subject with the caller's own headers (so the other node checks
-//! the token again); a request on a host subject is never forwarded further.
+//! field, decides. A space bound on another host is answered there (see [`crate::route`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::query_parameters::{LogsOptionsBuilder, StatsOptionsBuilder};
 use futures::StreamExt;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use tether_bus::{Caller, Endpoint, Node, Problem, Request, Scope};
+use tether_bus::{Caller, Node, Problem, Request, Scope};
 use tether_proto::{
     ContainerInfo, ContainerList, ContainerRef, ContainerStats, CreateContainerRequest,
     ExecRequest, ExecResult, ListContainersRequest, LogsReply, LogsRequest, RemoveContainerRequest,
     RemovedContainer, SpaceBinding, StopContainerRequest,
 };
 
+use crate::config::Limits;
 use crate::docker::{EngineError, EngineErrorKind, Meta, info_from_inspect, info_from_summary};
 use crate::exec::{ExecSpec, StreamTo};
+use crate::route::{Elsewhere, Routed, Routes};
 use crate::space::Reserve;
 use crate::spec::{Kind, parse_command, validate_abs_path, validate_create, validate_env};
 use crate::state::Orchestrator;
@@ -30,33 +28,19 @@ use crate::state::Orchestrator;
 type O = Arc<Orchestrator>;
 
 /// Adds every endpoint, on the shared and on the host-addressed subjects.
-pub fn endpoints(mut node: Node, o: &O) -> Node {
+pub fn endpoints(node: Node, o: &O) -> Node {
     let max_execs = o.policy.cfg.max_concurrent_execs;
-    for (prefix, addressed) in [
-        ("containers".to_string(), false),
-        (format!("hosts.{}.containers", o.host_id), true),
-    ] {
-        macro_rules! ep {
-            ($op:literal, $f:ident, $scope:expr) => {{
-                let o = o.clone();
-                Endpoint::new(format!("{prefix}.{}", $op), move |r| {
-                    $f(o.clone(), addressed, r)
-                })
-                .scope($scope)
-            }};
-        }
-        node = node
-            .endpoint(ep!("create", create, Scope::ContainersWrite))
-            .endpoint(ep!("start", start, Scope::ContainersWrite))
-            .endpoint(ep!("stop", stop, Scope::ContainersWrite))
-            .endpoint(ep!("remove", remove, Scope::ContainersWrite))
-            .endpoint(ep!("list", list, Scope::ContainersRead))
-            .endpoint(ep!("inspect", inspect, Scope::ContainersRead))
-            .endpoint(ep!("exec", exec, Scope::ContainersExec).max_concurrency(max_execs))
-            .endpoint(ep!("logs", logs, Scope::ContainersRead))
-            .endpoint(ep!("stats", stats, Scope::ContainersRead));
-    }
-    node
+    Routes::new(node, &o.host_id, o.clone())
+        .serve("containers.create", Scope::ContainersWrite, create)
+        .serve("containers.start", Scope::ContainersWrite, start)
+        .serve("containers.stop", Scope::ContainersWrite, stop)
+        .serve("containers.remove", Scope::ContainersWrite, remove)
+        .serve("containers.list", Scope::ContainersRead, list)
+        .serve("containers.inspect", Scope::ContainersRead, inspect)
+        .serve_bounded("containers.exec", Scope::ContainersExec, max_execs, exec)
+        .serve("containers.logs", Scope::ContainersRead, logs)
+        .serve("containers.stats", Scope::ContainersRead, stats)
+        .node()
 }
 
 fn traceparent<T>(req: &Request<T>) -> Option<String> {
@@ -71,7 +55,7 @@ fn traceparent<T>(req: &Request<T>) -> Option<String> {
 enum Target {
     Local(Arc<Meta>),
     /// The space is bound on another host.
-    Remote(String),
+    Remote(Elsewhere),
 }
 
 fn is_valid_container_ref(s: &str) -> bool {
@@ -83,6 +67,21 @@ fn is_valid_container_ref(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
+/// Checks the form of a target: `container` (id or name) and `space`, either may be empty.
+fn check_target(container: &str, space: &str) -> Result<(), Problem> {
+    if !space.is_empty() && !tether_bus::subject::is_valid_token(space) {
+        return Err(Problem::bad_request(format!(
+            "`space` {space:?} must be 1-128 characters of A-Z a-z 0-9 - _"
+        )));
+    }
+    if !container.is_empty() && !is_valid_container_ref(container) {
+        return Err(Problem::bad_request(format!(
+            "`container` {container:?} is not a container id or name"
+        )));
+    }
+    Ok(())
+}
+
 /// Resolves `container` / `space` to a managed container the caller may act on.
 async fn resolve(
     o: &Orchestrator,
@@ -90,20 +89,11 @@ async fn resolve(
     container: &str,
     space: &str,
 ) -> Result<Target, Problem> {
+    check_target(container, space)?;
     if !space.is_empty() {
-        if !tether_bus::subject::is_valid_token(space) {
-            return Err(Problem::bad_request(format!(
-                "`space` {space:?} must be 1-128 characters of A-Z a-z 0-9 - _"
-            )));
-        }
         caller.space_for(space)?;
     }
     if !container.is_empty() {
-        if !is_valid_container_ref(container) {
-            return Err(Problem::bad_request(format!(
-                "`container` {container:?} is not a container id or name"
-            )));
-        }
         let meta = o.engine.managed(container).await?;
         if caller.space_for(&meta.space).is_err() {
             return Err(Problem::forbidden(format!(
@@ -125,7 +115,7 @@ async fn resolve(
         .await?
         .ok_or_else(|| Problem::not_found(format!("space `{space}` has no container")))?;
     if b.host_id != o.host_id {
-        return Ok(Target::Remote(b.host_id));
+        return Ok(Target::Remote(Elsewhere::on(b.host_id, SPACE_ELSEWHERE)));
     }
     if b.container_id.is_empty() {
         return Err(Problem::conflict(format!(
@@ -151,64 +141,12 @@ async fn resolve(
     Ok(Target::Local(meta))
 }
 
-/// Sends the request on to the host that holds the space, as the caller.
-async fn forward<T, R>(req: &Request<T>, host: &str, op: &str, wait: Duration) -> Result<R, Problem>
-where
-    T: prost::Message + Serialize,
-    R: prost::Message + DeserializeOwned + Default,
-{
-    let subject = req.ctx.subject(&format!("hosts.{host}.containers.{op}"));
-    let body = req.encoding.encode(&req.body)?;
-    let request = async_nats::client::Request::new()
-        .payload(body)
-        .headers(req.headers.clone())
-        .timeout(Some(wait));
-    let msg = req
-        .ctx
-        .client
-        .send_request(subject, request)
-        .await
-        .map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => Problem::unavailable(format!(
-                "the space is bound on host `{host}`, where no orchestrator answers"
-            )),
-            async_nats::RequestErrorKind::TimedOut => {
-                Problem::timeout(format!("host `{host}` did not answer in time"))
-            }
-            _ => Problem::unavailable(format!("cannot reach host `{host}`: {e}")),
-        })?;
-    if let Some(p) = Problem::from_reply(msg.headers.as_ref(), &msg.payload) {
-        return Err(p);
-    }
-    req.encoding.decode::<R>(&msg.payload)
-}
-
-/// Resolves, forwarding to the owning host when the request came on the shared subject.
-macro_rules! target_or_forward {
-    ($o:expr, $req:expr, $addressed:expr, $op:literal, $wait:expr) => {{
-        let caller = $req.caller()?.clone();
-        match resolve(&$o, &caller, &$req.body.container, &$req.body.space).await? {
-            Target::Local(m) => m,
-            Target::Remote(host) if !$addressed => {
-                return forward(&$req, &host, $op, $wait).await;
-            }
-            Target::Remote(host) => {
-                return Err(Problem::conflict(format!(
-                    "the space is bound on host `{host}`, not `{}`; send to hosts.{host}.containers.{}",
-                    $o.host_id, $op
-                )));
-            }
-        }
-    }};
-}
-
-const FORWARD_WAIT: Duration = Duration::from_secs(60);
+const SPACE_ELSEWHERE: &str = "the space is bound";
 
 async fn create(
     o: O,
-    _addressed: bool,
     req: Request<CreateContainerRequest>,
-) -> Result<ContainerInfo, Problem> {
+) -> Result<Routed<ContainerInfo>, Problem> {
     let caller = req.caller()?;
     let space = caller.space_for(&req.body.space)?;
     let spec = validate_create(
@@ -301,7 +239,7 @@ async fn create(
     }
     tracing::info!(container = %id, name = %spec.name, space = %space, kind = spec.kind.as_str(), by = %caller.agent_id, "container created");
     let (_, c) = o.engine.inspect_managed(&id).await?;
-    Ok(info_from_inspect(&c, &o.host_id))
+    Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
 }
 
 /// Reserves a space for a new container (one container per space).
@@ -351,46 +289,59 @@ async fn reserve(o: &Orchestrator, b: &SpaceBinding) -> Result<u64, Problem> {
     )))
 }
 
-async fn start(
-    o: O,
-    addressed: bool,
-    req: Request<ContainerRef>,
-) -> Result<ContainerInfo, Problem> {
-    let m = target_or_forward!(o, req, addressed, "start", FORWARD_WAIT);
+async fn start(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerInfo>, Problem> {
+    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+        Target::Local(m) => m,
+        Target::Remote(e) => return Ok(Routed::On(e)),
+    };
     o.note_trace(&m.id, traceparent(&req).as_deref());
     o.engine.start(&m.id).await?;
     let (_, c) = o.engine.inspect_managed(&m.id).await?;
-    Ok(info_from_inspect(&c, &o.host_id))
+    Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
 }
 
-async fn stop(
-    o: O,
-    addressed: bool,
-    req: Request<StopContainerRequest>,
-) -> Result<ContainerInfo, Problem> {
-    let grace = match req.body.grace_seconds {
-        0 => o.policy.cfg.stop_grace_seconds,
-        g if !(1..=300).contains(&g) => {
-            return Err(Problem::bad_request(format!(
-                "`grace_seconds` must be between 1 and 300 (got {g})"
-            )));
-        }
-        g => g,
+/// A `containers.stop` request, checked: the grace period before SIGKILL.
+pub struct StopCall {
+    grace: i32,
+}
+
+impl StopCall {
+    pub fn validate(b: &StopContainerRequest, limits: &Limits) -> Result<Self, Problem> {
+        check_target(&b.container, &b.space)?;
+        let grace = match b.grace_seconds {
+            0 => limits.stop_grace_seconds,
+            g if !(1..=300).contains(&g) => {
+                return Err(Problem::bad_request(format!(
+                    "`grace_seconds` must be between 1 and 300 (got {g})"
+                )));
+            }
+            g => g,
+        };
+        Ok(Self { grace })
+    }
+}
+
+async fn stop(o: O, req: Request<StopContainerRequest>) -> Result<Routed<ContainerInfo>, Problem> {
+    let StopCall { grace } = StopCall::validate(&req.body, &o.limits)?;
+    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+        Target::Local(m) => m,
+        Target::Remote(e) => return Ok(Routed::On(e)),
     };
-    let m = target_or_forward!(o, req, addressed, "stop", FORWARD_WAIT);
     o.note_trace(&m.id, traceparent(&req).as_deref());
     o.engine.stop(&m.id, grace).await?;
     tracing::info!(container = %m.id, space = %m.space, by = %req.caller()?.agent_id, "container stopped");
     let (_, c) = o.engine.inspect_managed(&m.id).await?;
-    Ok(info_from_inspect(&c, &o.host_id))
+    Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
 }
 
 async fn remove(
     o: O,
-    addressed: bool,
     req: Request<RemoveContainerRequest>,
-) -> Result<RemovedContainer, Problem> {
-    let m = target_or_forward!(o, req, addressed, "remove", FORWARD_WAIT);
+) -> Result<Routed<RemovedContainer>, Problem> {
+    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+        Target::Local(m) => m,
+        Target::Remote(e) => return Ok(Routed::On(e)),
+    };
     o.note_trace(&m.id, traceparent(&req).as_deref());
     let is_space = m.kind == Kind::Space.as_str();
     let bound = is_space
@@ -405,36 +356,44 @@ async fn remove(
     }
     let unbound = bound;
     tracing::info!(container = %m.id, space = %m.space, by = %req.caller()?.agent_id, "container removed");
-    Ok(RemovedContainer {
+    Ok(Routed::Here(RemovedContainer {
         container_id: m.id.clone(),
         container_name: m.name.clone(),
         space: m.space.clone(),
         unbound,
-    })
+    }))
 }
 
-async fn list(
-    o: O,
-    _addressed: bool,
-    req: Request<ListContainersRequest>,
-) -> Result<ContainerList, Problem> {
-    let caller = req.caller()?;
-    let b = &req.body;
-    for (what, v) in [("space", &b.space), ("session_id", &b.session_id)] {
-        if !v.is_empty() && !tether_bus::subject::is_valid_token(v) {
-            return Err(Problem::bad_request(format!(
-                "`{what}` {v:?} must be 1-128 characters of A-Z a-z 0-9 - _"
-            )));
+/// A `containers.list` request, checked: the space it lists (any, for an operator naming
+/// none).
+pub struct ListCall {
+    space: String,
+}
+
+impl ListCall {
+    pub fn validate(b: &ListContainersRequest, caller: &Caller) -> Result<Self, Problem> {
+        for (what, v) in [("space", &b.space), ("session_id", &b.session_id)] {
+            if !v.is_empty() && !tether_bus::subject::is_valid_token(v) {
+                return Err(Problem::bad_request(format!(
+                    "`{what}` {v:?} must be 1-128 characters of A-Z a-z 0-9 - _"
+                )));
+            }
         }
+        if !b.kind.is_empty() {
+            Kind::parse(&b.kind)?;
+        }
+        let space = if caller.is_operator() {
+            b.space.clone()
+        } else {
+            caller.space_for(&b.space)?
+        };
+        Ok(Self { space })
     }
-    if !b.kind.is_empty() {
-        Kind::parse(&b.kind)?;
-    }
-    let space = if caller.is_operator() {
-        b.space.clone()
-    } else {
-        caller.space_for(&b.space)?
-    };
+}
+
+async fn list(o: O, req: Request<ListContainersRequest>) -> Result<Routed<ContainerList>, Problem> {
+    let b = &req.body;
+    let ListCall { space } = ListCall::validate(b, req.caller()?)?;
     let list = o
         .engine
         .list_managed(&space, &b.session_id, &b.kind)
@@ -444,20 +403,19 @@ async fn list(
         .map(|c| info_from_summary(c, &o.host_id))
         .collect();
     containers.sort_by(|a, b| a.container_name.cmp(&b.container_name));
-    Ok(ContainerList {
+    Ok(Routed::Here(ContainerList {
         containers,
         host_id: o.host_id.clone(),
-    })
+    }))
 }
 
-async fn inspect(
-    o: O,
-    addressed: bool,
-    req: Request<ContainerRef>,
-) -> Result<ContainerInfo, Problem> {
-    let m = target_or_forward!(o, req, addressed, "inspect", FORWARD_WAIT);
+async fn inspect(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerInfo>, Problem> {
+    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+        Target::Local(m) => m,
+        Target::Remote(e) => return Ok(Routed::On(e)),
+    };
     let (_, c) = o.engine.inspect_managed(&m.id).await?;
-    Ok(info_from_inspect(&c, &o.host_id))
+    Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
 }
 
 fn validate_user(u: &str) -> Result<Option<String>, Problem> {
@@ -483,8 +441,8 @@ fn validate_user(u: &str) -> Result<Option<String>, Problem> {
     }
 }
 
-/// Checked exec parameters.
-struct ExecParams {
+/// A `containers.exec` request, checked.
+pub struct ExecCall {
     cmd: Vec<String>,
     workdir: Option<String>,
     env: Vec<String>,
@@ -494,138 +452,143 @@ struct ExecParams {
     stream: Option<String>,
 }
 
-fn validate_exec(
-    o: &Orchestrator,
-    caller: &Caller,
-    b: &ExecRequest,
-) -> Result<ExecParams, Problem> {
-    let cmd = parse_command(b.command.as_ref())?
-        .ok_or_else(|| Problem::bad_request("`command` is required"))?;
-    let workdir = if b.workdir.is_empty() {
-        None
-    } else {
-        Some(validate_abs_path("workdir", &b.workdir)?)
-    };
-    let env = validate_env(&b.env)?;
-    let user = validate_user(&b.user)?;
-    let cfg = &o.policy.cfg;
-    let t = b.timeout_seconds;
-    let timeout = if !t.is_finite() || t < 0.0 {
-        return Err(Problem::bad_request(format!(
-            "`timeout_seconds` must be positive (got {t})"
-        )));
-    } else if t == 0.0 {
-        cfg.exec_default_timeout_seconds
-    } else if t > cfg.exec_max_timeout_seconds {
-        return Err(Problem::bad_request(format!(
-            "`timeout_seconds` must be at most {} (got {t})",
-            cfg.exec_max_timeout_seconds
-        )));
-    } else {
-        t
-    };
-    let max_output = match b.max_output_bytes {
-        0 => usize::try_from(cfg.exec_default_output_bytes)
-            .unwrap_or(o.max_output)
-            .min(o.max_output),
-        n if n < 0 => {
+impl ExecCall {
+    /// Checks everything but the target (which needs the engine).
+    pub fn validate(b: &ExecRequest, caller: &Caller, limits: &Limits) -> Result<Self, Problem> {
+        check_target(&b.container, &b.space)?;
+        let cmd = parse_command(b.command.as_ref())?
+            .ok_or_else(|| Problem::bad_request("`command` is required"))?;
+        let workdir = if b.workdir.is_empty() {
+            None
+        } else {
+            Some(validate_abs_path("workdir", &b.workdir)?)
+        };
+        let env = validate_env(&b.env)?;
+        let user = validate_user(&b.user)?;
+        let t = b.timeout_seconds;
+        let timeout = if !t.is_finite() || t < 0.0 {
             return Err(Problem::bad_request(format!(
-                "`max_output_bytes` must be positive (got {n})"
+                "`timeout_seconds` must be positive (got {t})"
             )));
-        }
-        n if usize::try_from(n).unwrap_or(usize::MAX) > o.max_output => {
+        } else if t == 0.0 {
+            limits.exec_default_timeout_seconds
+        } else if t > limits.exec_max_timeout_seconds {
             return Err(Problem::bad_request(format!(
-                "`max_output_bytes` must be at most {} (got {n})",
-                o.max_output
+                "`timeout_seconds` must be at most {} (got {t})",
+                limits.exec_max_timeout_seconds
             )));
-        }
-        n => usize::try_from(n).unwrap_or(o.max_output),
-    };
-    let stream = match (b.stream, b.stream_subject.as_str()) {
-        (false, "") => None,
-        (false, _) => {
-            return Err(Problem::bad_request(
-                "`stream_subject` is set but `stream` is not",
-            ));
-        }
-        (true, "") => {
-            return Err(Problem::bad_request(
-                "`stream: true` needs a `stream_subject` (e.g. a fresh _INBOX subject)",
-            ));
-        }
-        (true, s) => {
-            let inbox = s.starts_with("_INBOX.");
-            if !tether_bus::subject::is_valid_publish_subject(s)
-                || s.starts_with('$')
-                || !(inbox || caller.is_operator())
-            {
+        } else {
+            t
+        };
+        let max_output = match b.max_output_bytes {
+            0 => limits.default_output,
+            n if n < 0 => {
                 return Err(Problem::bad_request(format!(
-                    "`stream_subject` {s:?} must be an _INBOX. subject without wildcards"
+                    "`max_output_bytes` must be positive (got {n})"
                 )));
             }
-            Some(s.to_string())
-        }
-    };
-    Ok(ExecParams {
-        cmd,
-        workdir,
-        env,
-        user,
-        timeout: Duration::from_secs_f64(timeout),
-        max_output,
-        stream,
-    })
+            n if usize::try_from(n).unwrap_or(usize::MAX) > limits.max_output => {
+                return Err(Problem::bad_request(format!(
+                    "`max_output_bytes` must be at most {} (got {n})",
+                    limits.max_output
+                )));
+            }
+            n => usize::try_from(n).unwrap_or(limits.max_output),
+        };
+        let stream = match (b.stream, b.stream_subject.as_str()) {
+            (false, "") => None,
+            (false, _) => {
+                return Err(Problem::bad_request(
+                    "`stream_subject` is set but `stream` is not",
+                ));
+            }
+            (true, "") => {
+                return Err(Problem::bad_request(
+                    "`stream: true` needs a `stream_subject` (e.g. a fresh _INBOX subject)",
+                ));
+            }
+            (true, s) => {
+                let inbox = s.starts_with("_INBOX.");
+                if !tether_bus::subject::is_valid_publish_subject(s)
+                    || s.starts_with('$')
+                    || !(inbox || caller.is_operator())
+                {
+                    return Err(Problem::bad_request(format!(
+                        "`stream_subject` {s:?} must be an _INBOX. subject without wildcards"
+                    )));
+                }
+                Some(s.to_string())
+            }
+        };
+        Ok(Self {
+            cmd,
+            workdir,
+            env,
+            user,
+            timeout: Duration::from_secs_f64(timeout),
+            max_output,
+            stream,
+        })
+    }
+
+    /// Runs it in the target container (or says which host holds it).
+    async fn apply(self, o: &O, req: &Request<ExecRequest>) -> Result<Routed<ExecResult>, Problem> {
+        let wait = self.timeout + Duration::from_secs(30);
+        let m = match resolve(o, req.caller()?, &req.body.container, &req.body.space).await? {
+            Target::Local(m) => m,
+            Target::Remote(e) => return Ok(Routed::On(e.within(wait))),
+        };
+        let oom_before = o.oom_count(&m.id);
+        let spec = ExecSpec {
+            container_id: m.id.clone(),
+            cmd: self.cmd,
+            workdir: self.workdir,
+            env: self.env,
+            user: self.user,
+            stdin: (!req.body.stdin.is_empty()).then(|| req.body.stdin.clone().into()),
+            timeout: self.timeout,
+            max_output: self.max_output,
+            stream: self.stream.map(|subject| StreamTo {
+                client: req.ctx.client.clone(),
+                subject,
+            }),
+        };
+        let out = match crate::exec::run(o.engine.docker(), spec).await {
+            Ok(out) => out,
+            Err(e) if e.kind() == EngineErrorKind::NotFound => {
+                // The cached identity was stale: the container is gone.
+                o.engine.forget(&m.id);
+                return Err(Problem::not_found(format!(
+                    "container `{}` no longer exists",
+                    m.name
+                )));
+            }
+            Err(e) => return Err(exec_problem(e)),
+        };
+        // An OOM kill shows as SIGKILL; the engine's `oom` event tells the two apart.
+        let oom_killed =
+            out.exit_code == 137 && o.oom_after(&m.id, oom_before, Duration::from_secs(1)).await;
+        let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let cut = fit_json(&mut stdout, &mut stderr, o.reply_budget);
+        Ok(Routed::Here(ExecResult {
+            exit_code: out.exit_code,
+            stdout,
+            stderr,
+            truncated: out.truncated || cut,
+            timed_out: out.timed_out,
+            duration_ms: u32::try_from(out.duration.as_millis()).unwrap_or(u32::MAX),
+            oom_killed,
+            container_id: m.id.clone(),
+            output_bytes: out.output_bytes,
+        }))
+    }
 }
 
-async fn exec(o: O, addressed: bool, req: Request<ExecRequest>) -> Result<ExecResult, Problem> {
-    let caller = req.caller()?.clone();
-    let p = validate_exec(&o, &caller, &req.body)?;
-    let wait = p.timeout + Duration::from_secs(30);
-    let m = target_or_forward!(o, req, addressed, "exec", wait);
-    let oom_before = o.oom_count(&m.id);
-    let spec = ExecSpec {
-        container_id: m.id.clone(),
-        cmd: p.cmd,
-        workdir: p.workdir,
-        env: p.env,
-        user: p.user,
-        stdin: (!req.body.stdin.is_empty()).then(|| req.body.stdin.clone().into()),
-        timeout: p.timeout,
-        max_output: p.max_output,
-        stream: p.stream.map(|subject| StreamTo {
-            client: req.ctx.client.clone(),
-            subject,
-        }),
-    };
-    let out = match crate::exec::run(o.engine.docker(), spec).await {
-        Ok(out) => out,
-        Err(e) if e.kind() == EngineErrorKind::NotFound => {
-            // The cached identity was stale: the container is gone.
-            o.engine.forget(&m.id);
-            return Err(Problem::not_found(format!(
-                "container `{}` no longer exists",
-                m.name
-            )));
-        }
-        Err(e) => return Err(exec_problem(e)),
-    };
-    // An OOM kill shows as SIGKILL; the engine's `oom` event tells the two apart.
-    let oom_killed =
-        out.exit_code == 137 && o.oom_after(&m.id, oom_before, Duration::from_secs(1)).await;
-    let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let cut = fit_json(&mut stdout, &mut stderr, o.reply_budget);
-    Ok(ExecResult {
-        exit_code: out.exit_code,
-        stdout,
-        stderr,
-        truncated: out.truncated || cut,
-        timed_out: out.timed_out,
-        duration_ms: u32::try_from(out.duration.as_millis()).unwrap_or(u32::MAX),
-        oom_killed,
-        container_id: m.id.clone(),
-        output_bytes: out.output_bytes,
-    })
+async fn exec(o: O, req: Request<ExecRequest>) -> Result<Routed<ExecResult>, Problem> {
+    ExecCall::validate(&req.body, req.caller()?, &o.limits)?
+        .apply(&o, &req)
+        .await
 }
 
 fn exec_problem(e: EngineError) -> Problem {
@@ -678,58 +641,77 @@ fn fit_json(stdout: &mut String, stderr: &mut String, budget: usize) -> bool {
     true
 }
 
-async fn logs(o: O, addressed: bool, req: Request<LogsRequest>) -> Result<LogsReply, Problem> {
-    let b = &req.body;
-    let tail = match b.tail {
-        0 => 1000,
-        t if !(1..=100_000).contains(&t) => {
-            return Err(Problem::bad_request(format!(
-                "`tail` must be between 1 and 100000 (got {t})"
-            )));
+/// A `containers.logs` request, checked.
+pub struct LogsCall {
+    tail: i64,
+    since: i32,
+    cap: usize,
+}
+
+impl LogsCall {
+    pub fn validate(b: &LogsRequest, limits: &Limits) -> Result<Self, Problem> {
+        check_target(&b.container, &b.space)?;
+        let tail = match b.tail {
+            0 => 1000,
+            t if !(1..=100_000).contains(&t) => {
+                return Err(Problem::bad_request(format!(
+                    "`tail` must be between 1 and 100000 (got {t})"
+                )));
+            }
+            t => t,
+        };
+        if b.since < 0 || b.since > i64::from(i32::MAX) {
+            return Err(Problem::bad_request("`since` must be unix seconds"));
         }
-        t => t,
-    };
-    if b.since < 0 || b.since > i64::from(i32::MAX) {
-        return Err(Problem::bad_request("`since` must be unix seconds"));
+        let cap = match b.max_bytes {
+            0 => limits.default_output,
+            n if n < 0 || usize::try_from(n).unwrap_or(usize::MAX) > limits.max_output => {
+                return Err(Problem::bad_request(format!(
+                    "`max_bytes` must be between 1 and {} (got {n})",
+                    limits.max_output
+                )));
+            }
+            n => usize::try_from(n).unwrap_or(limits.max_output),
+        };
+        Ok(Self {
+            tail: i64::from(tail),
+            since: i32::try_from(b.since).unwrap_or(0),
+            cap,
+        })
     }
-    let cap = match b.max_bytes {
-        0 => usize::try_from(o.policy.cfg.exec_default_output_bytes)
-            .unwrap_or(o.max_output)
-            .min(o.max_output),
-        n if n < 0 || usize::try_from(n).unwrap_or(usize::MAX) > o.max_output => {
-            return Err(Problem::bad_request(format!(
-                "`max_bytes` must be between 1 and {} (got {n})",
-                o.max_output
-            )));
-        }
-        n => usize::try_from(n).unwrap_or(o.max_output),
+}
+
+async fn logs(o: O, req: Request<LogsRequest>) -> Result<Routed<LogsReply>, Problem> {
+    let b = &req.body;
+    let LogsCall { tail, since, cap } = LogsCall::validate(b, &o.limits)?;
+    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+        Target::Local(m) => m,
+        Target::Remote(e) => return Ok(Routed::On(e)),
     };
-    let m = target_or_forward!(o, req, addressed, "logs", FORWARD_WAIT);
     let opts = LogsOptionsBuilder::default()
         .follow(false)
         .stdout(true)
         .stderr(true)
-        .since(i32::try_from(b.since).unwrap_or(0))
+        .since(since)
         .timestamps(b.timestamps)
         .tail(&tail.to_string())
         .build();
     let (mut stdout, mut stderr, mut truncated) =
         crate::docker::read_logs(o.engine.docker(), &m.id, opts, cap).await?;
     truncated |= fit_json(&mut stdout, &mut stderr, o.reply_budget);
-    Ok(LogsReply {
+    Ok(Routed::Here(LogsReply {
         stdout,
         stderr,
         truncated,
         container_id: m.id.clone(),
-    })
+    }))
 }
 
-async fn stats(
-    o: O,
-    addressed: bool,
-    req: Request<ContainerRef>,
-) -> Result<ContainerStats, Problem> {
-    let m = target_or_forward!(o, req, addressed, "stats", FORWARD_WAIT);
+async fn stats(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerStats>, Problem> {
+    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+        Target::Local(m) => m,
+        Target::Remote(e) => return Ok(Routed::On(e)),
+    };
     let opts = StatsOptionsBuilder::default()
         .stream(false)
         .one_shot(false)
@@ -743,35 +725,12 @@ async fn stats(
     .ok_or_else(|| Problem::new(502, "the engine gave no stats"))?
     .map_err(EngineError::from)?;
     let (_, c) = o.engine.inspect_managed_with(&m.id, true).await?;
-    Ok(crate::docker::stats_of(&m, &s, c.size_rw.unwrap_or(0)))
+    Ok(Routed::Here(crate::docker::stats_of(
+        &m,
+        &s,
+        c.size_rw.unwrap_or(0),
+    )))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_budget_is_kept() {
-        let mut a = "\0".repeat(1000);
-        let mut b = "x".repeat(10);
-        assert!(fit_json(&mut a, &mut b, 600));
-        assert!(json_len(&a) + json_len(&b) <= 600);
-        assert_eq!(b.len(), 10, "the short one is kept whole");
-        let mut a = "hello\n".to_string();
-        let mut b = String::new();
-        assert!(!fit_json(&mut a, &mut b, 100));
-        assert_eq!(a, "hello\n");
-    }
-
-    #[test]
-    fn users_and_refs() {
-        assert!(validate_user("1000:1000").is_ok());
-        assert!(validate_user("nobody").is_ok());
-        assert!(validate_user("a b").is_err());
-        assert!(validate_user("a:").is_err());
-        assert!(is_valid_container_ref("abc123"));
-        assert!(is_valid_container_ref("/tether-space-s1"));
-        assert!(!is_valid_container_ref("../x"));
-        assert!(!is_valid_container_ref(""));
-    }
-}
+mod tests;

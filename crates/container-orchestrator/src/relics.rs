@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bollard::models::{EndpointSettings, NetworkingConfig};
 use bollard::query_parameters::{CreateContainerOptionsBuilder, ListContainersOptionsBuilder};
-use tether_bus::{Caller, Endpoint, Node, Problem, Request, Scope};
+use tether_bus::{Caller, Node, Problem, Request, Scope};
 use tether_proto::{
     CreateContainerRequest, RelicInfo, RelicList, RelicListRequest, RelicRef, RelicStartRequest,
 };
@@ -30,7 +30,7 @@ use crate::labels::{
     LABEL_HEALTH_ENDPOINT, LABEL_HEALTH_PORT, LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_RELIC,
     LABEL_RELIC_ID, LABEL_SESSION, LABEL_SPACE,
 };
-use crate::route::{forward, forward_within};
+use crate::route::{Elsewhere, Routed, Routes};
 use crate::sessions::{check_session, create_network, find_network};
 use crate::spec::{is_valid_image_ref, validate_create};
 use crate::state::{Orchestrator, Shared};
@@ -81,29 +81,16 @@ pub fn container_name(space: &str, session: &str, relic: &str) -> String {
 }
 
 /// Adds `relics.*` and the host-addressed twins.
-pub fn endpoints(mut node: Node, t: &T) -> Node {
-    for (prefix, addressed) in [
-        ("relics".to_string(), false),
-        (format!("hosts.{}.relics", t.o.host_id), true),
-    ] {
-        macro_rules! ep {
-            ($op:literal, $f:ident) => {{
-                let t = t.clone();
-                Endpoint::new(format!("{prefix}.{}", $op), move |r| {
-                    $f(t.clone(), addressed, r)
-                })
-                .scope(Scope::RelicsWrite)
-            }};
-        }
-        // A start may wait out a health check of minutes: bounded like tool runs.
-        node = node
-            .endpoint(ep!("start", start).max_concurrency(t.o.policy.cfg.max_concurrent_tools))
-            .endpoint(ep!("get", get))
-            .endpoint(ep!("list", list))
-            .endpoint(ep!("stop", stop))
-            .endpoint(ep!("delete", delete));
-    }
-    node
+pub fn endpoints(node: Node, t: &T) -> Node {
+    // A start may wait out a health check of minutes: bounded like tool runs.
+    let max = t.o.policy.cfg.max_concurrent_tools;
+    Routes::new(node, &t.o.host_id, t.clone())
+        .serve_bounded("relics.start", Scope::RelicsWrite, max, start)
+        .serve("relics.get", Scope::RelicsWrite, get)
+        .serve("relics.list", Scope::RelicsWrite, list)
+        .serve("relics.stop", Scope::RelicsWrite, stop)
+        .serve("relics.delete", Scope::RelicsWrite, delete)
+        .node()
 }
 
 /// Where a session's relics live: `None` = here (or nowhere yet).
@@ -115,6 +102,8 @@ async fn session_host(t: &Shared, space: &str, session: &str) -> Result<Option<S
         .map(|(r, _)| r.host_id)
         .filter(|h| !h.is_empty() && *h != t.o.host_id))
 }
+
+const SESSION_ELSEWHERE: &str = "the session lives";
 
 fn not_here(host: &str, op: &str) -> Problem {
     Problem::conflict(format!(
@@ -204,11 +193,7 @@ fn internal_url(relic: &str, port: u16, endpoint: &str) -> String {
     format!("http://{relic}:{port}{endpoint}")
 }
 
-async fn start(
-    t: T,
-    addressed: bool,
-    req: Request<RelicStartRequest>,
-) -> Result<RelicInfo, Problem> {
+async fn start(t: T, req: Request<RelicStartRequest>) -> Result<Routed<RelicInfo>, Problem> {
     let caller = req.caller()?.clone();
     let b = &req.body;
     let space = caller.space_for(&b.space)?;
@@ -222,12 +207,10 @@ async fn start(
         chrono::Utc::now(),
     )?;
     if let Some(host) = session_host(&t, &space, &b.session_id).await? {
-        if addressed {
-            return Err(not_here(&host, "start"));
-        }
         // The image is checked where the relic runs; the answer waits out the health check.
-        let subject = req.ctx.subject(&format!("hosts.{host}.relics.start"));
-        return forward_within(&req, subject, c.health_timeout + FORWARD_MARGIN).await;
+        let there =
+            Elsewhere::on(host, SESSION_ELSEWHERE).within(c.health_timeout + FORWARD_MARGIN);
+        return Ok(Routed::On(there));
     }
     if !o.engine.image_exists(&b.image).await? {
         return Err(Problem::unprocessable(format!(
@@ -361,7 +344,7 @@ async fn start(
         info.healthy = false;
         info.detail = format!("{why}; the relic was removed");
     }
-    Ok(info)
+    Ok(Routed::Here(info))
 }
 
 /// How much longer than a relic's health timeout a forwarded start waits for its answer.
@@ -534,16 +517,44 @@ enum Found {
     There(String),
 }
 
-async fn find(t: &Shared, caller: &Caller, r: &RelicRef) -> Result<Found, Problem> {
-    let space = caller.space_for(&r.space)?;
-    let o = &t.o;
-    if !r.relic_id.is_empty() {
-        if !(r.relic_id.len() <= 64 && r.relic_id.chars().all(|c| c.is_ascii_alphanumeric())) {
+/// A relic reference, checked: the space it is looked for in.
+struct RefCall {
+    space: String,
+}
+
+impl RefCall {
+    /// By `relic_id`, or by `session_id` and `relic_name`.
+    fn validate(r: &RelicRef, caller: &Caller) -> Result<Self, Problem> {
+        let space = caller.space_for(&r.space)?;
+        if !r.relic_id.is_empty() {
+            if !(r.relic_id.len() <= 64 && r.relic_id.chars().all(|c| c.is_ascii_alphanumeric())) {
+                return Err(bad(format!(
+                    "`relic_id` {:?} is not a relic id",
+                    r.relic_id
+                )));
+            }
+            return Ok(Self { space });
+        }
+        check_session(&r.session_id)?;
+        if r.relic_name.is_empty() {
+            return Err(bad(
+                "name the relic by `relic_id`, or by `session_id` and `relic_name`",
+            ));
+        }
+        if !is_valid_relic_name(&r.relic_name) {
             return Err(bad(format!(
-                "`relic_id` {:?} is not a relic id",
-                r.relic_id
+                "`relic_name` {:?} is not a relic name",
+                r.relic_name
             )));
         }
+        Ok(Self { space })
+    }
+}
+
+async fn find(t: &Shared, caller: &Caller, r: &RelicRef) -> Result<Found, Problem> {
+    let RefCall { space } = RefCall::validate(r, caller)?;
+    let o = &t.o;
+    if !r.relic_id.is_empty() {
         let mut extra = vec![(LABEL_RELIC_ID, r.relic_id.as_str())];
         if !caller.is_operator() || !r.space.is_empty() {
             extra.push((LABEL_SPACE, space.as_str()));
@@ -558,18 +569,6 @@ async fn find(t: &Shared, caller: &Caller, r: &RelicRef) -> Result<Found, Proble
             }
         }
         return Err(Problem::not_found(format!("no relic `{}`", r.relic_id)));
-    }
-    check_session(&r.session_id)?;
-    if r.relic_name.is_empty() {
-        return Err(bad(
-            "name the relic by `relic_id`, or by `session_id` and `relic_name`",
-        ));
-    }
-    if !is_valid_relic_name(&r.relic_name) {
-        return Err(bad(format!(
-            "`relic_name` {:?} is not a relic name",
-            r.relic_name
-        )));
     }
     if let Some(h) = session_host(t, &space, &r.session_id).await? {
         return Ok(Found::There(h));
@@ -591,22 +590,22 @@ async fn find(t: &Shared, caller: &Caller, r: &RelicRef) -> Result<Found, Proble
     }
 }
 
-macro_rules! found_or_forward {
-    ($t:expr, $req:expr, $addressed:expr, $op:literal) => {{
-        let caller = $req.caller()?.clone();
-        match find(&$t, &caller, &$req.body).await? {
-            Found::Here(c) => c,
-            Found::There(h) if !$addressed => {
-                let subject = $req.ctx.subject(&format!("hosts.{h}.relics.{}", $op));
-                return forward(&$req, subject).await;
-            }
-            Found::There(h) => return Err(not_here(&h, $op)),
-        }
-    }};
+/// The relic a request names, or the host of its session.
+async fn find_here(
+    t: &Shared,
+    req: &Request<RelicRef>,
+) -> Result<Result<Box<bollard::models::ContainerSummary>, Elsewhere>, Problem> {
+    Ok(match find(t, req.caller()?, &req.body).await? {
+        Found::Here(c) => Ok(c),
+        Found::There(h) => Err(Elsewhere::on(h, SESSION_ELSEWHERE)),
+    })
 }
 
-async fn get(t: T, addressed: bool, req: Request<RelicRef>) -> Result<RelicInfo, Problem> {
-    let c = found_or_forward!(t, req, addressed, "get");
+async fn get(t: T, req: Request<RelicRef>) -> Result<Routed<RelicInfo>, Problem> {
+    let c = match find_here(&t, &req).await? {
+        Ok(c) => c,
+        Err(there) => return Ok(Routed::On(there)),
+    };
     let mut info = info_of(&t.o, &c);
     if info.status == "running" {
         let l = c.labels.clone().unwrap_or_default();
@@ -624,10 +623,10 @@ async fn get(t: T, addressed: bool, req: Request<RelicRef>) -> Result<RelicInfo,
             }
         }
     }
-    Ok(info)
+    Ok(Routed::Here(info))
 }
 
-async fn list(t: T, addressed: bool, req: Request<RelicListRequest>) -> Result<RelicList, Problem> {
+async fn list(t: T, req: Request<RelicListRequest>) -> Result<Routed<RelicList>, Problem> {
     let caller = req.caller()?.clone();
     let b = &req.body;
     let space = caller.space_for(&b.space)?;
@@ -636,11 +635,7 @@ async fn list(t: T, addressed: bool, req: Request<RelicListRequest>) -> Result<R
         check_session(&b.session_id)?;
         extra.push((LABEL_SESSION, b.session_id.as_str()));
         if let Some(h) = session_host(&t, &space, &b.session_id).await? {
-            if addressed {
-                return Err(not_here(&h, "list"));
-            }
-            let subject = req.ctx.subject(&format!("hosts.{h}.relics.list"));
-            return forward(&req, subject).await;
+            return Ok(Routed::On(Elsewhere::on(h, SESSION_ELSEWHERE)));
         }
     }
     let mut relics: Vec<RelicInfo> = relics(&t.o, &extra)
@@ -649,11 +644,14 @@ async fn list(t: T, addressed: bool, req: Request<RelicListRequest>) -> Result<R
         .map(|c| info_of(&t.o, c))
         .collect();
     relics.sort_by(|a, b| (&a.session_id, &a.relic_name).cmp(&(&b.session_id, &b.relic_name)));
-    Ok(RelicList { relics })
+    Ok(Routed::Here(RelicList { relics }))
 }
 
-async fn stop(t: T, addressed: bool, req: Request<RelicRef>) -> Result<RelicInfo, Problem> {
-    let c = found_or_forward!(t, req, addressed, "stop");
+async fn stop(t: T, req: Request<RelicRef>) -> Result<Routed<RelicInfo>, Problem> {
+    let c = match find_here(&t, &req).await? {
+        Ok(c) => c,
+        Err(there) => return Ok(Routed::On(there)),
+    };
     let id = c.id.clone().unwrap_or_default();
     t.o.engine
         .stop(&id, t.o.policy.cfg.stop_grace_seconds)
@@ -661,18 +659,21 @@ async fn stop(t: T, addressed: bool, req: Request<RelicRef>) -> Result<RelicInfo
     let mut info = info_of(&t.o, &c);
     info.status = "exited".into();
     info.healthy = false;
-    Ok(info)
+    Ok(Routed::Here(info))
 }
 
-async fn delete(t: T, addressed: bool, req: Request<RelicRef>) -> Result<RelicInfo, Problem> {
-    let c = found_or_forward!(t, req, addressed, "delete");
+async fn delete(t: T, req: Request<RelicRef>) -> Result<Routed<RelicInfo>, Problem> {
+    let c = match find_here(&t, &req).await? {
+        Ok(c) => c,
+        Err(there) => return Ok(Routed::On(there)),
+    };
     let id = c.id.clone().unwrap_or_default();
     t.o.engine.remove(&id).await?;
     tracing::info!(container = %id, "relic deleted");
     let mut info = info_of(&t.o, &c);
     info.status = "removed".into();
     info.healthy = false;
-    Ok(info)
+    Ok(Routed::Here(info))
 }
 
 #[cfg(test)]
@@ -723,5 +724,59 @@ mod tests {
                 "{r:?}"
             );
         }
+    }
+
+    /// The `relics.start` cases of what was the end-to-end bad-input test.
+    #[test]
+    fn bad_start_requests_name_what_is_wrong() {
+        use crate::testing::{decode, refused};
+        use serde_json::json;
+        for (body, word) in [
+            (json!({"relic_name": "web", "session_id": "s1"}), "image"),
+            (
+                json!({"relic_name": "web", "session_id": "s1", "image": "tether-test/busybox:latest", "health_check_timeout_seconds": -3}),
+                "health_check_timeout_seconds",
+            ),
+            (json!({"session_id": "s1", "image": "x"}), "relic_name"),
+            (json!({"relic_name": "web", "image": "x"}), "session_id"),
+        ] {
+            let b: RelicStartRequest = decode(&body).expect("decodes");
+            refused(validate_start(&b), 400, word, &body.to_string());
+        }
+    }
+
+    #[test]
+    fn bad_relic_refs_are_refused() {
+        use crate::testing::{agent, decode, refused};
+        use serde_json::json;
+        for (body, status, word) in [
+            (json!({"relic_id": "../x"}), 400, "relic_id"),
+            (json!({"relic_name": "web"}), 400, "session_id"),
+            (json!({"session_id": "s1"}), 400, "relic_name"),
+            (
+                json!({"session_id": "s1", "relic_name": "Web"}),
+                400,
+                "relic_name",
+            ),
+            (
+                json!({"session_id": "s1", "relic_name": "web", "space": "other"}),
+                403,
+                "other",
+            ),
+        ] {
+            let r: RelicRef = decode(&body).expect("decodes");
+            refused(
+                RefCall::validate(&r, &agent("s1")),
+                status,
+                word,
+                &body.to_string(),
+            );
+        }
+        let ok: RelicRef =
+            decode(&json!({"session_id": "x", "relic_name": "web"})).expect("decodes");
+        assert_eq!(
+            RefCall::validate(&ok, &agent("s1")).expect("valid").space,
+            "s1"
+        );
     }
 }

@@ -1,43 +1,284 @@
-//! Sending a request on to the node of another host, as the caller (the other node checks
-//! the token again).
+//! One route for host forwarding. An endpoint is registered once ([`Routes::serve`]) and
+//! served on its shared subject (`containers.exec`, `relics.start`, `tools.logs`…) and on its
+//! host-addressed one (`hosts.<host_id>.containers.exec`…). Its handler answers with a
+//! [`Routed`]: "here is the result", or "this lives on host H" ([`Elsewhere`]). Only this
+//! module then decides what to do about H: a request on the shared subject is sent on to
+//! `hosts.H.<path>` as the caller (with [`Request::outgoing_headers`], so the other node checks
+//! the token again and the trace goes through this node); a request that came on a host
+//! subject is never forwarded further and gets a 409 naming the right subject.
+//!
+//! A forward that fails maps one way: no responders (host down) → 503, timeout → 504, any
+//! other failure to reach it → 503; a problem the other host answered is passed on as it is.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tether_bus::{Problem, Request};
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tether_bus::{Encoding, Endpoint, Node, Problem, RawRequest, Reply, Request, Scope};
 
-/// Sends a request on to another node's subject as the caller (the other node checks the
-/// token again).
-pub async fn forward<Q, R>(req: &Request<Q>, subject: String) -> Result<R, Problem>
-where
-    Q: prost::Message + serde::Serialize,
-    R: prost::Message + serde::de::DeserializeOwned + Default,
-{
-    forward_within(req, subject, Duration::from_secs(60)).await
+/// How long a forward waits for the other host's answer unless the handler says otherwise.
+pub const FORWARD_WAIT: Duration = Duration::from_secs(60);
+
+/// The other host that what a request is about lives on.
+#[derive(Clone, Debug)]
+pub struct Elsewhere {
+    pub host: String,
+    /// What lives there, as the start of the refusal: "the space is bound".
+    pub what: &'static str,
+    /// How long a forward waits for its answer.
+    pub wait: Duration,
 }
 
-/// [`forward`], waiting up to `timeout` for the other node's answer.
-pub async fn forward_within<Q, R>(
-    req: &Request<Q>,
-    subject: String,
-    timeout: Duration,
-) -> Result<R, Problem>
-where
-    Q: prost::Message + serde::Serialize,
-    R: prost::Message + serde::de::DeserializeOwned + Default,
-{
-    let body = req.encoding.encode(&req.body)?;
-    let request = async_nats::client::Request::new()
-        .payload(body)
-        .headers(req.headers.clone())
-        .timeout(Some(timeout));
-    let msg = req
-        .ctx
-        .client
-        .send_request(subject.clone(), request)
-        .await
-        .map_err(|e| Problem::unavailable(format!("cannot reach `{subject}`: {e}")))?;
-    if let Some(p) = Problem::from_reply(msg.headers.as_ref(), &msg.payload) {
-        return Err(p);
+impl Elsewhere {
+    pub fn on(host: impl Into<String>, what: &'static str) -> Self {
+        Self {
+            host: host.into(),
+            what,
+            wait: FORWARD_WAIT,
+        }
     }
-    req.encoding.decode::<R>(&msg.payload)
+
+    pub fn within(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+}
+
+/// A handler's answer.
+pub enum Routed<R> {
+    /// Here is the result.
+    Here(R),
+    /// It lives on another host: forwarded there, or refused on a host subject.
+    On(Elsewhere),
+    /// The other host's answer is better; this one stands in when the request came on a host
+    /// subject or that host cannot answer.
+    Prefer(Elsewhere, R),
+    /// This host's part; the other host's part is merged in by the function when the request
+    /// came on the shared subject and that host answers.
+    Also(Elsewhere, R, fn(R, R) -> R),
+}
+
+/// Which of its two subjects a request came on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Shared,
+    Host,
+}
+
+/// Registers endpoints on their shared and their host-addressed subjects, with the state `S`
+/// every handler gets.
+pub struct Routes<S> {
+    node: Node,
+    host_id: String,
+    state: S,
+}
+
+impl<S: Clone + Send + Sync + 'static> Routes<S> {
+    pub fn new(node: Node, host_id: &str, state: S) -> Self {
+        Self {
+            node,
+            host_id: host_id.to_string(),
+            state,
+        }
+    }
+
+    /// Serves `path` (e.g. `containers.exec`) on both subjects with the scope it needs.
+    pub fn serve<T, R, F, Fut>(self, path: &str, scope: Scope, f: F) -> Self
+    where
+        T: prost::Message + Serialize + DeserializeOwned + Default + Send + 'static,
+        R: prost::Message + Serialize + DeserializeOwned + Default + Send + 'static,
+        F: Fn(S, Request<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Routed<R>, Problem>> + Send + 'static,
+    {
+        self.serve_with(path, scope, None, f)
+    }
+
+    /// [`Routes::serve`], at most `max` requests at a time on each subject.
+    pub fn serve_bounded<T, R, F, Fut>(self, path: &str, scope: Scope, max: usize, f: F) -> Self
+    where
+        T: prost::Message + Serialize + DeserializeOwned + Default + Send + 'static,
+        R: prost::Message + Serialize + DeserializeOwned + Default + Send + 'static,
+        F: Fn(S, Request<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Routed<R>, Problem>> + Send + 'static,
+    {
+        self.serve_with(path, scope, Some(max), f)
+    }
+
+    fn serve_with<T, R, F, Fut>(
+        mut self,
+        path: &str,
+        scope: Scope,
+        max: Option<usize>,
+        f: F,
+    ) -> Self
+    where
+        T: prost::Message + Serialize + DeserializeOwned + Default + Send + 'static,
+        R: prost::Message + Serialize + DeserializeOwned + Default + Send + 'static,
+        F: Fn(S, Request<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Routed<R>, Problem>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        for via in [Via::Shared, Via::Host] {
+            let subject = match via {
+                Via::Shared => path.to_string(),
+                Via::Host => format!("hosts.{}.{path}", self.host_id),
+            };
+            let (f, state) = (f.clone(), self.state.clone());
+            let (path, me) = (
+                Arc::<str>::from(path),
+                Arc::<str>::from(self.host_id.as_str()),
+            );
+            let mut e = Endpoint::raw(subject, move |raw: RawRequest| {
+                let (f, state, path, me) = (f.clone(), state.clone(), path.clone(), me.clone());
+                async move { handle(via, &path, &me, raw, |req| f(state, req)).await }
+            })
+            .scope(scope);
+            if let Some(max) = max {
+                e = e.max_concurrency(max);
+            }
+            self.node = self.node.endpoint(e);
+        }
+        self
+    }
+
+    pub fn node(self) -> Node {
+        self.node
+    }
+}
+
+/// Decodes, runs the handler, and acts on where its answer is.
+async fn handle<T, R, F, Fut>(
+    via: Via,
+    path: &str,
+    me: &str,
+    raw: RawRequest,
+    f: F,
+) -> Result<Reply, Problem>
+where
+    T: prost::Message + DeserializeOwned + Default,
+    R: prost::Message + Serialize + DeserializeOwned + Default,
+    F: FnOnce(Request<T>) -> Fut,
+    Fut: Future<Output = Result<Routed<R>, Problem>>,
+{
+    let enc = raw.encoding;
+    let body = enc.decode::<T>(&raw.payload)?;
+    // What a forward needs once the handler has the request.
+    let hop = Hop {
+        payload: raw.payload.clone(),
+        request: Request {
+            body: (),
+            caller: raw.caller.clone(),
+            subject: raw.subject.clone(),
+            reply: None,
+            headers: raw.headers.clone(),
+            encoding: enc,
+            ctx: raw.ctx.clone(),
+        },
+        path,
+    };
+    let req = Request {
+        body,
+        caller: raw.caller,
+        subject: raw.subject,
+        reply: raw.reply,
+        headers: raw.headers,
+        encoding: enc,
+        ctx: raw.ctx,
+    };
+    let out = match (f(req).await?, via) {
+        (Routed::Here(r), _) => r,
+        (Routed::On(e), Via::Shared) => hop.forward(&e).await?,
+        (Routed::On(e), Via::Host) => {
+            return Err(Problem::conflict(format!(
+                "{} on host `{}`, not `{me}`; send to hosts.{}.{path}",
+                e.what, e.host, e.host
+            )));
+        }
+        (Routed::Prefer(e, r), Via::Shared) => match hop.forward(&e).await {
+            Ok(theirs) => theirs,
+            Err(p) => {
+                tracing::debug!(host = %e.host, error = %p, "host did not answer; answering from here");
+                r
+            }
+        },
+        (Routed::Also(e, r, merge), Via::Shared) => match hop.forward(&e).await {
+            Ok(theirs) => merge(r, theirs),
+            Err(p) => {
+                tracing::warn!(host = %e.host, path, error = %p, "host did not do its part; its janitor will");
+                r
+            }
+        },
+        (Routed::Prefer(_, r) | Routed::Also(_, r, _), Via::Host) => r,
+    };
+    let body = enc.encode(&out)?;
+    Ok(match enc {
+        Encoding::Json => Reply {
+            body,
+            headers: async_nats::HeaderMap::new(),
+        },
+        Encoding::Protobuf => Reply::new(body, enc.content_type()),
+    })
+}
+
+/// A request on its way to another host.
+struct Hop<'a> {
+    payload: Bytes,
+    request: Request<()>,
+    path: &'a str,
+}
+
+impl Hop<'_> {
+    async fn forward<R>(&self, e: &Elsewhere) -> Result<R, Problem>
+    where
+        R: prost::Message + DeserializeOwned + Default,
+    {
+        let req = &self.request;
+        let subject = req.ctx.subject(&format!("hosts.{}.{}", e.host, self.path));
+        let request = async_nats::client::Request::new()
+            .payload(self.payload.clone())
+            .headers(req.outgoing_headers())
+            .timeout(Some(e.wait));
+        let msg = req
+            .ctx
+            .client
+            .send_request(subject, request)
+            .await
+            .map_err(|err| forward_problem(&e.host, &err))?;
+        if let Some(p) = Problem::from_reply(msg.headers.as_ref(), &msg.payload) {
+            return Err(p);
+        }
+        req.encoding.decode::<R>(&msg.payload)
+    }
+}
+
+/// The one mapping of a failed forward.
+fn forward_problem(host: &str, e: &async_nats::RequestError) -> Problem {
+    match e.kind() {
+        async_nats::RequestErrorKind::NoResponders => {
+            Problem::unavailable(format!("no orchestrator answers on host `{host}`"))
+        }
+        async_nats::RequestErrorKind::TimedOut => {
+            Problem::timeout(format!("host `{host}` did not answer in time"))
+        }
+        _ => Problem::unavailable(format!("cannot reach host `{host}`: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::{RequestError, RequestErrorKind};
+
+    #[test]
+    fn a_failed_forward_maps_one_way() {
+        let status = |k: RequestErrorKind| forward_problem("h2", &RequestError::from(k)).status;
+        assert_eq!(status(RequestErrorKind::TimedOut), 504);
+        assert_eq!(status(RequestErrorKind::NoResponders), 503);
+        assert_eq!(status(RequestErrorKind::Other), 503);
+        let p = forward_problem("h2", &RequestError::from(RequestErrorKind::NoResponders));
+        assert!(p.detail.contains("`h2`"), "{}", p.detail);
+    }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use bollard::models::NetworkCreateRequest;
 use bollard::query_parameters::{ListContainersOptionsBuilder, ListNetworksOptionsBuilder};
-use tether_bus::{Endpoint, Node, Problem, Request, Scope};
+use tether_bus::{Node, Problem, Request, Scope};
 use tether_proto::{SessionCleanupReply, SessionCleanupRequest, SessionRecord};
 
 use crate::docker::EngineError;
@@ -24,7 +24,7 @@ use crate::labels::{
     KIND_SESSION_NETWORK, LABEL_CREATED_BY, LABEL_EXECUTION, LABEL_HOST, LABEL_KIND, LABEL_MANAGED,
     LABEL_SESSION, LABEL_SPACE, SESSION_NETWORK_PREFIX,
 };
-use crate::route::forward;
+use crate::route::{Elsewhere, Routed, Routes};
 use crate::state::{Change, Orchestrator, Shared, expires, is_terminal};
 
 fn now() -> chrono::DateTime<chrono::Utc> {
@@ -195,18 +195,9 @@ pub async fn cleanup_local(
 
 /// Adds `sessions.cleanup` and its host-addressed twin.
 pub fn endpoints(node: Node, t: &Arc<Shared>) -> Node {
-    let (t1, t2) = (t.clone(), t.clone());
-    node.endpoint(
-        Endpoint::new("sessions.cleanup", move |r| cleanup(t1.clone(), false, r))
-            .scope(Scope::RelicsWrite),
-    )
-    .endpoint(
-        Endpoint::new(
-            format!("hosts.{}.sessions.cleanup", t.o.host_id),
-            move |r| cleanup(t2.clone(), true, r),
-        )
-        .scope(Scope::RelicsWrite),
-    )
+    Routes::new(node, &t.o.host_id, t.clone())
+        .serve("sessions.cleanup", Scope::RelicsWrite, cleanup)
+        .node()
 }
 
 pub fn check_session(s: &str) -> Result<(), Problem> {
@@ -221,53 +212,49 @@ pub fn check_session(s: &str) -> Result<(), Problem> {
     Ok(())
 }
 
+/// Cleans this host's part of a session up; the host of its network (when another) does its
+/// part too, and the reply names what both removed.
 async fn cleanup(
     t: Arc<Shared>,
-    addressed: bool,
     req: Request<SessionCleanupRequest>,
-) -> Result<SessionCleanupReply, Problem> {
+) -> Result<Routed<SessionCleanupReply>, Problem> {
     let b = &req.body;
     check_session(&b.session_id)?;
     let space = req.caller()?.space_for(&b.space)?;
     let record = t.sessions.get(&space, &b.session_id).await?;
-    let (mut containers, mut networks) = cleanup_local(&t, &space, &b.session_id, b.force).await?;
+    let (containers, networks) = cleanup_local(&t, &space, &b.session_id, b.force).await?;
+    let here = SessionCleanupReply {
+        session_id: b.session_id.clone(),
+        space: space.clone(),
+        removed_containers: containers,
+        removed_networks: networks,
+        host_id: t.o.host_id.clone(),
+    };
     let Some((r, _)) = record else {
-        if containers.is_empty() && networks.is_empty() {
+        if here.removed_containers.is_empty() && here.removed_networks.is_empty() {
             return Err(Problem::not_found(format!(
                 "no session `{}` in space `{space}`",
                 b.session_id
             )));
         }
-        return Ok(SessionCleanupReply {
-            session_id: b.session_id.clone(),
-            space,
-            removed_containers: containers,
-            removed_networks: networks,
-            host_id: t.o.host_id.clone(),
-        });
+        return Ok(Routed::Here(here));
     };
-    if !addressed && r.host_id != t.o.host_id && !r.host_id.is_empty() {
-        let subject = req
-            .ctx
-            .subject(&format!("hosts.{}.sessions.cleanup", r.host_id));
-        match forward::<SessionCleanupRequest, SessionCleanupReply>(&req, subject).await {
-            Ok(other) => {
-                containers.extend(other.removed_containers);
-                networks.extend(other.removed_networks);
-            }
-            Err(e) => {
-                tracing::warn!(host = %r.host_id, error = %e, "session host did not clean up; its janitor will")
-            }
-        }
-    }
     t.sessions.close(&space, &b.session_id).await?;
-    Ok(SessionCleanupReply {
-        session_id: b.session_id.clone(),
-        space,
-        removed_containers: containers,
-        removed_networks: networks,
-        host_id: t.o.host_id.clone(),
-    })
+    if r.host_id != t.o.host_id && !r.host_id.is_empty() {
+        let there = Elsewhere::on(r.host_id, "the session's network is");
+        return Ok(Routed::Also(there, here, merge_cleanups));
+    }
+    Ok(Routed::Here(here))
+}
+
+/// This host's cleanup reply with what another host removed added.
+fn merge_cleanups(
+    mut here: SessionCleanupReply,
+    there: SessionCleanupReply,
+) -> SessionCleanupReply {
+    here.removed_containers.extend(there.removed_containers);
+    here.removed_networks.extend(there.removed_networks);
+    here
 }
 
 /// This host's part of sessions that expired or were closed, then session networks no

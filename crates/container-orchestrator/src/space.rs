@@ -8,17 +8,13 @@
 //! each reconciles only its own `host_id`'s records.
 
 use async_nats::jetstream::{self, kv};
-use futures::StreamExt;
-use tether_bus::Problem;
+use tether_bus::kv::Bucket;
+use tether_bus::{Encoding, Problem};
 use tether_proto::SpaceBinding;
 
 #[derive(Clone)]
 pub struct Spaces {
-    kv: kv::Store,
-}
-
-fn kv_err(e: impl std::fmt::Display) -> Problem {
-    Problem::unavailable(format!("space bindings unavailable: {e}"))
+    bindings: Bucket<SpaceBinding>,
 }
 
 /// Outcome of a reservation.
@@ -34,51 +30,35 @@ impl Spaces {
         bucket: &str,
         replicas: usize,
     ) -> anyhow::Result<Spaces> {
-        let kv = tether_bus::auth::open_or_create_bucket(
-            js,
-            kv::Config {
-                bucket: bucket.to_string(),
-                description: "tether: space bindings (space -> host, container)".into(),
-                history: 1,
-                num_replicas: replicas.max(1),
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
-        )
-        .await?;
-        Ok(Spaces { kv })
+        let config = kv::Config {
+            bucket: bucket.to_string(),
+            description: "tether: space bindings (space -> host, container)".into(),
+            history: 1,
+            num_replicas: replicas.max(1),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        // JSON, as bindings have always been stored.
+        let bindings = Bucket::open(js, config, Encoding::Json)
+            .await?
+            .named("space bindings");
+        Ok(Spaces { bindings })
     }
 
     pub async fn get(&self, space: &str) -> Result<Option<(SpaceBinding, u64)>, Problem> {
-        match self.kv.entry(space).await.map_err(kv_err)? {
-            Some(e) if e.operation == kv::Operation::Put => {
-                let b: SpaceBinding = serde_json::from_slice(&e.value)
-                    .map_err(|err| Problem::internal(format!("corrupt space binding: {err}")))?;
-                Ok(Some((b, e.revision)))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    fn encode(b: &SpaceBinding) -> Result<bytes::Bytes, Problem> {
-        serde_json::to_vec(b)
-            .map(Into::into)
-            .map_err(|e| Problem::internal(e.to_string()))
+        self.bindings.get(space).await
     }
 
     /// Reserves `b.space` (or records `b` outright when it names a container: adoption).
     pub async fn reserve(&self, b: &SpaceBinding) -> Result<Reserve, Problem> {
         for _ in 0..3 {
-            match self.kv.create(&b.space, Self::encode(b)?).await {
-                Ok(rev) => return Ok(Reserve::Reserved(rev)),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    if let Some((existing, rev)) = self.get(&b.space).await? {
-                        return Ok(Reserve::Exists(existing, rev));
-                    }
-                    // Deleted between the two calls: try again.
-                }
-                Err(e) => return Err(kv_err(e)),
+            if let Some(rev) = self.bindings.create(&b.space, b).await? {
+                return Ok(Reserve::Reserved(rev));
             }
+            if let Some((existing, rev)) = self.get(&b.space).await? {
+                return Ok(Reserve::Exists(existing, rev));
+            }
+            // Deleted between the two calls: try again.
         }
         Err(Problem::conflict(format!(
             "space `{}` is being changed concurrently; try again",
@@ -88,27 +68,19 @@ impl Spaces {
 
     /// Completes a reservation (or replaces a record) at `revision`.
     pub async fn bind(&self, b: &SpaceBinding, revision: u64) -> Result<u64, Problem> {
-        self.kv
-            .update(&b.space, Self::encode(b)?, revision)
-            .await
-            .map_err(|e| Problem::conflict(format!("space `{}` changed meanwhile: {e}", b.space)))
+        self.bindings
+            .update(&b.space, b, revision)
+            .await?
+            .ok_or_else(|| Problem::conflict(format!("space `{}` changed meanwhile", b.space)))
     }
 
     /// Drops the binding at `revision` (only if nobody changed it since).
     pub async fn unbind_at(&self, space: &str, revision: u64) -> Result<bool, Problem> {
-        match self.kv.delete_expect_revision(space, Some(revision)).await {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                // A wrong revision and a failure look alike here: tell them apart by reading.
-                match self.get(space).await? {
-                    Some((_, rev)) if rev == revision => Err(kv_err(e)),
-                    _ => {
-                        tracing::debug!(space, error = %e, "binding changed before unbind");
-                        Ok(false)
-                    }
-                }
-            }
+        let dropped = self.bindings.delete_at(space, revision).await?;
+        if !dropped {
+            tracing::debug!(space, "binding changed before unbind");
         }
+        Ok(dropped)
     }
 
     /// Drops the binding of `space` if it points to `container_id` on `host_id`.
@@ -128,10 +100,8 @@ impl Spaces {
 
     /// Every binding with its revision.
     pub async fn all(&self) -> Result<Vec<(SpaceBinding, u64)>, Problem> {
-        let mut keys = self.kv.keys().await.map_err(kv_err)?.boxed();
         let mut out = Vec::new();
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(kv_err)?;
+        for k in self.bindings.keys().await? {
             if let Some(b) = self.get(&k).await? {
                 out.push(b);
             }

@@ -641,5 +641,19 @@ pub fn container_nats_url(configured: &str, bus_url: &str) -> String {
         .join(",")
 }
 
+/// The create policy of the default configuration on a host of 2 CPUs and 4 GiB.
+#[cfg(test)]
+impl Policy {
+    pub(crate) fn for_tests() -> Policy {
+        Policy {
+            cfg: OrchestratorConfig::default(),
+            host_id: "h1".into(),
+            host_cpus: 2.0,
+            host_memory_mb: 4096,
+            container_nats_url: "nats://host.docker.internal:4222".into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

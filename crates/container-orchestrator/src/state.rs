@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 pub use results::{Change, Results, Status, is_terminal};
 pub use session_store::{SessionStore, expires};
 
+use crate::config::Limits;
 use crate::docker::Engine;
 use crate::space::Spaces;
 use crate::spec::Policy;
@@ -29,6 +30,8 @@ pub struct Orchestrator {
     pub spaces: Spaces,
     pub policy: Policy,
     pub host_id: String,
+    /// What requests are checked against (output capped by the bus payload limit).
+    pub limits: Limits,
     /// Largest `max_output_bytes` a request may ask (config capped by the bus payload limit).
     pub max_output: usize,
     /// Bytes the text of a reply may take so the whole reply fits one bus message.
@@ -54,7 +57,10 @@ impl Orchestrator {
         max_output: usize,
         reply_budget: usize,
     ) -> Self {
+        // The configuration was checked at startup; these are its limits.
+        let limits = Limits::from_checked(&policy.cfg).within_reply(max_output);
         Self {
+            limits,
             host_id: policy.host_id.clone(),
             engine,
             spaces,
@@ -221,7 +227,7 @@ impl Shared {
                 cfg.tool_jobs_stream
             );
         }
-        let done = tether_bus::auth::open_or_create_bucket(
+        let done = tether_bus::kv::open_or_create_bucket(
             js,
             kv::Config {
                 bucket: format!("{}_done", cfg.tool_results_bucket),

@@ -240,3 +240,96 @@ fn nats_url_for_containers() {
         "nats://bus:4222"
     );
 }
+
+/// The create cases of what was the end-to-end bad-input test (the orchestrator's and the
+/// tools' one): each refused before the engine is asked anything.
+#[test]
+fn bad_create_requests_are_refused() {
+    use crate::testing::{decode, refused};
+    use serde_json::json;
+    let img = "tether-test/busybox:latest";
+    let now = chrono::Utc::now();
+    let cases = [
+        (json!({"image": img, "name": "bad name!"}), 400, "name"),
+        (json!({"image": img, "name": "-x"}), 400, "name"),
+        (json!({}), 400, "image"),
+        (
+            json!({"image": img, "resource_limits": {"memory_mb": -1}}),
+            400,
+            "memory_mb",
+        ),
+        (
+            json!({"image": img, "resource_limits": {"memory_mb": 1_000_000_000}}),
+            400,
+            "memory_mb",
+        ),
+        (
+            json!({"image": img, "resource_limits": {"cpu_limit": -0.5}}),
+            400,
+            "cpu_limit",
+        ),
+        (
+            json!({"image": img, "resource_limits": {"cpu_limit": 1000}}),
+            400,
+            "cpu_limit",
+        ),
+        (
+            json!({"image": img, "resource_limits": {"pids_limit": -1}}),
+            400,
+            "pids_limit",
+        ),
+        (
+            json!({"image": img, "resource_limits": {"timeout_seconds": -5}}),
+            400,
+            "timeout_seconds",
+        ),
+        (json!({"image": img, "kind": "daemon"}), 400, "kind"),
+        (
+            json!({"image": img, "network_mode": "host"}),
+            403,
+            "network_mode",
+        ),
+        (
+            json!({"image": img, "mounts": [{"source": "/etc", "target": "/x"}]}),
+            403,
+            "/etc",
+        ),
+        (
+            json!({"image": img, "env": {"TETHER_SPACE": "x"}}),
+            400,
+            "TETHER_SPACE",
+        ),
+        (
+            json!({"image": img, "labels": {"tether.managed": "false"}}),
+            400,
+            "reserved",
+        ),
+        (json!({"image": img, "command": 5}), 400, "command"),
+        // Even an operator may not name a session network.
+        (
+            json!({"image": img, "kind": "tool", "network_mode": "tether-session.s1.x"}),
+            403,
+            "network",
+        ),
+    ];
+    for (body, status, word) in cases {
+        let r: CreateContainerRequest = decode(&body).expect("decodes");
+        refused(
+            validate_create(&r, "s1", "a1", &Policy::for_tests(), now),
+            status,
+            word,
+            &body.to_string(),
+        );
+    }
+    // What the node cannot decode is refused before validation.
+    refused(
+        decode::<CreateContainerRequest>(&json!({"image": img, "imgae": "typo"})),
+        400,
+        "imgae",
+        "unknown field",
+    );
+    for raw in ["{nope", "[1,2]", "\"x\""] {
+        let r = tether_bus::Encoding::Json.decode::<CreateContainerRequest>(raw.as_bytes());
+        refused(r, 400, "malformed", raw);
+    }
+}

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use prost::Message as _;
-use tether_bus::Problem;
+use tether_bus::kv::{Bucket, Change as Decided};
+use tether_bus::{Encoding, Problem};
 use tether_proto::ToolExecution;
 
 /// Where a run is. On the wire it is its string (`ToolExecution.status`, see [`Status::as_str`]).
@@ -82,10 +82,11 @@ pub enum Change {
     Keep,
 }
 
-/// Run records and idempotency keys in KV.
+/// Run records (protobuf, `exec.<id>`) and idempotency keys (`idem.<space>.<key>`, holding
+/// the execution id as plain text) in KV.
 #[derive(Clone)]
 pub struct Results {
-    kv: kv::Store,
+    records: Bucket<ToolExecution>,
 }
 
 impl Results {
@@ -95,24 +96,19 @@ impl Results {
         ttl: Duration,
         replicas: usize,
     ) -> anyhow::Result<Self> {
-        let kv = tether_bus::auth::open_or_create_bucket(
-            js,
-            kv::Config {
-                bucket: bucket.to_string(),
-                description: "tether: tool runs (exec.<id>) and idempotency keys".into(),
-                history: 1,
-                max_age: ttl,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas.max(1),
-                ..Default::default()
-            },
-        )
-        .await?;
-        Ok(Self { kv })
-    }
-
-    pub fn store(&self) -> &kv::Store {
-        &self.kv
+        let config = kv::Config {
+            bucket: bucket.to_string(),
+            description: "tether: tool runs (exec.<id>) and idempotency keys".into(),
+            history: 1,
+            max_age: ttl,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        };
+        let records = Bucket::open(js, config, Encoding::Protobuf)
+            .await?
+            .named("tool results");
+        Ok(Self { records })
     }
 
     fn key(id: &str) -> String {
@@ -120,42 +116,25 @@ impl Results {
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<(ToolExecution, u64)>, Problem> {
-        match self.kv.entry(Self::key(id)).await.map_err(kv_err)? {
-            Some(e) if e.operation == kv::Operation::Put => {
-                let r = ToolExecution::decode(e.value.as_ref())
-                    .map_err(|err| Problem::internal(format!("corrupt tool record: {err}")))?;
-                Ok(Some((r, e.revision)))
-            }
-            _ => Ok(None),
-        }
+        self.records.get(&Self::key(id)).await
     }
 
     pub async fn create(&self, r: &ToolExecution) -> Result<u64, Problem> {
-        self.kv
-            .create(Self::key(&r.execution_id), r.encode_to_vec().into())
-            .await
-            .map_err(kv_err)
+        self.records
+            .create(&Self::key(&r.execution_id), r)
+            .await?
+            .ok_or_else(|| {
+                Problem::conflict(format!("execution `{}` exists already", r.execution_id))
+            })
     }
 
     pub async fn delete(&self, id: &str) {
-        let _ = self.kv.delete(Self::key(id)).await;
+        let _ = self.records.delete(&Self::key(id)).await;
     }
 
-    /// Compare-and-set; `None` when the record changed since `rev`.
-    pub async fn update(&self, r: &ToolExecution, rev: u64) -> Result<Option<u64>, Problem> {
-        match self
-            .kv
-            .update(Self::key(&r.execution_id), r.encode_to_vec().into(), rev)
-            .await
-        {
-            Ok(rev) => Ok(Some(rev)),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
-            Err(e) => Err(kv_err(e)),
-        }
-    }
-
-    /// Reads, lets `f` change the record, writes it back by revision (retried on a
-    /// concurrent change). `Ok(None)` when there is no record.
+    /// Reads, lets `f` change the record, writes it back by revision (decided again on a
+    /// concurrent change, see [`Bucket::modify`]). `Ok(None)` when there is no record; else
+    /// the record, its revision, and whether this call wrote it.
     pub async fn modify<F>(
         &self,
         id: &str,
@@ -164,33 +143,34 @@ impl Results {
     where
         F: FnMut(&mut ToolExecution) -> Change,
     {
-        for _ in 0..16 {
-            let Some((mut r, rev)) = self.get(id).await? else {
-                return Ok(None);
-            };
-            match f(&mut r) {
-                Change::Keep => return Ok(Some((r, rev, false))),
-                Change::Write => {
-                    if let Some(new_rev) = self.update(&r, rev).await? {
-                        return Ok(Some((r, new_rev, true)));
-                    }
-                }
-            }
-        }
-        Err(Problem::conflict(format!(
-            "execution `{id}` is being changed concurrently; try again"
-        )))
+        let stored = self
+            .records
+            .modify(&Self::key(id), |current| {
+                let Some(mut r) = current else {
+                    return Ok(Decided::Keep);
+                };
+                Ok(match f(&mut r) {
+                    Change::Write => Decided::Write(r),
+                    Change::Keep => Decided::Keep,
+                })
+            })
+            .await?;
+        Ok(stored.map(|s| (s.value, s.revision, s.written)))
     }
 
     /// Releases an idempotency key that `id` holds (a submission that queued nothing).
     pub async fn release_key(&self, space: &str, key: &str, id: &str) {
         let k = format!("idem.{space}.{key}");
-        if let Ok(Some(e)) = self.kv.entry(&k).await
+        if let Ok(Some(e)) = self.records.store().entry(&k).await
             && e.operation == kv::Operation::Put
             && e.value.as_ref() == id.as_bytes()
         {
             // By revision: a key claimed again meanwhile is not touched.
-            let _ = self.kv.delete_expect_revision(&k, Some(e.revision)).await;
+            let _ = self
+                .records
+                .store()
+                .delete_expect_revision(&k, Some(e.revision))
+                .await;
         }
     }
 
@@ -203,10 +183,10 @@ impl Results {
     ) -> Result<Option<String>, Problem> {
         let k = format!("idem.{space}.{key}");
         for _ in 0..3 {
-            match self.kv.create(&k, id.to_string().into()).await {
+            match self.records.store().create(&k, id.to_string().into()).await {
                 Ok(_) => return Ok(None),
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    if let Some(v) = self.kv.get(&k).await.map_err(kv_err)? {
+                    if let Some(v) = self.records.store().get(&k).await.map_err(kv_err)? {
                         return Ok(Some(String::from_utf8_lossy(&v).into_owned()));
                     }
                 }

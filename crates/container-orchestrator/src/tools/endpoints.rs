@@ -13,7 +13,7 @@ use super::jobs::{CANCEL_SUBJECT, submit};
 use super::prepare::{ToolNetwork, check_id, prepare};
 use super::record::{new_record, now_rfc3339, publish_event};
 use super::runner::{read_logs, run_owned};
-use crate::route::forward;
+use crate::route::{Elsewhere, Routed, Routes};
 use crate::state::{Change, Shared, Status, is_terminal};
 
 /// A typed endpoint whose reply is a run record: in JSON, `result` keeps the numbers the
@@ -65,28 +65,23 @@ where
 /// Adds `tools.*` (and `hosts.<host_id>.tools.logs`).
 pub fn endpoints(node: Node, t: &T) -> Node {
     let max = t.o.policy.cfg.max_concurrent_tools;
-    let (t1, t2, t3, t4, t5) = (t.clone(), t.clone(), t.clone(), t.clone(), t.clone());
-    node.endpoint(
-        record_endpoint("tools.execute".into(), move |r| execute(t1.clone(), r))
-            .scope(Scope::ToolsRun)
-            .max_concurrency(max),
-    )
-    .endpoint(
-        record_endpoint("tools.get".into(), move |r| get(t2.clone(), r)).scope(Scope::ToolsRun),
-    )
-    .endpoint(
-        record_endpoint("tools.cancel".into(), move |r| cancel(t3.clone(), r))
-            .scope(Scope::ToolsRun),
-    )
-    .endpoint(
-        Endpoint::new("tools.logs", move |r| logs(t4.clone(), false, r)).scope(Scope::ToolsRun),
-    )
-    .endpoint(
-        Endpoint::new(format!("hosts.{}.tools.logs", t.o.host_id), move |r| {
-            logs(t5.clone(), true, r)
-        })
-        .scope(Scope::ToolsRun),
-    )
+    let (t1, t2, t3) = (t.clone(), t.clone(), t.clone());
+    let node = node
+        .endpoint(
+            record_endpoint("tools.execute".into(), move |r| execute(t1.clone(), r))
+                .scope(Scope::ToolsRun)
+                .max_concurrency(max),
+        )
+        .endpoint(
+            record_endpoint("tools.get".into(), move |r| get(t2.clone(), r)).scope(Scope::ToolsRun),
+        )
+        .endpoint(
+            record_endpoint("tools.cancel".into(), move |r| cancel(t3.clone(), r))
+                .scope(Scope::ToolsRun),
+        );
+    Routes::new(node, &t.o.host_id, t.clone())
+        .serve("tools.logs", Scope::ToolsRun, logs)
+        .node()
 }
 
 pub(super) async fn execute(
@@ -96,7 +91,14 @@ pub(super) async fn execute(
     let caller = req.caller()?.clone();
     let space = caller.space_for(&req.body.space)?;
     let execution_id = uuid::Uuid::now_v7().simple().to_string();
-    let p = prepare(&t.o, &req.body, &space, &caller.agent_id, &execution_id)?;
+    let p = prepare(
+        &t.o.limits,
+        &t.o.policy,
+        &req.body,
+        &space,
+        &caller.agent_id,
+        &execution_id,
+    )?;
     if !t.o.engine.image_exists(&p.image).await? {
         return Err(Problem::unprocessable(format!(
             "image `{}` is not on host `{}` (the orchestrator never pulls: build or load it first)",
@@ -233,11 +235,8 @@ pub(super) async fn cancel(t: T, req: Request<ToolRef>) -> Result<ToolExecution,
     }
 }
 
-pub(super) async fn logs(
-    t: T,
-    addressed: bool,
-    req: Request<ToolRef>,
-) -> Result<ToolLogs, Problem> {
+/// Live output from the host that runs it; the record's otherwise.
+pub(super) async fn logs(t: T, req: Request<ToolRef>) -> Result<Routed<ToolLogs>, Problem> {
     let (r, _) = visible(&t, &req).await?;
     let live = r.status == Status::Running.as_str() && !r.container_id.is_empty();
     if live && r.host_id == t.o.host_id {
@@ -246,29 +245,30 @@ pub(super) async fn logs(
             .min(t.o.max_output);
         match read_logs(t.o.engine.docker(), &r.container_id, cap).await {
             Ok((stdout, stderr, truncated)) => {
-                return Ok(ToolLogs {
+                return Ok(Routed::Here(ToolLogs {
                     execution_id: r.execution_id,
                     status: r.status,
                     stdout,
                     stderr,
                     truncated,
                     live: true,
-                });
+                }));
             }
             Err(e) => tracing::debug!(error = %e, "live logs unavailable; answering the record"),
         }
-    } else if live && !addressed {
-        let subject = req.ctx.subject(&format!("hosts.{}.tools.logs", r.host_id));
-        if let Ok(l) = forward::<ToolRef, ToolLogs>(&req, subject).await {
-            return Ok(l);
-        }
     }
-    Ok(ToolLogs {
+    let there =
+        (live && r.host_id != t.o.host_id).then(|| Elsewhere::on(r.host_id.clone(), "the run is"));
+    let recorded = ToolLogs {
         execution_id: r.execution_id,
         status: r.status,
         stdout: r.stdout,
         stderr: r.stderr,
         truncated: r.truncated,
         live: false,
+    };
+    Ok(match there {
+        Some(there) => Routed::Prefer(there, recorded),
+        None => Routed::Here(recorded),
     })
 }

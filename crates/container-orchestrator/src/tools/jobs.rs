@@ -112,7 +112,7 @@ pub(super) async fn run_job(t: &T, ctx: &Ctx, job: Job) -> Outcome {
         }
     };
     let req = j.request.unwrap_or_default();
-    let p = match prepare(&t.o, &req, &j.space, &j.agent_id, &id) {
+    let p = match prepare(&t.o.limits, &t.o.policy, &req, &j.space, &j.agent_id, &id) {
         Ok(p) => p,
         Err(e) => {
             let ran = Ran {

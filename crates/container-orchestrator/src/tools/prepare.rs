@@ -8,10 +8,10 @@ use tether_bus::Problem;
 use tether_proto::pbjson_types::value::Kind as V;
 use tether_proto::{CreateContainerRequest, ResourceLimits, ToolExecuteRequest};
 
+use crate::config::Limits;
 use crate::config::TOOL_LIFETIME_MARGIN_SECONDS as LIFETIME_MARGIN;
 use crate::labels::{LABEL_CLEANUP, LABEL_EXECUTION, LABEL_TOOL};
-use crate::spec::{ContainerSpec, is_valid_image_ref, validate_create};
-use crate::state::Orchestrator;
+use crate::spec::{ContainerSpec, Policy, is_valid_image_ref, validate_create};
 
 /// Variables a parameter may not become: a shell, the dynamic loader and most programs read
 /// them, so `{"path": "x"}` would silently break the tool.
@@ -145,15 +145,16 @@ pub(super) fn is_valid_idempotency_key(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '='))
 }
 
-/// Checks a request for `space` (already authorized) into a run.
+/// Checks a request for `space` (already authorized) into a run: pure, against the limits
+/// and the create policy (no engine, no KV; the image's presence is checked by the caller).
 pub fn prepare(
-    o: &Orchestrator,
+    limits: &Limits,
+    policy: &Policy,
     b: &ToolExecuteRequest,
     space: &str,
     agent_id: &str,
     execution_id: &str,
 ) -> Result<Prepared, Problem> {
-    let cfg = &o.policy.cfg;
     if b.tool_name.is_empty() {
         return Err(bad("`tool_name` is required"));
     }
@@ -182,18 +183,18 @@ pub fn prepare(
             "`idempotency_key` applies to async runs (`async: true`)",
         ));
     }
-    let limits = b.resource_limits.unwrap_or_default();
-    let timeout = match limits.timeout_seconds {
-        0 => cfg.tool_default_timeout_seconds,
+    let asked = b.resource_limits.unwrap_or_default();
+    let timeout = match asked.timeout_seconds {
+        0 => limits.tool_default_timeout_seconds,
         t if t < 0 => {
             return Err(bad(format!(
                 "`resource_limits.timeout_seconds` must be positive (got {t})"
             )));
         }
-        t if t > cfg.tool_max_timeout_seconds => {
+        t if t > limits.tool_max_timeout_seconds => {
             return Err(bad(format!(
                 "`resource_limits.timeout_seconds` must be at most {} (got {t})",
-                cfg.tool_max_timeout_seconds
+                limits.tool_max_timeout_seconds
             )));
         }
         t => t,
@@ -221,24 +222,22 @@ pub fn prepare(
         )));
     }
     let max_output = match b.max_output_bytes {
-        0 => usize::try_from(cfg.exec_default_output_bytes)
-            .unwrap_or(o.max_output)
-            .min(o.max_output),
-        n if n < 0 || usize::try_from(n).unwrap_or(usize::MAX) > o.max_output => {
+        0 => limits.default_output,
+        n if n < 0 || usize::try_from(n).unwrap_or(usize::MAX) > limits.max_output => {
             return Err(bad(format!(
                 "`max_output_bytes` must be between 1 and {} (got {n})",
-                o.max_output
+                limits.max_output
             )));
         }
-        n => usize::try_from(n).unwrap_or(o.max_output),
+        n => usize::try_from(n).unwrap_or(limits.max_output),
     };
     let cleanup = b.cleanup.unwrap_or(true);
     let lifetime = if cleanup {
         timeout
             .saturating_add(LIFETIME_MARGIN)
-            .min(cfg.max_ttl_seconds)
+            .min(limits.max_ttl_seconds)
     } else {
-        cfg.default_ttl_seconds
+        limits.default_ttl_seconds
     };
     let create = CreateContainerRequest {
         image: b.image.clone(),
@@ -248,7 +247,7 @@ pub fn prepare(
         command: b.command.clone(),
         resource_limits: Some(ResourceLimits {
             timeout_seconds: lifetime,
-            ..limits
+            ..asked
         }),
         network_mode: match network {
             ToolNetwork::Bridge => "bridge".into(),
@@ -257,7 +256,7 @@ pub fn prepare(
         mounts: b.mounts.clone(),
         ..Default::default()
     };
-    let mut spec = validate_create(&create, space, agent_id, &o.policy, chrono::Utc::now())?;
+    let mut spec = validate_create(&create, space, agent_id, policy, chrono::Utc::now())?;
     // Parameters were checked by `parameter_env` (names, NUL, the whole document's size);
     // they come after `validate_create` since `TETHER_PARAMETERS` is ours.
     let mut param_env: Vec<String> = param_env
@@ -376,5 +375,68 @@ mod tests {
             let p = parse_parameters(Some(&to_pb_value(bad.clone()))).expect("object");
             assert_eq!(parameter_env(&p).expect_err("refused").status, 400, "{bad}");
         }
+    }
+
+    /// The `tools.*` cases of what was the end-to-end bad-input test: each refused before the
+    /// engine or KV is asked anything.
+    #[test]
+    fn bad_tool_requests_are_refused() {
+        use crate::testing::{decode, limits, refused};
+        use serde_json::json;
+        let img = "tether-test/busybox:latest";
+        let with = |extra: serde_json::Value| {
+            let mut v = json!({"tool_name": "t", "image": img, "command": "true"});
+            for (k, x) in extra.as_object().expect("object") {
+                v[k] = x.clone();
+            }
+            v
+        };
+        let cases = [
+            (json!({"tool_name": "t", "command": "true"}), "image"),
+            (json!({"image": img}), "tool_name"),
+            (with(json!({"tool_name": "a b"})), "tool_name"),
+            (with(json!({"image": "Bad Image"})), "image"),
+            (
+                with(json!({"resource_limits": {"timeout_seconds": -1}})),
+                "timeout_seconds",
+            ),
+            (
+                with(json!({"resource_limits": {"timeout_seconds": 100000}})),
+                "timeout_seconds",
+            ),
+            (with(json!({"parameters": "{not json"})), "not JSON"),
+            (with(json!({"parameters": [1, 2]})), "JSON object"),
+            (with(json!({"network": "host"})), "network"),
+            (with(json!({"network": "session"})), "session_id"),
+            (
+                with(json!({"async": true, "idempotency_key": "a b"})),
+                "idempotency_key",
+            ),
+            (with(json!({"idempotency_key": "k"})), "async"),
+            (with(json!({"parameters": {"path": "/src"}})), "PATH"),
+            (with(json!({"env": {"TETHER_TOOL": "x"}})), "TETHER_"),
+            (
+                with(json!({"env": {"A": "1"}, "parameters": {"a": 2}})),
+                "same name",
+            ),
+            (with(json!({"max_output_bytes": -1})), "max_output_bytes"),
+        ];
+        let (limits, policy) = (limits(), Policy::for_tests());
+        for (body, word) in cases {
+            let b: ToolExecuteRequest = decode(&body).expect("decodes");
+            let r = prepare(&limits, &policy, &b, "s1", "a1", "e1");
+            refused(r, 400, word, &body.to_string());
+        }
+        refused(
+            decode::<ToolExecuteRequest>(&json!({"tool_name": "t", "image": img, "imgae": 1})),
+            400,
+            "imgae",
+            "unknown field",
+        );
+        refused(check_id("../x"), 400, "execution id", "tools.get ../x");
+        refused(check_id(""), 400, "required", "tools.cancel ''");
+        let ok: ToolExecuteRequest = decode(&with(json!({}))).expect("decodes");
+        let p = prepare(&limits, &policy, &ok, "s1", "a1", "e1").expect("valid");
+        assert_eq!(p.spec.labels[LABEL_EXECUTION], "e1");
     }
 }
