@@ -6,10 +6,10 @@
 //!
 //! It verifies tokens with the KV verifier like every real node.
 
-use tether_bus::{Endpoint, Layers, Node, Problem, Request, Scope};
+use tether_bus::{CallerKind, Endpoint, Layers, Node, Problem, Request, Scope};
 use tether_proto::{EchoReply, EchoRequest};
 
-async fn echo(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
+async fn echo<C: CallerKind>(req: Request<EchoRequest, C>) -> Result<EchoReply, Problem> {
     if req.body.message == "panic" {
         panic!("asked to panic");
     }
@@ -19,7 +19,7 @@ async fn echo(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
         )))
         .await;
     }
-    let (agent_id, space, scopes) = match &req.caller {
+    let (agent_id, space, scopes) = match req.caller.as_caller() {
         Some(c) => (c.agent_id.clone(), c.space.clone(), c.scopes.to_strings()),
         None => Default::default(),
     };
@@ -47,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let name = std::env::var("TETHER_NODE_NAME").unwrap_or_else(|_| "test-node".into());
     Node::new(name, env!("CARGO_PKG_VERSION"))
         .description("test node: echo and whoami")
-        .endpoint(Endpoint::new("test.echo", echo))
+        .endpoint(Endpoint::public("test.echo", echo))
         .endpoint(Endpoint::new("test.whoami", echo).scope(Scope::ShellExec))
         .run(cfg, tether_bus::shutdown_signal())
         .await

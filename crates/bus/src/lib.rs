@@ -36,7 +36,9 @@ pub mod telemetry;
 pub use auth::{BearerToken, Caller, KvVerifier, StaticVerifier, Verify};
 pub use codec::Encoding;
 pub use config::{BusConfig, Layers};
-pub use node::{Ctx, Endpoint, Node, NodeHandle, RawRequest, Reply, Request};
+pub use node::{
+    CallerKind, Ctx, Endpoint, Node, NodeHandle, PublicRequest, RawRequest, Reply, Request,
+};
 pub use problem::Problem;
 pub use tether_auth::{Scope, ScopeSet};
 

@@ -1,5 +1,9 @@
 //! A node: a name, a version, endpoints, background tasks — served the same way for all.
 //!
+//! Who may call is in the handler's type: [`Endpoint::new`] serves only callers with a valid
+//! token and hands the handler their [`Caller`]; [`Endpoint::public`] serves anyone, with a
+//! [`PublicRequest`].
+//!
 //! Request path, in order (each step's failure is answered with a [`Problem`] and changes
 //! nothing): size limit (413) → `Authorization` on protected endpoints (401) → scope (403) →
 //! decode (400) → handler, with a panic caught and answered 500. Each endpoint is a queue
@@ -55,11 +59,12 @@ impl Ctx {
     }
 }
 
-/// A decoded request with its verified caller.
-pub struct Request<T> {
+/// A decoded request. `C` is what the handler knows of its caller: a verified [`Caller`] on
+/// a protected endpoint ([`Endpoint::new`]), an `Option<Caller>` on a public one
+/// ([`Endpoint::public`], see [`PublicRequest`]).
+pub struct Request<T, C = Caller> {
     pub body: T,
-    /// Present on protected endpoints (the runtime refused the request otherwise).
-    pub caller: Option<Caller>,
+    pub caller: C,
     pub subject: Subject,
     pub reply: Option<Subject>,
     pub headers: HeaderMap,
@@ -67,14 +72,54 @@ pub struct Request<T> {
     pub ctx: Ctx,
 }
 
-impl<T> Request<T> {
-    /// The verified caller, or 401 (for endpoints that are public but act on identity).
-    pub fn caller(&self) -> Result<&Caller, Problem> {
-        self.caller
-            .as_ref()
-            .ok_or_else(|| Problem::unauthorized("this operation needs a token"))
-    }
+/// The request of a public endpoint: a caller only if the endpoint was also given
+/// [`Endpoint::scope`] or [`Endpoint::authenticated`].
+pub type PublicRequest<T> = Request<T, Option<Caller>>;
 
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for crate::Caller {}
+    impl Sealed for Option<crate::Caller> {}
+}
+
+/// What a request carries of its caller: [`Caller`] or `Option<Caller>` (sealed).
+pub trait CallerKind: sealed::Sealed + Send + Sized + 'static {
+    /// From what the runtime verified; a protected request without a caller is a 401 (the
+    /// runtime never builds one, and never panics if it did).
+    fn from_verified(caller: Option<Caller>) -> Result<Self, Problem>;
+    fn as_caller(&self) -> Option<&Caller>;
+}
+
+impl CallerKind for Caller {
+    fn from_verified(caller: Option<Caller>) -> Result<Self, Problem> {
+        caller.ok_or_else(|| Problem::unauthorized("this operation needs a token"))
+    }
+    fn as_caller(&self) -> Option<&Caller> {
+        Some(self)
+    }
+}
+
+impl CallerKind for Option<Caller> {
+    fn from_verified(caller: Option<Caller>) -> Result<Self, Problem> {
+        Ok(caller)
+    }
+    fn as_caller(&self) -> Option<&Caller> {
+        self.as_ref()
+    }
+}
+
+impl<T> Request<T> {
+    /// The verified caller.
+    ///
+    /// Transitional: a handler of a protected endpoint has `req.caller` (a [`Caller`]) and
+    /// needs no `?`; this method stays only until the container-orchestrator is migrated, and
+    /// will be removed.
+    pub fn caller(&self) -> Result<&Caller, Problem> {
+        Ok(&self.caller)
+    }
+}
+
+impl<T, C: CallerKind> Request<T, C> {
     /// Headers for a request this handler makes to another node: the trace context and, when
     /// there is a caller, its token (so the other node checks it again).
     pub fn outgoing_headers(&self) -> HeaderMap {
@@ -84,14 +129,15 @@ impl<T> Request<T> {
         {
             h.insert(telemetry::TRACEPARENT, tp.as_str());
         }
-        if let Some(c) = &self.caller {
+        if let Some(c) = self.caller.as_caller() {
             c.bearer().insert_into(&mut h);
         }
         h
     }
 }
 
-/// An undecoded request, for endpoints that handle bytes themselves.
+/// An undecoded request, for endpoints that handle bytes themselves. `caller` is `Some` on
+/// protected endpoints (the runtime refused the request otherwise).
 pub struct RawRequest {
     pub payload: Bytes,
     pub caller: Option<Caller>,
@@ -100,6 +146,27 @@ pub struct RawRequest {
     pub headers: HeaderMap,
     pub encoding: Encoding,
     pub ctx: Ctx,
+}
+
+impl RawRequest {
+    /// Decodes the body (400 when malformed) into the request a typed handler takes; a
+    /// [`Request<T>`] needs a caller (401 without).
+    pub fn decode<T, C>(self) -> Result<Request<T, C>, Problem>
+    where
+        T: prost::Message + DeserializeOwned + Default,
+        C: CallerKind,
+    {
+        let body = self.encoding.decode::<T>(&self.payload)?;
+        Ok(Request {
+            body,
+            caller: C::from_verified(self.caller)?,
+            subject: self.subject,
+            reply: self.reply,
+            headers: self.headers,
+            encoding: self.encoding,
+            ctx: self.ctx,
+        })
+    }
 }
 
 /// A reply body with its headers.
@@ -140,8 +207,9 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// A typed endpoint: the body is decoded into `T` (JSON or protobuf) and the reply `R`
-    /// encoded the same way. Public until [`Endpoint::scope`] or [`Endpoint::authenticated`].
+    /// A protected typed endpoint: only callers with a valid token reach the handler, which
+    /// gets their [`Caller`]; [`Endpoint::scope`] also requires a scope. The body is decoded
+    /// into `T` (JSON or protobuf) and the reply `R` encoded the same way.
     pub fn new<T, R, F, Fut>(path: impl Into<String>, f: F) -> Self
     where
         T: prost::Message + DeserializeOwned + Default + Send + 'static,
@@ -149,21 +217,36 @@ impl Endpoint {
         F: Fn(Request<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R, Problem>> + Send + 'static,
     {
+        let mut e = Self::typed(path, f);
+        e.access = Access::Authenticated;
+        e
+    }
+
+    /// A public typed endpoint: no token needed, the handler gets a [`PublicRequest`].
+    pub fn public<T, R, F, Fut>(path: impl Into<String>, f: F) -> Self
+    where
+        T: prost::Message + DeserializeOwned + Default + Send + 'static,
+        R: prost::Message + Serialize + Send + 'static,
+        F: Fn(PublicRequest<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, Problem>> + Send + 'static,
+    {
+        Self::typed(path, f)
+    }
+
+    fn typed<T, C, R, F, Fut>(path: impl Into<String>, f: F) -> Self
+    where
+        T: prost::Message + DeserializeOwned + Default + Send + 'static,
+        C: CallerKind,
+        R: prost::Message + Serialize + Send + 'static,
+        F: Fn(Request<T, C>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, Problem>> + Send + 'static,
+    {
         let f = Arc::new(f);
         Self::raw(path, move |raw: RawRequest| {
             let f = f.clone();
             async move {
-                let enc = raw.encoding;
-                let body = enc.decode::<T>(&raw.payload)?;
-                let req = Request {
-                    body,
-                    caller: raw.caller,
-                    subject: raw.subject,
-                    reply: raw.reply,
-                    headers: raw.headers,
-                    encoding: enc,
-                    ctx: raw.ctx,
-                };
+                let req = raw.decode::<T, C>()?;
+                let enc = req.encoding;
                 let out = f(req).await?;
                 let body = enc.encode(&out)?;
                 Ok(match enc {
@@ -178,7 +261,8 @@ impl Endpoint {
         })
     }
 
-    /// An endpoint that handles the raw payload.
+    /// An endpoint that handles the raw payload; public until [`Endpoint::scope`] or
+    /// [`Endpoint::authenticated`].
     pub fn raw<F, Fut>(path: impl Into<String>, f: F) -> Self
     where
         F: Fn(RawRequest) -> Fut + Send + Sync + 'static,
@@ -201,7 +285,8 @@ impl Endpoint {
         self
     }
 
-    /// Requires a valid token, whatever its scopes (the handler decides).
+    /// Requires a valid token, whatever its scopes (the handler decides). What
+    /// [`Endpoint::new`] does already; to protect a raw or public endpoint.
     pub fn authenticated(mut self) -> Self {
         self.access = Access::Authenticated;
         self

@@ -42,8 +42,9 @@ pub use shell::Shell;
 pub const NAME: &str = "shell-server";
 
 async fn exec(shell: Arc<Shell>, req: Request<ShellExecRequest>) -> Result<ExecResult, Problem> {
-    let caller = req.caller()?.clone();
-    shell.exec(&caller, req.outgoing_headers(), &req.body).await
+    shell
+        .exec(&req.caller, req.outgoing_headers(), &req.body)
+        .await
 }
 
 /// The node (not started) around an opened [`Shell`].
