@@ -6,7 +6,7 @@
 //!
 //! It verifies tokens with the KV verifier like every real node.
 
-use tether_bus::{CallerKind, Endpoint, Layers, Node, Problem, Request, Scope};
+use tether_bus::{CallerKind, Endpoint, Node, Problem, Request, Scope};
 use tether_proto::{EchoReply, EchoRequest};
 
 async fn echo<C: CallerKind>(req: Request<EchoRequest, C>) -> Result<EchoReply, Problem> {
@@ -34,21 +34,19 @@ async fn echo<C: CallerKind>(req: Request<EchoRequest, C>) -> Result<EchoReply, 
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let layers = Layers::load(None);
-    let cfg = match layers.bus() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(64);
-        }
-    };
-    let _telemetry = tether_bus::telemetry::init(&cfg, "test-node")?;
+async fn main() -> std::process::ExitCode {
     let name = std::env::var("TETHER_NODE_NAME").unwrap_or_else(|_| "test-node".into());
-    Node::new(name, env!("CARGO_PKG_VERSION"))
-        .description("test node: echo and whoami")
-        .endpoint(Endpoint::public("test.echo", echo))
-        .endpoint(Endpoint::new("test.whoami", echo).scope(Scope::ShellExec))
-        .run(cfg, tether_bus::shutdown_signal())
-        .await
+    tether_bus::startup::run_node(
+        &name.clone(),
+        None,
+        |_| Ok(()),
+        |bus, (), shutdown| {
+            Node::new(name, env!("CARGO_PKG_VERSION"))
+                .description("test node: echo and whoami")
+                .endpoint(Endpoint::public("test.echo", echo))
+                .endpoint(Endpoint::new("test.whoami", echo).scope(Scope::ShellExec))
+                .run(bus, shutdown)
+        },
+    )
+    .await
 }

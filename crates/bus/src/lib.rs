@@ -13,6 +13,7 @@
 //!   compare-and-set.
 //! - [`jobs`]: durable JetStream workers and de-duplicated publishing.
 //! - [`telemetry`]: logs, spans, OTLP, `traceparent` in NATS headers.
+//! - [`startup`]: the one way a node binary starts: config, exit 64, telemetry, serve, drain.
 //! - [`events`]: CloudEvents-shaped events on `events.*`.
 //!
 //! The one design decision to know: a handler is a plain async function of a decoded
@@ -30,6 +31,7 @@ pub mod kv;
 pub mod micro;
 pub mod node;
 pub mod problem;
+pub mod startup;
 pub mod subject;
 pub mod telemetry;
 

@@ -387,7 +387,19 @@ impl Node {
         cfg: BusConfig,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        let handle = self.start(cfg).await?;
+        let stop = CancellationToken::new();
+        let client = crate::connect::connect(&cfg, &self.name, &stop).await?;
+        self.run_with_client(cfg, client, shutdown).await
+    }
+
+    /// Like [`Node::run`] on an existing connection.
+    pub async fn run_with_client(
+        self,
+        cfg: BusConfig,
+        client: Client,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let handle = self.start_with_client(cfg, client).await?;
         tokio::select! {
             _ = shutdown => {}
             _ = handle.stop.cancelled() => {}

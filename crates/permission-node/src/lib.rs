@@ -519,11 +519,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let key = load_or_create_key(&cfg.key_path(), cfg.create_signing_key)?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let client = tether_bus::connect::connect(&bus, NAME, &stop).await?;
-    let js = async_nats::jetstream::new(client.clone());
-    let node = build(&bus, cfg, key, &js).await?;
-    let handle = node.start_with_client(bus, client).await?;
-    shutdown.await;
-    handle.shutdown().await
+    tether_bus::startup::serve(NAME, bus, shutdown, |b| async move {
+        build(&b.bus, cfg, key, &b.js).await
+    })
+    .await
 }
