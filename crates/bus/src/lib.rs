@@ -5,6 +5,7 @@
 //! - [`connect`]: the bus connection, retried at start and reconnected forever.
 //! - [`node`]: [`Node`] and [`Endpoint`] — micro-service endpoints in a queue group, bounded
 //!   concurrency, size limit, auth hook, panic guard, drain; [`Request`] and [`Ctx`] for handlers.
+//! - [`request`]: [`Request`] (its caller in its type), [`RawRequest`], [`Reply`].
 //! - [`micro`]: the NATS micro protocol (`$SRV.PING|INFO|STATS`).
 //! - [`codec`]: JSON or protobuf by `Content-Type`.
 //! - [`problem`]: the error model (headers + Problem+JSON).
@@ -31,6 +32,7 @@ pub mod kv;
 pub mod micro;
 pub mod node;
 pub mod problem;
+pub mod request;
 pub mod startup;
 pub mod subject;
 pub mod telemetry;
