@@ -2,11 +2,11 @@
 
 use std::process::Command;
 
-use tether_bus::{BusConfig, Endpoint, Node, Problem, Request};
+use tether_bus::{BusConfig, Endpoint, Node, Problem, PublicRequest};
 use tether_proto::{EchoReply, EchoRequest};
 use tether_testkit::NatsServer;
 
-async fn echo(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
+async fn echo(req: PublicRequest<EchoRequest>) -> Result<EchoReply, Problem> {
     Ok(EchoReply {
         message: req.body.message,
         ..Default::default()
@@ -17,7 +17,7 @@ async fn echo(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
 async fn nats_py_client_uses_a_node() {
     let nats = NatsServer::start().await.expect("nats");
     let node = Node::new("py-interop", "1.0.0")
-        .endpoint(Endpoint::new("interop.echo", echo))
+        .endpoint(Endpoint::public("interop.echo", echo))
         .start(BusConfig {
             nats_url: nats.url(),
             ..Default::default()

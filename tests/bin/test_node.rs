@@ -6,10 +6,10 @@
 //!
 //! It verifies tokens with the KV verifier like every real node.
 
-use tether_bus::{Endpoint, Layers, Node, Problem, Request, Scope};
+use tether_bus::{CallerKind, Endpoint, Node, Problem, Request, Scope};
 use tether_proto::{EchoReply, EchoRequest};
 
-async fn echo(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
+async fn echo<C: CallerKind>(req: Request<EchoRequest, C>) -> Result<EchoReply, Problem> {
     if req.body.message == "panic" {
         panic!("asked to panic");
     }
@@ -19,7 +19,7 @@ async fn echo(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
         )))
         .await;
     }
-    let (agent_id, space, scopes) = match &req.caller {
+    let (agent_id, space, scopes) = match req.caller.as_caller() {
         Some(c) => (c.agent_id.clone(), c.space.clone(), c.scopes.to_strings()),
         None => Default::default(),
     };
@@ -34,21 +34,19 @@ async fn echo(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let layers = Layers::load(None);
-    let cfg = match layers.bus() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(64);
-        }
-    };
-    let _telemetry = tether_bus::telemetry::init(&cfg, "test-node")?;
+async fn main() -> std::process::ExitCode {
     let name = std::env::var("TETHER_NODE_NAME").unwrap_or_else(|_| "test-node".into());
-    Node::new(name, env!("CARGO_PKG_VERSION"))
-        .description("test node: echo and whoami")
-        .endpoint(Endpoint::new("test.echo", echo))
-        .endpoint(Endpoint::new("test.whoami", echo).scope(Scope::ShellExec))
-        .run(cfg, tether_bus::shutdown_signal())
-        .await
+    tether_bus::startup::run_node(
+        &name.clone(),
+        None,
+        |_| Ok(()),
+        |bus, (), shutdown| {
+            Node::new(name, env!("CARGO_PKG_VERSION"))
+                .description("test node: echo and whoami")
+                .endpoint(Endpoint::public("test.echo", echo))
+                .endpoint(Endpoint::new("test.whoami", echo).scope(Scope::ShellExec))
+                .run(bus, shutdown)
+        },
+    )
+    .await
 }

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use tether_auth::{Claims, KeySet, Scope, ScopeSet, SigningKey, Validation};
 use tether_bus::config::AuthConfig;
-use tether_bus::{BusConfig, Endpoint, Node, Problem, Request, StaticVerifier};
+use tether_bus::{BusConfig, CallerKind, Endpoint, Node, Problem, Request, StaticVerifier};
 use tether_proto::{EchoReply, EchoRequest};
 use tether_testkit::NatsServer;
 
@@ -96,7 +96,7 @@ async fn throughput(
     done.load(std::sync::atomic::Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn echo(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
+async fn echo<C: CallerKind>(req: Request<EchoRequest, C>) -> Result<EchoReply, Problem> {
     Ok(EchoReply {
         message: req.body.message,
         ..Default::default()
@@ -151,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
     keys.put(key.kid(), serde_json::to_vec(&key.public_key())?.into())
         .await?;
     let node = Node::new("bench-node", "1.0.0")
-        .endpoint(Endpoint::new("bench.node", echo))
+        .endpoint(Endpoint::public("bench.node", echo))
         .endpoint(Endpoint::new("bench.auth", echo).scope(Scope::ShellExec))
         .start(cfg)
         .await?;

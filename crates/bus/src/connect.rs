@@ -18,7 +18,9 @@ pub fn reconnect_delay(attempt: usize) -> Duration {
     Duration::from_millis(50 * 2u64.pow(exp)).min(Duration::from_secs(2))
 }
 
-async fn options(cfg: &BusConfig, name: &str) -> anyhow::Result<ConnectOptions> {
+/// The connect options every bus client of tether uses: credentials, TLS, reconnects, and
+/// logged connection events (the CLI starts from these too, then shortens the timeouts).
+pub async fn options(cfg: &BusConfig, name: &str) -> anyhow::Result<ConnectOptions> {
     let mut o = ConnectOptions::new()
         .name(name)
         .max_reconnects(None)

@@ -5,6 +5,7 @@
 //! - [`connect`]: the bus connection, retried at start and reconnected forever.
 //! - [`node`]: [`Node`] and [`Endpoint`] — micro-service endpoints in a queue group, bounded
 //!   concurrency, size limit, auth hook, panic guard, drain; [`Request`] and [`Ctx`] for handlers.
+//! - [`request`]: [`Request`] (its caller in its type), [`RawRequest`], [`Reply`].
 //! - [`micro`]: the NATS micro protocol (`$SRV.PING|INFO|STATS`).
 //! - [`codec`]: JSON or protobuf by `Content-Type`.
 //! - [`problem`]: the error model (headers + Problem+JSON).
@@ -13,6 +14,7 @@
 //!   compare-and-set.
 //! - [`jobs`]: durable JetStream workers and de-duplicated publishing.
 //! - [`telemetry`]: logs, spans, OTLP, `traceparent` in NATS headers.
+//! - [`startup`]: the one way a node binary starts: config, exit 64, telemetry, serve, drain.
 //! - [`events`]: CloudEvents-shaped events on `events.*`.
 //!
 //! The one design decision to know: a handler is a plain async function of a decoded
@@ -30,13 +32,17 @@ pub mod kv;
 pub mod micro;
 pub mod node;
 pub mod problem;
+pub mod request;
+pub mod startup;
 pub mod subject;
 pub mod telemetry;
 
 pub use auth::{BearerToken, Caller, KvVerifier, StaticVerifier, Verify};
 pub use codec::Encoding;
 pub use config::{BusConfig, Layers};
-pub use node::{Ctx, Endpoint, Node, NodeHandle, RawRequest, Reply, Request};
+pub use node::{
+    CallerKind, Ctx, Endpoint, Node, NodeHandle, PublicRequest, RawRequest, Reply, Request,
+};
 pub use problem::Problem;
 pub use tether_auth::{Scope, ScopeSet};
 

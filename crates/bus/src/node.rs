@@ -1,5 +1,9 @@
 //! A node: a name, a version, endpoints, background tasks — served the same way for all.
 //!
+//! Who may call is in the handler's type: [`Endpoint::new`] serves only callers with a valid
+//! token and hands the handler their [`Caller`]; [`Endpoint::public`] serves anyone, with a
+//! [`PublicRequest`].
+//!
 //! Request path, in order (each step's failure is answered with a [`Problem`] and changes
 //! nothing): size limit (413) → `Authorization` on protected endpoints (401) → scope (403) →
 //! decode (400) → handler, with a panic caught and answered 500. Each endpoint is a queue
@@ -17,7 +21,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::{Client, HeaderMap, Message, Subject, jetstream};
+use async_nats::{Client, HeaderMap, Message, jetstream};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
@@ -34,6 +38,7 @@ use crate::codec::{CONTENT_TYPE, Encoding};
 use crate::config::BusConfig;
 use crate::micro::{EndpointInfo, EndpointStats, Identity, StatsData, Verb};
 use crate::problem::{PROBLEM_CONTENT_TYPE, SERVICE_ERROR, SERVICE_ERROR_CODE};
+pub use crate::request::{CallerKind, PublicRequest, RawRequest, Reply, Request};
 use crate::{Problem, telemetry};
 
 /// What every handler can reach: the bus, JetStream, config, and the node's stop signal.
@@ -52,70 +57,6 @@ impl Ctx {
     /// The full subject for a service path (deployment prefix applied).
     pub fn subject(&self, path: &str) -> String {
         self.config.subject(path)
-    }
-}
-
-/// A decoded request with its verified caller.
-pub struct Request<T> {
-    pub body: T,
-    /// Present on protected endpoints (the runtime refused the request otherwise).
-    pub caller: Option<Caller>,
-    pub subject: Subject,
-    pub reply: Option<Subject>,
-    pub headers: HeaderMap,
-    pub encoding: Encoding,
-    pub ctx: Ctx,
-}
-
-impl<T> Request<T> {
-    /// The verified caller, or 401 (for endpoints that are public but act on identity).
-    pub fn caller(&self) -> Result<&Caller, Problem> {
-        self.caller
-            .as_ref()
-            .ok_or_else(|| Problem::unauthorized("this operation needs a token"))
-    }
-
-    /// Headers for a request this handler makes to another node: the trace context and, when
-    /// there is a caller, its token (so the other node checks it again).
-    pub fn outgoing_headers(&self) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        if !telemetry::inject_current(&mut h)
-            && let Some(tp) = self.headers.get(telemetry::TRACEPARENT)
-        {
-            h.insert(telemetry::TRACEPARENT, tp.as_str());
-        }
-        if let Some(c) = &self.caller {
-            c.bearer().insert_into(&mut h);
-        }
-        h
-    }
-}
-
-/// An undecoded request, for endpoints that handle bytes themselves.
-pub struct RawRequest {
-    pub payload: Bytes,
-    pub caller: Option<Caller>,
-    pub subject: Subject,
-    pub reply: Option<Subject>,
-    pub headers: HeaderMap,
-    pub encoding: Encoding,
-    pub ctx: Ctx,
-}
-
-/// A reply body with its headers.
-pub struct Reply {
-    pub body: Bytes,
-    pub headers: HeaderMap,
-}
-
-impl Reply {
-    pub fn new(body: impl Into<Bytes>, content_type: &str) -> Self {
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, content_type);
-        Self {
-            body: body.into(),
-            headers,
-        }
     }
 }
 
@@ -140,8 +81,9 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// A typed endpoint: the body is decoded into `T` (JSON or protobuf) and the reply `R`
-    /// encoded the same way. Public until [`Endpoint::scope`] or [`Endpoint::authenticated`].
+    /// A protected typed endpoint: only callers with a valid token reach the handler, which
+    /// gets their [`Caller`]; [`Endpoint::scope`] also requires a scope. The body is decoded
+    /// into `T` (JSON or protobuf) and the reply `R` encoded the same way.
     pub fn new<T, R, F, Fut>(path: impl Into<String>, f: F) -> Self
     where
         T: prost::Message + DeserializeOwned + Default + Send + 'static,
@@ -149,21 +91,36 @@ impl Endpoint {
         F: Fn(Request<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R, Problem>> + Send + 'static,
     {
+        let mut e = Self::typed(path, f);
+        e.access = Access::Authenticated;
+        e
+    }
+
+    /// A public typed endpoint: no token needed, the handler gets a [`PublicRequest`].
+    pub fn public<T, R, F, Fut>(path: impl Into<String>, f: F) -> Self
+    where
+        T: prost::Message + DeserializeOwned + Default + Send + 'static,
+        R: prost::Message + Serialize + Send + 'static,
+        F: Fn(PublicRequest<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, Problem>> + Send + 'static,
+    {
+        Self::typed(path, f)
+    }
+
+    fn typed<T, C, R, F, Fut>(path: impl Into<String>, f: F) -> Self
+    where
+        T: prost::Message + DeserializeOwned + Default + Send + 'static,
+        C: CallerKind,
+        R: prost::Message + Serialize + Send + 'static,
+        F: Fn(Request<T, C>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, Problem>> + Send + 'static,
+    {
         let f = Arc::new(f);
         Self::raw(path, move |raw: RawRequest| {
             let f = f.clone();
             async move {
-                let enc = raw.encoding;
-                let body = enc.decode::<T>(&raw.payload)?;
-                let req = Request {
-                    body,
-                    caller: raw.caller,
-                    subject: raw.subject,
-                    reply: raw.reply,
-                    headers: raw.headers,
-                    encoding: enc,
-                    ctx: raw.ctx,
-                };
+                let req = raw.decode::<T, C>()?;
+                let enc = req.encoding;
                 let out = f(req).await?;
                 let body = enc.encode(&out)?;
                 Ok(match enc {
@@ -178,7 +135,8 @@ impl Endpoint {
         })
     }
 
-    /// An endpoint that handles the raw payload.
+    /// An endpoint that handles the raw payload; public until [`Endpoint::scope`] or
+    /// [`Endpoint::authenticated`].
     pub fn raw<F, Fut>(path: impl Into<String>, f: F) -> Self
     where
         F: Fn(RawRequest) -> Fut + Send + Sync + 'static,
@@ -201,7 +159,8 @@ impl Endpoint {
         self
     }
 
-    /// Requires a valid token, whatever its scopes (the handler decides).
+    /// Requires a valid token, whatever its scopes (the handler decides). What
+    /// [`Endpoint::new`] does already; to protect a raw or public endpoint.
     pub fn authenticated(mut self) -> Self {
         self.access = Access::Authenticated;
         self
@@ -302,7 +261,19 @@ impl Node {
         cfg: BusConfig,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        let handle = self.start(cfg).await?;
+        let stop = CancellationToken::new();
+        let client = crate::connect::connect(&cfg, &self.name, &stop).await?;
+        self.run_with_client(cfg, client, shutdown).await
+    }
+
+    /// Like [`Node::run`] on an existing connection.
+    pub async fn run_with_client(
+        self,
+        cfg: BusConfig,
+        client: Client,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let handle = self.start_with_client(cfg, client).await?;
         tokio::select! {
             _ = shutdown => {}
             _ = handle.stop.cancelled() => {}

@@ -16,6 +16,49 @@ use crate::config::{BusConfig, LogFormat};
 
 pub const TRACEPARENT: &str = "traceparent";
 
+/// Libraries whose TRACE output carries secrets (headers, keys): held at DEBUG.
+const QUIET_AT_TRACE: [&str; 6] = [
+    "async_nats",
+    "hyper",
+    "hyper_util",
+    "reqwest",
+    "h2",
+    "rustls",
+];
+
+/// Why the telemetry settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryConfigError {
+    #[error("log filter {filter:?} is not valid: {reason}")]
+    Log { filter: String, reason: String },
+    #[error("otlp_endpoint {0:?} is not an http(s) URL (e.g. http://127.0.0.1:4318/v1/traces)")]
+    Otlp(String),
+}
+
+fn log_filter(log: &str) -> Result<EnvFilter, TelemetryConfigError> {
+    EnvFilter::try_new(log).map_err(|e| TelemetryConfigError::Log {
+        filter: log.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Checks `log` and `otlp_endpoint` without installing anything: a binary refuses to start
+/// on either (exit 64) rather than log at another level or export nowhere.
+pub fn check(cfg: &BusConfig) -> Result<(), TelemetryConfigError> {
+    log_filter(&cfg.log)?;
+    if let Some(e) = cfg.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        let rest = e
+            .strip_prefix("http://")
+            .or_else(|| e.strip_prefix("https://"))
+            .ok_or_else(|| TelemetryConfigError::Otlp(e.to_string()))?;
+        let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if host.is_empty() || e.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(TelemetryConfigError::Otlp(e.to_string()));
+        }
+    }
+    Ok(())
+}
+
 /// Keeps the tracer provider alive; flushes spans on drop.
 pub struct TelemetryGuard {
     provider: SdkTracerProvider,
@@ -31,6 +74,7 @@ impl Drop for TelemetryGuard {
 /// OpenTelemetry layer (spans get W3C ids; exported over OTLP/HTTP when `otlp_endpoint` is set).
 /// Calling it twice in one process is harmless (the second install is ignored).
 pub fn init(cfg: &BusConfig, service: &str) -> anyhow::Result<TelemetryGuard> {
+    check(cfg)?;
     let mut builder = SdkTracerProvider::builder().with_resource(
         opentelemetry_sdk::Resource::builder()
             .with_service_name(service.to_string())
@@ -47,12 +91,15 @@ pub fn init(cfg: &BusConfig, service: &str) -> anyhow::Result<TelemetryGuard> {
     }
     let provider = builder.build();
     let tracer = provider.tracer(service.to_string());
-    let mut filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = log_filter(&cfg.log)?;
     if cfg.log.contains("trace") {
         // async-nats logs whole messages, headers included, at TRACE: that would put bearer
-        // tokens in the log. Secrets are never logged, so the client library stops at DEBUG.
-        if let Ok(d) = "async_nats=debug".parse() {
-            filter = filter.add_directive(d);
+        // tokens in the log; the HTTP stack does the same with provider API keys and engine
+        // requests. Secrets are never logged, so these libraries stop at DEBUG.
+        for quiet in QUIET_AT_TRACE {
+            if let Ok(d) = format!("{quiet}=debug").parse() {
+                filter = filter.add_directive(d);
+            }
         }
     }
     // Spans become OpenTelemetry spans only when they are exported: building them costs
@@ -139,4 +186,42 @@ pub fn current_traceparent() -> Option<String> {
     inject_current(&mut h)
         .then(|| h.get(TRACEPARENT).map(|v| v.as_str().to_string()))
         .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_log_filters_and_otlp_endpoints_are_refused() {
+        let ok = |log: &str, otlp: Option<&str>| {
+            check(&BusConfig {
+                log: log.into(),
+                otlp_endpoint: otlp.map(Into::into),
+                ..Default::default()
+            })
+        };
+        assert!(ok("info,tether_bus=debug", None).is_ok());
+        assert!(ok("info", Some("")).is_ok());
+        assert!(ok("info", Some("http://127.0.0.1:4318/v1/traces")).is_ok());
+        assert!(ok("info", Some("https://otel.example:4318")).is_ok());
+        for bad in ["info,[", "tether_bus=loud"] {
+            assert!(
+                matches!(ok(bad, None), Err(TelemetryConfigError::Log { .. })),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "127.0.0.1:4318",
+            "ftp://x",
+            "http://",
+            "http:// x",
+            "not a url",
+        ] {
+            assert!(
+                matches!(ok("info", Some(bad)), Err(TelemetryConfigError::Otlp(_))),
+                "{bad}"
+            );
+        }
+    }
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use tether_auth::{KeySet, Scope, ScopeSet, SigningKey};
 use tether_bus::config::AuthConfig;
-use tether_bus::{BusConfig, Endpoint, Node, NodeHandle, Problem, Request, StaticVerifier};
+use tether_bus::{
+    BusConfig, CallerKind, Endpoint, Node, NodeHandle, Problem, Request, StaticVerifier,
+};
 use tether_proto::{EchoReply, EchoRequest};
 
 pub fn config(url: &str) -> BusConfig {
@@ -26,7 +28,7 @@ pub fn echo_started(message: &str) -> bool {
     STARTED.lock().expect("lock").iter().any(|m| m == message)
 }
 
-pub async fn echo(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
+pub async fn echo<C: CallerKind>(req: Request<EchoRequest, C>) -> Result<EchoReply, Problem> {
     if req.body.message == "panic" {
         panic!("asked to panic");
     }
@@ -34,7 +36,7 @@ pub async fn echo(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
         STARTED.lock().expect("lock").push(req.body.message.clone());
         tokio::time::sleep(Duration::from_millis(u64::from(req.body.delay_ms))).await;
     }
-    let (agent_id, space, scopes) = match &req.caller {
+    let (agent_id, space, scopes) = match req.caller.as_caller() {
         Some(c) => (c.agent_id.clone(), c.space.clone(), c.scopes.to_strings()),
         None => Default::default(),
     };
@@ -85,7 +87,7 @@ pub async fn echo_node(cfg: BusConfig, keys: &Keys) -> NodeHandle {
     Node::new("echo-node", "1.0.0")
         .description("echo test node")
         .verifier(keys.verifier())
-        .endpoint(Endpoint::new("t.echo", echo))
+        .endpoint(Endpoint::public("t.echo", echo))
         .endpoint(Endpoint::new("t.whoami", echo).scope(Scope::ShellExec))
         .start(cfg)
         .await

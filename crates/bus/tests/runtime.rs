@@ -361,9 +361,9 @@ async fn traceparent_is_continued_across_a_hop() {
     let seen = Arc::new(std::sync::Mutex::new(None::<String>));
     let seen2 = seen.clone();
     let a = Node::new("hop-a", "1.0.0")
-        .endpoint(Endpoint::new(
+        .endpoint(Endpoint::public(
             "hop.a",
-            move |req: tether_bus::Request<EchoRequest>| {
+            move |req: tether_bus::PublicRequest<EchoRequest>| {
                 let seen = seen2.clone();
                 async move {
                     *seen.lock().expect("lock") = req
@@ -378,9 +378,9 @@ async fn traceparent_is_continued_across_a_hop() {
         .await
         .expect("a");
     let b = Node::new("hop-b", "1.0.0")
-        .endpoint(Endpoint::new(
+        .endpoint(Endpoint::public(
             "hop.b",
-            |req: tether_bus::Request<EchoRequest>| async move {
+            |req: tether_bus::PublicRequest<EchoRequest>| async move {
                 let h = req.outgoing_headers();
                 req.ctx
                     .client
@@ -419,16 +419,19 @@ async fn bounded_concurrency_is_respected() {
     let (n2, p2) = (now.clone(), peak.clone());
     let node = Node::new("bounded", "1.0.0")
         .endpoint(
-            Endpoint::new("b.work", move |_req: tether_bus::Request<EchoRequest>| {
-                let (now, peak) = (n2.clone(), p2.clone());
-                async move {
-                    let cur = now.fetch_add(1, Ordering::SeqCst) + 1;
-                    peak.fetch_max(cur, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    now.fetch_sub(1, Ordering::SeqCst);
-                    Ok(EchoReply::default())
-                }
-            })
+            Endpoint::public(
+                "b.work",
+                move |_req: tether_bus::PublicRequest<EchoRequest>| {
+                    let (now, peak) = (n2.clone(), p2.clone());
+                    async move {
+                        let cur = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(cur, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        Ok(EchoReply::default())
+                    }
+                },
+            )
             .max_concurrency(3),
         )
         .start(config(&nats.url()))
@@ -451,7 +454,7 @@ async fn a_reply_larger_than_the_server_carries_is_a_problem_not_silence() {
         .expect("nats");
     let keys = Keys::new();
     // Replies `delay_ms` KiB of text.
-    let big = |req: tether_bus::Request<EchoRequest>| async move {
+    let big = |req: tether_bus::PublicRequest<EchoRequest>| async move {
         Ok::<_, tether_bus::Problem>(EchoReply {
             message: "x".repeat(req.body.delay_ms as usize * 1024),
             ..Default::default()
@@ -459,7 +462,7 @@ async fn a_reply_larger_than_the_server_carries_is_a_problem_not_silence() {
     };
     let node = Node::new("big-node", "1.0.0")
         .verifier(keys.verifier())
-        .endpoint(Endpoint::new("t.big", big))
+        .endpoint(Endpoint::public("t.big", big))
         .start(config(&nats.url()))
         .await
         .expect("node starts");

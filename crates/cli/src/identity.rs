@@ -45,9 +45,20 @@ fn write_key(path: &Path, key: &SigningKey, force: bool) -> Result<(), CliError>
         .map_err(|e| CliError::new(1, e.to_string()))
 }
 
-/// The key file to use: the flag, else the default path shared with `tether up`.
-pub fn key_path(flag: Option<&Path>) -> PathBuf {
+/// The key file to use: the flag, else the configured `signing_key_file` (the permission
+/// node's setting, from the same layers), else the default path shared with `tether up`.
+pub fn key_path(flag: Option<&Path>, layers: Option<&tether_bus::Layers>) -> PathBuf {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default)]
+    struct KeySetting {
+        signing_key_file: Option<PathBuf>,
+    }
     flag.map(Path::to_path_buf)
+        .or_else(|| {
+            layers
+                .and_then(|l| l.node::<KeySetting>().ok())
+                .and_then(|k| k.signing_key_file)
+        })
         .unwrap_or_else(tether_bus::config::default_signing_key_path)
 }
 

@@ -37,16 +37,21 @@ impl CliError {
     }
 }
 
-/// The bus address: flag, else `TETHER_NATS_URL`, else `NATS_URL`, else the default.
-pub fn server_url(flag: Option<&str>) -> String {
-    flag.map(str::to_string)
-        .or_else(|| {
-            std::env::var("TETHER_NATS_URL")
-                .ok()
-                .filter(|s| !s.is_empty())
-        })
-        .or_else(|| std::env::var("NATS_URL").ok().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| tether_bus::config::DEFAULT_NATS_URL.to_string())
+/// The CLI's settings: the same layers as a node's (defaults → `tether.toml` or `--config` →
+/// `NATS_URL` → `TETHER_*`), so it reaches the bus with the same credentials and TLS and
+/// signs operator tokens for the same issuer and audience; `--server` overrides the address.
+pub fn load_config(
+    path: Option<&std::path::Path>,
+    server: Option<&str>,
+) -> Result<(tether_bus::BusConfig, tether_bus::Layers), CliError> {
+    let layers = tether_bus::Layers::load(path);
+    let mut bus = layers
+        .bus()
+        .map_err(|e| CliError::new(EXIT_CONFIG, e.to_string()))?;
+    if let Some(s) = server.filter(|s| !s.is_empty()) {
+        bus.nats_url = s.to_string();
+    }
+    Ok((bus, layers))
 }
 
 /// Parses "500ms", "5s", "2m" or a bare number of seconds.
@@ -72,12 +77,15 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs_f64(secs))
 }
 
-/// Connects to the bus with a short timeout and a clear error.
-pub async fn connect(url: &str) -> Result<async_nats::Client, CliError> {
-    let opts = async_nats::ConnectOptions::new()
+/// Connects to the bus as the nodes do (credentials, TLS), with a short timeout, one attempt
+/// and a clear error.
+pub async fn connect(cfg: &tether_bus::BusConfig) -> Result<async_nats::Client, CliError> {
+    let url = cfg.nats_url.as_str();
+    let opts = tether_bus::connect::options(cfg, "tether-cli")
+        .await
+        .map_err(|e| CliError::new(EXIT_CONFIG, format!("{e:#}")))?
         // Our own timeouts apply (`call --timeout`); the library's 10 s default would cut them.
         .request_timeout(None)
-        .name("tether-cli")
         .connection_timeout(std::time::Duration::from_secs(3));
     opts.connect(url).await.map_err(|e| {
         CliError::new(

@@ -13,9 +13,13 @@ use tether_cli::{CliError, call, identity, ps, up};
     about = "Operate a tether fleet: call nodes, bring the fleet up, manage agents and tokens"
 )]
 struct Cli {
-    /// Bus address (default: TETHER_NATS_URL, NATS_URL, nats://127.0.0.1:4222).
+    /// Bus address (default: the configured `nats_url`: TETHER_NATS_URL, NATS_URL,
+    /// tether.toml, nats://127.0.0.1:4222).
     #[arg(long, global = true)]
     server: Option<String>,
+    /// The same configuration layers as the nodes (credentials, TLS, auth issuer and audience).
+    #[command(flatten)]
+    config: tether_bus::startup::ConfigArg,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -154,12 +158,12 @@ enum AgentCmd {
 }
 
 async fn request(
-    server: &str,
+    bus: &tether_bus::BusConfig,
     subject: &str,
     body: serde_json::Value,
     token: Option<String>,
 ) -> Result<String, CliError> {
-    let client = tether_cli::connect(server).await?;
+    let client = tether_cli::connect(bus).await?;
     let args = call::CallArgs {
         subject: subject.into(),
         body: body.to_string(),
@@ -174,7 +178,9 @@ async fn request(
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
-    let server = tether_cli::server_url(cli.server.as_deref());
+    let (bus, layers) =
+        tether_cli::load_config(cli.config.config.as_deref(), cli.server.as_deref())?;
+    let server = &bus;
     match cli.cmd {
         Cmd::Call(c) => {
             let body = match c.body.as_deref() {
@@ -196,7 +202,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 })
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| CliError::new(2, "headers are Key:Value"))?;
-            let client = tether_cli::connect(&server).await?;
+            let client = tether_cli::connect(server).await?;
             let args = call::CallArgs {
                 subject: c.subject,
                 body,
@@ -210,7 +216,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             println!("{}", call::call(&client, &args).await?.stdout);
         }
         Cmd::Ps { wait, json } => {
-            let client = tether_cli::connect(&server).await?;
+            let client = tether_cli::connect(server).await?;
             let list = ps::instances(&client, wait)
                 .await
                 .map_err(|e| CliError::new(1, e.to_string()))?;
@@ -236,7 +242,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Keys {
             cmd: KeysCmd::Init { path, force },
         } => {
-            let path = identity::key_path(path.as_deref());
+            let path = identity::key_path(path.as_deref(), Some(&layers));
             let kid = identity::keys_init(&path, force)?;
             eprintln!("wrote signing key {kid} to {}", path.display());
         }
@@ -253,12 +259,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 },
         } => {
             if operator {
-                let path = identity::key_path(key_file.as_deref());
-                let (token, claims) = identity::operator_token(
-                    &path,
-                    u64::from(ttl.unwrap_or(3600)),
-                    &tether_bus::config::AuthConfig::default(),
-                )?;
+                let path = identity::key_path(key_file.as_deref(), Some(&layers));
+                // Signed for the configured issuer and audience, as the fleet verifies them.
+                let (token, claims) =
+                    identity::operator_token(&path, u64::from(ttl.unwrap_or(3600)), &bus.auth)?;
                 if json {
                     println!(
                         "{}",
@@ -269,7 +273,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 }
             } else if let Some(agent) = agent {
                 let body = serde_json::json!({"agent_id": agent, "ttl_seconds": ttl.unwrap_or(0), "scopes": scopes});
-                let out = request(&server, "tokens.issue", body, auth.token).await?;
+                let out = request(server, "tokens.issue", body, auth.token).await?;
                 if json {
                     println!("{out}");
                 } else {
@@ -289,7 +293,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     auth,
                 } => {
                     request(
-                        &server,
+                        server,
                         "agents.register",
                         serde_json::json!({"agent_id": agent_id, "space": space, "scopes": scopes}),
                         auth.token,
@@ -298,7 +302,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 }
                 AgentCmd::List { space, auth } => {
                     request(
-                        &server,
+                        server,
                         "agents.list",
                         serde_json::json!({"space": space.unwrap_or_default()}),
                         auth.token,
@@ -307,7 +311,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 }
                 AgentCmd::Get { agent_id, auth } => {
                     request(
-                        &server,
+                        server,
                         "agents.get",
                         serde_json::json!({"agent_id": agent_id}),
                         auth.token,
@@ -324,7 +328,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                         return Err(CliError::new(2, "name an agent id or --jti"));
                     }
                     let body = serde_json::json!({"agent_id": agent_id.unwrap_or_default(), "jti": jti.unwrap_or_default(), "reason": reason.unwrap_or_default()});
-                    request(&server, "agents.revoke", body, auth.token).await?
+                    request(server, "agents.revoke", body, auth.token).await?
                 }
             };
             println!("{out}");

@@ -116,12 +116,8 @@ pub async fn run(
     cfg: OrchestratorConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let stop = tokio_util::sync::CancellationToken::new();
-    let client = tether_bus::connect::connect(&bus, NAME, &stop).await?;
-    let node = build(&bus, cfg, &client).await?;
-    let handle = node.start_with_client(bus, client).await?;
-    shutdown.await;
-    let r = handle.shutdown().await;
-    stop.cancel();
-    r
+    tether_bus::startup::serve(NAME, bus, shutdown, |b| async move {
+        build(&b.bus, cfg, &b.client).await
+    })
+    .await
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tether_bus::{Encoding, Endpoint, Node, Problem, RawRequest, Reply, Request, Scope};
+use tether_bus::{Caller, Encoding, Endpoint, Node, Problem, RawRequest, Reply, Request, Scope};
 
 /// How long a forward waits for the other host's answer unless the handler says otherwise.
 pub const FORWARD_WAIT: Duration = Duration::from_secs(60);
@@ -164,7 +164,6 @@ where
     Fut: Future<Output = Result<Routed<R>, Problem>>,
 {
     let enc = raw.encoding;
-    let body = enc.decode::<T>(&raw.payload)?;
     // What a forward needs once the handler has the request.
     let hop = Hop {
         payload: raw.payload.clone(),
@@ -179,15 +178,7 @@ where
         },
         path,
     };
-    let req = Request {
-        body,
-        caller: raw.caller,
-        subject: raw.subject,
-        reply: raw.reply,
-        headers: raw.headers,
-        encoding: enc,
-        ctx: raw.ctx,
-    };
+    let req = raw.decode::<T, Caller>()?;
     let out = match (f(req).await?, via) {
         (Routed::Here(r), _) => r,
         (Routed::On(e), Via::Shared) => hop.forward(&e).await?,
@@ -226,7 +217,7 @@ where
 /// A request on its way to another host.
 struct Hop<'a> {
     payload: Bytes,
-    request: Request<()>,
+    request: Request<(), Option<Caller>>,
     path: &'a str,
 }
 

@@ -29,7 +29,7 @@ use tether_bus::auth::{
 use tether_bus::config::AuthConfig;
 use tether_bus::kv::{Bucket, Change, open_or_create_bucket};
 use tether_bus::subject::is_valid_token;
-use tether_bus::{BusConfig, Caller, Endpoint, Node, Problem, Request};
+use tether_bus::{BusConfig, Caller, Endpoint, Node, Problem, PublicRequest, Request};
 use tether_proto::{
     Agent, AgentList, AgentRef, IssueTokenRequest, IssuedToken, KeySet as KeySetMsg,
     ListAgentsRequest, PublicKey as PublicKeyMsg, RegisterAgentRequest, RevokeRequest,
@@ -177,7 +177,7 @@ pub async fn build(
             Endpoint::new("agents.register", move |r| register(s1.clone(), r))
                 .scope(Scope::AgentsAdmin),
         )
-        .endpoint(Endpoint::new("agents.get", move |r| get(s2.clone(), r)).authenticated())
+        .endpoint(Endpoint::new("agents.get", move |r| get(s2.clone(), r)))
         .endpoint(
             Endpoint::new("agents.list", move |r| list(s3.clone(), r)).scope(Scope::AgentsRead),
         )
@@ -185,8 +185,8 @@ pub async fn build(
             Endpoint::new("agents.revoke", move |r| revoke(s4.clone(), r))
                 .scope(Scope::AgentsAdmin),
         )
-        .endpoint(Endpoint::new("tokens.issue", move |r| issue(s5.clone(), r)).authenticated())
-        .endpoint(Endpoint::new("auth.keys", move |r| {
+        .endpoint(Endpoint::new("tokens.issue", move |r| issue(s5.clone(), r)))
+        .endpoint(Endpoint::public("auth.keys", move |r| {
             public_keys(s6.clone(), r)
         })))
 }
@@ -240,7 +240,7 @@ fn validate_id(what: &str, v: &str) -> Result<(), Problem> {
 }
 
 async fn register(st: Arc<State>, req: Request<RegisterAgentRequest>) -> Result<Agent, Problem> {
-    let caller = req.caller()?;
+    let caller = &req.caller;
     let b = &req.body;
     validate_id("agent_id", &b.agent_id)?;
     validate_id("space", &b.space)?;
@@ -298,7 +298,7 @@ fn may_read(caller: &Caller, agent: &Agent) -> Result<(), Problem> {
 
 async fn get(st: Arc<State>, req: Request<AgentRef>) -> Result<Agent, Problem> {
     validate_id("agent_id", &req.body.agent_id)?;
-    let caller = req.caller()?;
+    let caller = &req.caller;
     match st.agents.get(&req.body.agent_id).await?.map(|(a, _)| a) {
         Some(a) => {
             may_read(caller, &a)?;
@@ -316,7 +316,7 @@ async fn get(st: Arc<State>, req: Request<AgentRef>) -> Result<Agent, Problem> {
 }
 
 async fn list(st: Arc<State>, req: Request<ListAgentsRequest>) -> Result<AgentList, Problem> {
-    let caller = req.caller()?;
+    let caller = &req.caller;
     if !req.body.space.is_empty() {
         validate_id("space", &req.body.space)?;
         caller.space_for(&req.body.space)?;
@@ -356,7 +356,7 @@ async fn revoke(st: Arc<State>, req: Request<RevokeRequest>) -> Result<RevokeRes
                 .get(&b.agent_id)
                 .await?
                 .ok_or_else(|| Problem::not_found(format!("no agent `{}`", b.agent_id)))?;
-            req.caller()?.space_for(&agent.space)?;
+            req.caller.space_for(&agent.space)?;
             // The revocation first: from here on its tokens are refused, whatever follows.
             st.revoked
                 .put(revoked_agent_key(&b.agent_id), now.into())
@@ -376,7 +376,7 @@ async fn revoke(st: Arc<State>, req: Request<RevokeRequest>) -> Result<RevokeRes
             })
         }
         (true, false) => {
-            if !req.caller()?.is_operator() {
+            if !req.caller.is_operator() {
                 return Err(Problem::forbidden(
                     "revoking a token by `jti` needs operator scope",
                 ));
@@ -404,7 +404,7 @@ async fn revoke(st: Arc<State>, req: Request<RevokeRequest>) -> Result<RevokeRes
 }
 
 async fn issue(st: Arc<State>, req: Request<IssueTokenRequest>) -> Result<IssuedToken, Problem> {
-    let caller = req.caller()?;
+    let caller = &req.caller;
     let b = &req.body;
     validate_id("agent_id", &b.agent_id)?;
     let (agent, _) = st
@@ -473,7 +473,7 @@ async fn issue(st: Arc<State>, req: Request<IssueTokenRequest>) -> Result<Issued
 
 async fn public_keys(
     st: Arc<State>,
-    _req: Request<tether_proto::Empty>,
+    _req: PublicRequest<tether_proto::Empty>,
 ) -> Result<KeySetMsg, Problem> {
     let mut names = st.keys.keys().await.map_err(kv_err)?;
     let mut keys = Vec::new();
@@ -519,11 +519,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let key = load_or_create_key(&cfg.key_path(), cfg.create_signing_key)?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let client = tether_bus::connect::connect(&bus, NAME, &stop).await?;
-    let js = async_nats::jetstream::new(client.clone());
-    let node = build(&bus, cfg, key, &js).await?;
-    let handle = node.start_with_client(bus, client).await?;
-    shutdown.await;
-    handle.shutdown().await
+    tether_bus::startup::serve(NAME, bus, shutdown, |b| async move {
+        build(&b.bus, cfg, key, &b.js).await
+    })
+    .await
 }

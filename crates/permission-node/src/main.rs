@@ -1,8 +1,10 @@
-//! `permission-node`: config → telemetry → run. Exit 64 on bad configuration.
+//! `permission-node`: the one node startup path (`tether_bus::startup`), exit 64 on bad
+//! configuration.
+
+use std::process::ExitCode;
 
 use clap::Parser;
-use tether_bus::Layers;
-use tether_permission_node::PermissionConfig;
+use tether_permission_node::{NAME, PermissionConfig, run};
 
 #[derive(Parser)]
 #[command(
@@ -10,22 +12,18 @@ use tether_permission_node::PermissionConfig;
     about = "tether permission node: agents, spaces, signed tokens"
 )]
 struct Args {
-    /// Configuration file (default: ./tether.toml when present).
-    #[arg(long, short)]
-    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    config: tether_bus::startup::ConfigArg,
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let args = Args::parse();
-    let layers = Layers::load(args.config.as_deref());
-    let (bus, cfg) = match (layers.bus(), layers.node::<PermissionConfig>()) {
-        (Ok(b), Ok(c)) => (b, c),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("permission-node: {e}");
-            std::process::exit(64);
-        }
-    };
-    let _telemetry = tether_bus::telemetry::init(&bus, tether_permission_node::NAME)?;
-    tether_permission_node::run(bus, cfg, tether_bus::shutdown_signal()).await
+    tether_bus::startup::run_node(
+        NAME,
+        args.config.config.as_deref(),
+        |layers| Ok(layers.node::<PermissionConfig>()?),
+        run,
+    )
+    .await
 }

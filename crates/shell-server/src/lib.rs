@@ -42,8 +42,9 @@ pub use shell::Shell;
 pub const NAME: &str = "shell-server";
 
 async fn exec(shell: Arc<Shell>, req: Request<ShellExecRequest>) -> Result<ExecResult, Problem> {
-    let caller = req.caller()?.clone();
-    shell.exec(&caller, req.outgoing_headers(), &req.body).await
+    shell
+        .exec(&req.caller, req.outgoing_headers(), &req.body)
+        .await
 }
 
 /// The node (not started) around an opened [`Shell`].
@@ -94,20 +95,20 @@ fn warn_local(cfg: &ShellConfig) {
     }
 }
 
-/// Opens everything on an existing connection and starts serving.
-pub async fn start_with_client(
-    bus: BusConfig,
+/// Opens the verifier (its watches run until `stop`), the shell and, when configured, the
+/// MCP HTTP listener on `client`: the node (not started) and the listener.
+async fn open(
+    bus: &BusConfig,
     cfg: ShellConfig,
     client: async_nats::Client,
-) -> anyhow::Result<Running> {
+    stop: CancellationToken,
+) -> anyhow::Result<(Node, Option<mcp::HttpServer>)> {
     cfg.validate()?;
     warn_local(&cfg);
     let addr = cfg.mcp_addr()?;
-    let stop = CancellationToken::new();
     let js = async_nats::jetstream::new(client.clone());
-    let verifier: Arc<dyn Verify> =
-        Arc::new(KvVerifier::start(&js, &bus.auth, stop.clone()).await?);
-    let shell = Arc::new(Shell::open(&bus, cfg, client.clone()).await?);
+    let verifier: Arc<dyn Verify> = Arc::new(KvVerifier::start(&js, &bus.auth, stop).await?);
+    let shell = Arc::new(Shell::open(bus, cfg, client).await?);
     let http = match addr {
         Some(a) => Some(mcp::serve_http(shell.clone(), verifier.clone(), a).await?),
         None => None,
@@ -116,6 +117,23 @@ pub async fn start_with_client(
     if let Some(h) = &http {
         n = n.metadata("mcp_url", h.url());
     }
+    Ok((n, http))
+}
+
+/// Opens everything on an existing connection and starts serving (tests and embedding).
+pub async fn start_with_client(
+    bus: BusConfig,
+    cfg: ShellConfig,
+    client: async_nats::Client,
+) -> anyhow::Result<Running> {
+    let stop = CancellationToken::new();
+    let (n, http) = match open(&bus, cfg, client.clone(), stop.clone()).await {
+        Ok(x) => x,
+        Err(e) => {
+            stop.cancel();
+            return Err(e);
+        }
+    };
     let node = match n.start_with_client(bus, client).await {
         Ok(n) => n,
         Err(e) => {
@@ -136,15 +154,25 @@ pub async fn start(bus: BusConfig, cfg: ShellConfig) -> anyhow::Result<Running> 
     start_with_client(bus, cfg, client).await
 }
 
-/// Serves until `shutdown`, then drains.
+/// Serves until `shutdown`, then drains (the one node startup path, `tether_bus::startup`).
 pub async fn run(
     bus: BusConfig,
     cfg: ShellConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let running = start(bus, cfg).await?;
-    shutdown.await;
-    running.shutdown().await
+    tether_bus::startup::serve(NAME, bus, shutdown, |b| async move {
+        let (n, http) = open(&b.bus, cfg, b.client, b.stopped).await?;
+        Ok(match http {
+            None => n,
+            // The listener closes as the node starts draining; bus requests in flight finish.
+            Some(h) => n.task("mcp-http", move |ctx| async move {
+                ctx.shutdown.cancelled().await;
+                h.shutdown().await;
+                Ok(())
+            }),
+        })
+    })
+    .await
 }
 
 /// `shell-server mcp --stdio`: MCP over stdin/stdout for one agent (`token`), reaching the

@@ -1,12 +1,14 @@
-//! `shell-server`: config → telemetry → run. Exit 64 on bad configuration.
+//! `shell-server`: the one node startup path (`tether_bus::startup`), exit 64 on bad
+//! configuration.
 //!
 //! `shell-server` serves `shell.exec` on the bus and MCP over streamable HTTP (`mcp_listen`);
 //! `shell-server mcp --stdio` is what an MCP client launches: MCP on stdin/stdout for the
 //! agent whose token is in `TETHER_TOKEN` (logs go to stderr).
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
-use tether_bus::Layers;
-use tether_shell_server::ShellConfig;
+use tether_shell_server::{NAME, ShellConfig};
 
 #[derive(Parser)]
 #[command(
@@ -14,14 +16,13 @@ use tether_shell_server::ShellConfig;
     about = "tether shell-server: shell commands in the caller's own space (shell.exec, MCP exec_command)"
 )]
 struct Args {
-    /// Configuration file (default: ./tether.toml when present).
-    #[arg(long, short, global = true)]
-    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    config: tether_bus::startup::ConfigArg,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone, Copy)]
 enum Cmd {
     /// Serve MCP to one client instead of serving the bus.
     Mcp {
@@ -32,33 +33,30 @@ enum Cmd {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let args = Args::parse();
-    let layers = Layers::load(args.config.as_deref());
-    let (bus, cfg) = match (layers.bus(), ShellConfig::load(&layers)) {
-        (Ok(b), Ok(c)) => (b, c),
-        (Err(e), _) => {
-            eprintln!("shell-server: {e}");
-            std::process::exit(64);
-        }
-        (_, Err(e)) => {
-            eprintln!("shell-server: {e}");
-            std::process::exit(64);
-        }
-    };
-    let _telemetry = tether_bus::telemetry::init(&bus, tether_shell_server::NAME)?;
-    match args.command {
-        None => tether_shell_server::run(bus, cfg, tether_bus::shutdown_signal()).await,
-        Some(Cmd::Mcp { stdio: true }) => {
-            let token = std::env::var("TETHER_TOKEN")
-                .ok()
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty());
-            tether_shell_server::run_stdio(bus, cfg, token).await
-        }
-        Some(Cmd::Mcp { stdio: false }) => {
-            eprintln!("shell-server: `mcp` needs a transport: `shell-server mcp --stdio`");
-            std::process::exit(64);
-        }
-    }
+    let command = args.command;
+    tether_bus::startup::run_node(
+        NAME,
+        args.config.config.as_deref(),
+        |layers| {
+            if let Some(Cmd::Mcp { stdio: false }) = command {
+                anyhow::bail!("`mcp` needs a transport: `shell-server mcp --stdio`");
+            }
+            Ok(ShellConfig::load(layers)?)
+        },
+        |bus, cfg, shutdown| async move {
+            match command {
+                None => tether_shell_server::run(bus, cfg, shutdown).await,
+                Some(Cmd::Mcp { .. }) => {
+                    let token = std::env::var("TETHER_TOKEN")
+                        .ok()
+                        .map(|t| t.trim().to_string())
+                        .filter(|t| !t.is_empty());
+                    tether_shell_server::run_stdio(bus, cfg, token).await
+                }
+            }
+        },
+    )
+    .await
 }

@@ -29,17 +29,7 @@ where
         let f = f.clone();
         async move {
             let enc = raw.encoding;
-            let body = enc.decode::<Q>(&raw.payload)?;
-            let rec = f(Request {
-                body,
-                caller: raw.caller,
-                subject: raw.subject,
-                reply: raw.reply,
-                headers: raw.headers,
-                encoding: enc,
-                ctx: raw.ctx,
-            })
-            .await?;
+            let rec = f(raw.decode()?).await?;
             Ok(match enc {
                 Encoding::Json => {
                     let mut v = serde_json::to_value(&rec)
