@@ -143,11 +143,9 @@ async fn main() -> anyhow::Result<()> {
 
     // The production verifier: public key published in KV, verifier following it.
     let js = async_nats::jetstream::new(raw_client.clone());
-    let keys = tether_bus::auth::open_or_create_bucket(
-        &js,
-        tether_bus::auth::keys_bucket_config(&auth, 1),
-    )
-    .await?;
+    let keys =
+        tether_bus::kv::open_or_create_bucket(&js, tether_bus::auth::keys_bucket_config(&auth, 1))
+            .await?;
     keys.put(key.kid(), serde_json::to_vec(&key.public_key())?.into())
         .await?;
     let node = Node::new("bench-node", "1.0.0")

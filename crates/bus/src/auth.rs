@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Problem;
 use crate::config::AuthConfig;
+use crate::kv::open_or_create_bucket;
 
 pub const AUTHORIZATION: &str = "Authorization";
 
@@ -264,9 +265,6 @@ pub fn revoked_bucket_config(cfg: &AuthConfig, replicas: usize) -> kv::Config {
         ..Default::default()
     }
 }
-
-/// Moved to [`crate::kv`]; re-exported here for callers not yet migrated.
-pub use crate::kv::open_or_create_bucket;
 
 /// Revocation record value: unix seconds of the revocation. Tokens of a revoked agent
 /// issued at or before that instant are refused; tokens revoked by `jti` always are.

@@ -65,17 +65,6 @@ impl CallerKind for Option<Caller> {
     }
 }
 
-impl<T> Request<T> {
-    /// The verified caller.
-    ///
-    /// Transitional: a handler of a protected endpoint has `req.caller` (a [`Caller`]) and
-    /// needs no `?`; this method stays only until the container-orchestrator is migrated, and
-    /// will be removed.
-    pub fn caller(&self) -> Result<&Caller, Problem> {
-        Ok(&self.caller)
-    }
-}
-
 impl<T, C: CallerKind> Request<T, C> {
     /// Headers for a request this handler makes to another node: the trace context and, when
     /// there is a caller, its token (so the other node checks it again).

@@ -49,7 +49,7 @@ async fn consumer_resumes_after_server_restart_exactly_once_for_acked() {
     wcfg.ack_wait = Duration::from_secs(2);
     wcfg.max_deliver = 20;
     wcfg.done = Some(
-        tether_bus::auth::open_or_create_bucket(
+        tether_bus::kv::open_or_create_bucket(
             &js,
             async_nats::jetstream::kv::Config {
                 bucket: "jobs_done".into(),

@@ -147,7 +147,7 @@ async fn create(
     o: O,
     req: Request<CreateContainerRequest>,
 ) -> Result<Routed<ContainerInfo>, Problem> {
-    let caller = req.caller()?;
+    let caller = &req.caller;
     let space = caller.space_for(&req.body.space)?;
     let spec = validate_create(
         &req.body,
@@ -290,7 +290,7 @@ async fn reserve(o: &Orchestrator, b: &SpaceBinding) -> Result<u64, Problem> {
 }
 
 async fn start(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerInfo>, Problem> {
-    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
         Target::Local(m) => m,
         Target::Remote(e) => return Ok(Routed::On(e)),
     };
@@ -323,13 +323,13 @@ impl StopCall {
 
 async fn stop(o: O, req: Request<StopContainerRequest>) -> Result<Routed<ContainerInfo>, Problem> {
     let StopCall { grace } = StopCall::validate(&req.body, &o.limits)?;
-    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
         Target::Local(m) => m,
         Target::Remote(e) => return Ok(Routed::On(e)),
     };
     o.note_trace(&m.id, traceparent(&req).as_deref());
     o.engine.stop(&m.id, grace).await?;
-    tracing::info!(container = %m.id, space = %m.space, by = %req.caller()?.agent_id, "container stopped");
+    tracing::info!(container = %m.id, space = %m.space, by = %req.caller.agent_id, "container stopped");
     let (_, c) = o.engine.inspect_managed(&m.id).await?;
     Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
 }
@@ -338,7 +338,7 @@ async fn remove(
     o: O,
     req: Request<RemoveContainerRequest>,
 ) -> Result<Routed<RemovedContainer>, Problem> {
-    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
         Target::Local(m) => m,
         Target::Remote(e) => return Ok(Routed::On(e)),
     };
@@ -355,7 +355,7 @@ async fn remove(
         o.spaces.unbind_if(&m.space, &o.host_id, &m.id).await?;
     }
     let unbound = bound;
-    tracing::info!(container = %m.id, space = %m.space, by = %req.caller()?.agent_id, "container removed");
+    tracing::info!(container = %m.id, space = %m.space, by = %req.caller.agent_id, "container removed");
     Ok(Routed::Here(RemovedContainer {
         container_id: m.id.clone(),
         container_name: m.name.clone(),
@@ -393,7 +393,7 @@ impl ListCall {
 
 async fn list(o: O, req: Request<ListContainersRequest>) -> Result<Routed<ContainerList>, Problem> {
     let b = &req.body;
-    let ListCall { space } = ListCall::validate(b, req.caller()?)?;
+    let ListCall { space } = ListCall::validate(b, &req.caller)?;
     let list = o
         .engine
         .list_managed(&space, &b.session_id, &b.kind)
@@ -410,7 +410,7 @@ async fn list(o: O, req: Request<ListContainersRequest>) -> Result<Routed<Contai
 }
 
 async fn inspect(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerInfo>, Problem> {
-    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
         Target::Local(m) => m,
         Target::Remote(e) => return Ok(Routed::On(e)),
     };
@@ -534,7 +534,7 @@ impl ExecCall {
     /// Runs it in the target container (or says which host holds it).
     async fn apply(self, o: &O, req: &Request<ExecRequest>) -> Result<Routed<ExecResult>, Problem> {
         let wait = self.timeout + Duration::from_secs(30);
-        let m = match resolve(o, req.caller()?, &req.body.container, &req.body.space).await? {
+        let m = match resolve(o, &req.caller, &req.body.container, &req.body.space).await? {
             Target::Local(m) => m,
             Target::Remote(e) => return Ok(Routed::On(e.within(wait))),
         };
@@ -586,7 +586,7 @@ impl ExecCall {
 }
 
 async fn exec(o: O, req: Request<ExecRequest>) -> Result<Routed<ExecResult>, Problem> {
-    ExecCall::validate(&req.body, req.caller()?, &o.limits)?
+    ExecCall::validate(&req.body, &req.caller, &o.limits)?
         .apply(&o, &req)
         .await
 }
@@ -684,7 +684,7 @@ impl LogsCall {
 async fn logs(o: O, req: Request<LogsRequest>) -> Result<Routed<LogsReply>, Problem> {
     let b = &req.body;
     let LogsCall { tail, since, cap } = LogsCall::validate(b, &o.limits)?;
-    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
         Target::Local(m) => m,
         Target::Remote(e) => return Ok(Routed::On(e)),
     };
@@ -708,7 +708,7 @@ async fn logs(o: O, req: Request<LogsRequest>) -> Result<Routed<LogsReply>, Prob
 }
 
 async fn stats(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerStats>, Problem> {
-    let m = match resolve(&o, req.caller()?, &req.body.container, &req.body.space).await? {
+    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
         Target::Local(m) => m,
         Target::Remote(e) => return Ok(Routed::On(e)),
     };

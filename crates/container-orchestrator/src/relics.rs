@@ -194,7 +194,7 @@ fn internal_url(relic: &str, port: u16, endpoint: &str) -> String {
 }
 
 async fn start(t: T, req: Request<RelicStartRequest>) -> Result<Routed<RelicInfo>, Problem> {
-    let caller = req.caller()?.clone();
+    let caller = req.caller.clone();
     let b = &req.body;
     let space = caller.space_for(&b.space)?;
     let c = validate_start(b)?;
@@ -595,7 +595,7 @@ async fn find_here(
     t: &Shared,
     req: &Request<RelicRef>,
 ) -> Result<Result<Box<bollard::models::ContainerSummary>, Elsewhere>, Problem> {
-    Ok(match find(t, req.caller()?, &req.body).await? {
+    Ok(match find(t, &req.caller, &req.body).await? {
         Found::Here(c) => Ok(c),
         Found::There(h) => Err(Elsewhere::on(h, SESSION_ELSEWHERE)),
     })
@@ -627,7 +627,7 @@ async fn get(t: T, req: Request<RelicRef>) -> Result<Routed<RelicInfo>, Problem>
 }
 
 async fn list(t: T, req: Request<RelicListRequest>) -> Result<Routed<RelicList>, Problem> {
-    let caller = req.caller()?.clone();
+    let caller = req.caller.clone();
     let b = &req.body;
     let space = caller.space_for(&b.space)?;
     let mut extra = vec![(LABEL_SPACE, space.as_str())];

@@ -220,7 +220,7 @@ async fn cleanup(
 ) -> Result<Routed<SessionCleanupReply>, Problem> {
     let b = &req.body;
     check_session(&b.session_id)?;
-    let space = req.caller()?.space_for(&b.space)?;
+    let space = req.caller.space_for(&b.space)?;
     let record = t.sessions.get(&space, &b.session_id).await?;
     let (containers, networks) = cleanup_local(&t, &space, &b.session_id, b.force).await?;
     let here = SessionCleanupReply {

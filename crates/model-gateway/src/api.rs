@@ -164,7 +164,7 @@ fn now_unix() -> u32 {
 /// `model.chat`.
 pub async fn chat(gw: Arc<Gateway>, req: Request<ChatRequest>) -> Result<ChatCompletion, Problem> {
     let started = Instant::now();
-    let caller = req.caller()?.clone();
+    let caller = req.caller.clone();
     let r = chat_call(&gw, &req, &caller, started).await;
     let usage = r.as_ref().ok().and_then(|c| c.usage).unwrap_or_default();
     let served = r.as_ref().map(|c| Served {
@@ -435,7 +435,7 @@ async fn chat_stream(
 /// `model.embed`.
 pub async fn embed(gw: Arc<Gateway>, req: Request<EmbedRequest>) -> Result<EmbedReply, Problem> {
     let started = Instant::now();
-    let caller = req.caller()?.clone();
+    let caller = req.caller.clone();
     let r = embed_call(&gw, &req, &caller, started).await;
     let usage = r.as_ref().ok().and_then(|c| c.usage).unwrap_or_default();
     let served = r.as_ref().map(|c| Served {
@@ -508,7 +508,7 @@ async fn embed_call(
 /// `model.rank`.
 pub async fn rank(gw: Arc<Gateway>, req: Request<RankRequest>) -> Result<RankReply, Problem> {
     let started = Instant::now();
-    let caller = req.caller()?.clone();
+    let caller = req.caller.clone();
     let r = rank_call(&gw, &req, &caller, started).await;
     let served = r.as_ref().map(|c| Served {
         provider: c.provider.clone(),
@@ -621,7 +621,7 @@ pub fn cancel(
     gw: &Gateway,
     req: &Request<ModelCancelRequest>,
 ) -> Result<ModelCancelReply, Problem> {
-    let caller = req.caller()?;
+    let caller = &req.caller;
     if req.body.request_id.is_empty() {
         return Err(Problem::bad_request("request_id is required"));
     }

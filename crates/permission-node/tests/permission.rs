@@ -18,7 +18,7 @@ async fn permission_node(url: &str, key: SigningKey, cfg: PermissionConfig) -> N
 }
 
 async fn whoami(req: Request<EchoRequest>) -> Result<EchoReply, Problem> {
-    let c = req.caller()?;
+    let c = &req.caller;
     Ok(EchoReply {
         message: req.body.message.clone(),
         agent_id: c.agent_id.clone(),

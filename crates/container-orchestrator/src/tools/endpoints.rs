@@ -78,7 +78,7 @@ pub(super) async fn execute(
     t: T,
     req: Request<ToolExecuteRequest>,
 ) -> Result<ToolExecution, Problem> {
-    let caller = req.caller()?.clone();
+    let caller = req.caller.clone();
     let space = caller.space_for(&req.body.space)?;
     let execution_id = uuid::Uuid::now_v7().simple().to_string();
     let p = prepare(
@@ -157,7 +157,7 @@ pub(super) async fn visible(
 ) -> Result<(ToolExecution, u64), Problem> {
     let id = &req.body.execution_id;
     check_id(id)?;
-    let caller = req.caller()?;
+    let caller = &req.caller;
     let (r, rev) = t
         .results
         .get(id)
