@@ -384,9 +384,8 @@ async fn async_jobs_run_once_on_two_replicas_through_a_sigkill() {
     let id = r["execution_id"].as_str().expect("id").to_string();
     eventually(Duration::from_secs(30), "job running", || async {
         let r = f
-            .call("tools.get", json!({"execution_id": id}), Some(&t))
-            .await
-            .ok()?;
+            .poll("tools.get", json!({"execution_id": id}), Some(&t))
+            .await?;
         (r["status"] == "running" && r["container_id"] != "").then_some(())
     })
     .await;
@@ -472,9 +471,8 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
         "abandoned run finished",
         || async {
             let r = f
-                .call("tools.get", json!({"execution_id": execution}), Some(&t))
-                .await
-                .ok()?;
+                .poll("tools.get", json!({"execution_id": execution}), Some(&t))
+                .await?;
             (r["status"] != "running").then_some(r)
         },
     )
@@ -519,9 +517,8 @@ async fn a_job_no_host_can_run_is_recorded_failed_on_its_last_delivery() {
     // Left for another host twice, then failed for good: not `running` until the TTL.
     let r = eventually(Duration::from_secs(60), "job given up", || async {
         let r = f
-            .call("tools.get", json!({"execution_id": id}), Some(&t))
-            .await
-            .ok()?;
+            .poll("tools.get", json!({"execution_id": id}), Some(&t))
+            .await?;
         is_final(&r).then_some(r)
     })
     .await;
@@ -586,9 +583,8 @@ async fn a_job_that_finished_while_its_worker_was_dead_is_adopted_by_its_outcome
     let _b = worker(&hb);
     let r = eventually(Duration::from_secs(60), "job finished", || async {
         let r = f
-            .call("tools.get", json!({"execution_id": id}), Some(&t))
-            .await
-            .ok()?;
+            .poll("tools.get", json!({"execution_id": id}), Some(&t))
+            .await?;
         is_final(&r).then_some(r)
     })
     .await;
@@ -695,9 +691,8 @@ async fn a_sync_run_whose_node_was_killed_is_adopted_by_the_restarted_node() {
         "record names the container",
         || async {
             let r = f
-                .call("tools.get", json!({"execution_id": execution}), Some(&t))
-                .await
-                .ok()?;
+                .poll("tools.get", json!({"execution_id": execution}), Some(&t))
+                .await?;
             (r["container_id"] != "").then_some(())
         },
     )
@@ -716,9 +711,8 @@ async fn a_sync_run_whose_node_was_killed_is_adopted_by_the_restarted_node() {
         "adopted run finished",
         || async {
             let r = f
-                .call("tools.get", json!({"execution_id": execution}), Some(&t))
-                .await
-                .ok()?;
+                .poll("tools.get", json!({"execution_id": execution}), Some(&t))
+                .await?;
             is_final(&r).then_some(r)
         },
     )
@@ -829,9 +823,8 @@ async fn a_job_stream_made_as_a_work_queue_is_kept_and_still_runs_jobs() {
     let id = r["execution_id"].as_str().expect("id").to_string();
     let r = eventually(Duration::from_secs(60), "job finished", || async {
         let r = f
-            .call("tools.get", json!({"execution_id": id}), Some(&t))
-            .await
-            .ok()?;
+            .poll("tools.get", json!({"execution_id": id}), Some(&t))
+            .await?;
         is_final(&r).then_some(r)
     })
     .await;

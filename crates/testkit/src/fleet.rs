@@ -143,6 +143,34 @@ pub async fn call(
     .await
 }
 
+/// One round of a poll (inside [`eventually`]): the JSON reply, or `None` for a problem, no
+/// responders, or no reply within [`POLL_TIMEOUT`]. Right after a node is SIGKILLed the server
+/// may still route a request to its connection; that request is lost, and the next round
+/// asks again instead of the whole test waiting out [`CALL_TIMEOUT`].
+pub async fn poll(
+    c: &async_nats::Client,
+    subject: &str,
+    body: impl Into<Body>,
+    token: Option<&str>,
+) -> Option<Value> {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(t) = token {
+        headers.insert("Authorization", format!("Bearer {t}").as_str());
+    }
+    let req = async_nats::client::Request::new()
+        .payload(body.into().0.into())
+        .headers(headers)
+        .timeout(Some(POLL_TIMEOUT));
+    let m = c.send_request(subject.to_string(), req).await.ok()?;
+    if Problem::from_reply(m.headers.as_ref(), &m.payload).is_some() {
+        return None;
+    }
+    serde_json::from_slice(&m.payload).ok()
+}
+
+/// How long one round of [`poll`] waits for its reply.
+pub const POLL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Like [`call`], with extra headers and a timeout of its own.
 pub async fn request(
     c: &async_nats::Client,
@@ -291,6 +319,16 @@ impl Fleet {
         token: Option<&str>,
     ) -> Result<Value, Problem> {
         call(&self.c, subject, body, token).await
+    }
+
+    /// [`poll`] on this fleet's client.
+    pub async fn poll(
+        &self,
+        subject: &str,
+        body: impl Into<Body>,
+        token: Option<&str>,
+    ) -> Option<Value> {
+        poll(&self.c, subject, body, token).await
     }
 
     /// Removes, when the fleet drops, every container and network labelled with `label`

@@ -86,8 +86,25 @@ pub fn spawn_node(
         .env("TETHER_LOG", "info")
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        .stderr(node_log(host_id));
     Child(cmd.spawn().expect("spawn container-orchestrator"))
+}
+
+/// Where a spawned node's log goes: nowhere, or `<host_id>.log` in the folder that
+/// `TETHER_TEST_NODE_LOG_DIR` names (to see what a node did when a crash test fails).
+fn node_log(host_id: &str) -> std::process::Stdio {
+    let Some(dir) = std::env::var_os("TETHER_TEST_NODE_LOG_DIR") else {
+        return std::process::Stdio::null();
+    };
+    let path = std::path::Path::new(&dir).join(format!("{host_id}.log"));
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+    {
+        Ok(f) => f.into(),
+        Err(_) => std::process::Stdio::null(),
+    }
 }
 
 /// Waits until the node of `host_id` answers on its host subject.
