@@ -230,9 +230,7 @@ pub(super) async fn logs(t: T, req: Request<ToolRef>) -> Result<Routed<ToolLogs>
     let (r, _) = visible(&t, &req).await?;
     let live = r.status == Status::Running.as_str() && !r.container_id.is_empty();
     if live && r.host_id == t.o.host_id {
-        let cap = usize::try_from(t.o.policy.cfg.exec_default_output_bytes)
-            .unwrap_or(t.o.max_output)
-            .min(t.o.max_output);
+        let cap = t.o.limits.default_output;
         match read_logs(t.o.engine.docker(), &r.container_id, cap).await {
             Ok((stdout, stderr, truncated)) => {
                 return Ok(Routed::Here(ToolLogs {
