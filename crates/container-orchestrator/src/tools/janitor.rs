@@ -236,7 +236,15 @@ async fn adopt_sync(t: &T, ctx: &Ctx, r: ToolExecution, c: &bollard::models::Con
             .and_then(|c| c.host_config)
             .and_then(|h| h.memory)
             .map_or(0, |m| i32::try_from(m / (1024 * 1024)).unwrap_or(i32::MAX));
-        let mut ran = watch(&t.o, &id, deadline, &cancel, t.o.limits.max_output, memory_mb).await;
+        let mut ran = watch(
+            &t.o,
+            &id,
+            deadline,
+            &cancel,
+            t.o.limits.max_output,
+            memory_mb,
+        )
+        .await;
         ran.detail = if ran.detail.is_empty() {
             note
         } else {
