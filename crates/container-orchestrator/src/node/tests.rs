@@ -184,7 +184,11 @@ fn bad_create_requests_are_refused() {
         (json!({}), 400, "image"),
         (json!({"image": "Bad Image"}), 400, "image"),
         (json!({"image": image, "kind": "daemon"}), 400, "kind"),
-        (json!({"image": image, "network_mode": "host"}), 403, "network_mode"),
+        (
+            json!({"image": image, "network_mode": "host"}),
+            403,
+            "network_mode",
+        ),
     ] {
         let b: tether_proto::CreateContainerRequest = decode(&body).expect("decodes");
         refused(
