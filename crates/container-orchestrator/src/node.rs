@@ -203,19 +203,30 @@ impl StopCall {
         };
         Ok(Self { grace })
     }
+
+    /// Stops the target container (or says which host holds it).
+    async fn apply(
+        self,
+        o: &O,
+        req: &Request<StopContainerRequest>,
+    ) -> Result<Routed<ContainerInfo>, Problem> {
+        let grace = self.grace;
+        let m = match resolve(o, &req.caller, &req.body.container, &req.body.space).await? {
+            Target::Local(m) => m,
+            Target::Remote(e) => return Ok(Routed::On(e)),
+        };
+        o.note_trace(&m.id, traceparent(req).as_deref());
+        o.engine.stop(&m.id, grace).await?;
+        tracing::info!(container = %m.id, space = %m.space, by = %req.caller.agent_id, "container stopped");
+        let (_, c) = o.engine.inspect_managed(&m.id).await?;
+        Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
+    }
 }
 
 async fn stop(o: O, req: Request<StopContainerRequest>) -> Result<Routed<ContainerInfo>, Problem> {
-    let StopCall { grace } = StopCall::validate(&req.body, &o.limits)?;
-    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
-        Target::Local(m) => m,
-        Target::Remote(e) => return Ok(Routed::On(e)),
-    };
-    o.note_trace(&m.id, traceparent(&req).as_deref());
-    o.engine.stop(&m.id, grace).await?;
-    tracing::info!(container = %m.id, space = %m.space, by = %req.caller.agent_id, "container stopped");
-    let (_, c) = o.engine.inspect_managed(&m.id).await?;
-    Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
+    StopCall::validate(&req.body, &o.limits)?
+        .apply(&o, &req)
+        .await
 }
 
 /// A `containers.remove` request, checked (the target's form and space).
@@ -294,24 +305,34 @@ impl ListCall {
         };
         Ok(Self { space })
     }
+
+    /// The managed containers of the space on this host, by name.
+    async fn apply(
+        self,
+        o: &O,
+        req: &Request<ListContainersRequest>,
+    ) -> Result<Routed<ContainerList>, Problem> {
+        let (space, b) = (self.space, &req.body);
+        let list = o
+            .engine
+            .list_managed(&space, &b.session_id, &b.kind)
+            .await?;
+        let mut containers: Vec<ContainerInfo> = list
+            .iter()
+            .map(|c| info_from_summary(c, &o.host_id))
+            .collect();
+        containers.sort_by(|a, b| a.container_name.cmp(&b.container_name));
+        Ok(Routed::Here(ContainerList {
+            containers,
+            host_id: o.host_id.clone(),
+        }))
+    }
 }
 
 async fn list(o: O, req: Request<ListContainersRequest>) -> Result<Routed<ContainerList>, Problem> {
-    let b = &req.body;
-    let ListCall { space } = ListCall::validate(b, &req.caller)?;
-    let list = o
-        .engine
-        .list_managed(&space, &b.session_id, &b.kind)
-        .await?;
-    let mut containers: Vec<ContainerInfo> = list
-        .iter()
-        .map(|c| info_from_summary(c, &o.host_id))
-        .collect();
-    containers.sort_by(|a, b| a.container_name.cmp(&b.container_name));
-    Ok(Routed::Here(ContainerList {
-        containers,
-        host_id: o.host_id.clone(),
-    }))
+    ListCall::validate(&req.body, &req.caller)?
+        .apply(&o, &req)
+        .await
 }
 
 /// A `containers.inspect` request, checked (the target's form and space).
@@ -605,32 +626,38 @@ impl LogsCall {
             cap,
         })
     }
+
+    /// The target container's recent output (or says which host holds it).
+    async fn apply(self, o: &O, req: &Request<LogsRequest>) -> Result<Routed<LogsReply>, Problem> {
+        let (Self { tail, since, cap }, b) = (self, &req.body);
+        let m = match resolve(o, &req.caller, &req.body.container, &req.body.space).await? {
+            Target::Local(m) => m,
+            Target::Remote(e) => return Ok(Routed::On(e)),
+        };
+        let opts = LogsOptionsBuilder::default()
+            .follow(false)
+            .stdout(true)
+            .stderr(true)
+            .since(since)
+            .timestamps(b.timestamps)
+            .tail(&tail.to_string())
+            .build();
+        let (mut stdout, mut stderr, mut truncated) =
+            crate::docker::read_logs(o.engine.docker(), &m.id, opts, cap).await?;
+        truncated |= fit_json(&mut stdout, &mut stderr, o.reply_budget);
+        Ok(Routed::Here(LogsReply {
+            stdout,
+            stderr,
+            truncated,
+            container_id: m.id.clone(),
+        }))
+    }
 }
 
 async fn logs(o: O, req: Request<LogsRequest>) -> Result<Routed<LogsReply>, Problem> {
-    let b = &req.body;
-    let LogsCall { tail, since, cap } = LogsCall::validate(b, &o.limits)?;
-    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
-        Target::Local(m) => m,
-        Target::Remote(e) => return Ok(Routed::On(e)),
-    };
-    let opts = LogsOptionsBuilder::default()
-        .follow(false)
-        .stdout(true)
-        .stderr(true)
-        .since(since)
-        .timestamps(b.timestamps)
-        .tail(&tail.to_string())
-        .build();
-    let (mut stdout, mut stderr, mut truncated) =
-        crate::docker::read_logs(o.engine.docker(), &m.id, opts, cap).await?;
-    truncated |= fit_json(&mut stdout, &mut stderr, o.reply_budget);
-    Ok(Routed::Here(LogsReply {
-        stdout,
-        stderr,
-        truncated,
-        container_id: m.id.clone(),
-    }))
+    LogsCall::validate(&req.body, &o.limits)?
+        .apply(&o, &req)
+        .await
 }
 
 /// A `containers.stats` request, checked (the target's form and space).
