@@ -315,8 +315,9 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The limits of a configuration already checked by [`OrchestratorConfig::validate`].
-    pub fn from_checked(c: &OrchestratorConfig) -> Self {
+    /// The limits of a configuration already checked by [`OrchestratorConfig::validate`] (the
+    /// one way they are made).
+    fn from_checked(c: &OrchestratorConfig) -> Self {
         let max_output = usize::try_from(c.exec_max_output_bytes).unwrap_or(usize::MAX);
         Self {
             exec_default_timeout_seconds: c.exec_default_timeout_seconds,

@@ -64,7 +64,7 @@ pub async fn build(
     cfg: OrchestratorConfig,
     client: &async_nats::Client,
 ) -> anyhow::Result<Node> {
-    cfg.validate()?;
+    let limits = cfg.validate()?;
     let host_id = cfg.resolved_host_id()?;
     let engine = docker::Engine::connect(&cfg.docker_host, &host_id).await?;
     let (host_cpus, host_memory_mb) = engine
@@ -75,9 +75,7 @@ pub async fn build(
     let spaces = space::Spaces::open(&js, &cfg.spaces_bucket, cfg.kv_replicas).await?;
     let max_payload = client.server_info().max_payload.max(64 * 1024);
     let reply_budget = max_payload.saturating_sub(REPLY_OVERHEAD);
-    let max_output = usize::try_from(cfg.exec_max_output_bytes)
-        .unwrap_or(reply_budget)
-        .min(reply_budget);
+    let limits = limits.within_reply(reply_budget);
     let policy = spec::Policy {
         container_nats_url: spec::container_nats_url(&cfg.container_nats_url, &bus.nats_url),
         cfg,
@@ -85,12 +83,12 @@ pub async fn build(
         host_cpus,
         host_memory_mb,
     };
-    tracing::info!(host_id = %host_id, cpus = host_cpus, memory_mb = host_memory_mb, max_output, "orchestrator configured");
+    tracing::info!(host_id = %host_id, cpus = host_cpus, memory_mb = host_memory_mb, max_output = limits.max_output, "orchestrator configured");
     let o = Arc::new(Orchestrator::new(
         engine,
         spaces,
         policy,
-        max_output,
+        limits,
         reply_budget,
     ));
     let t = Arc::new(state::Shared::open(o.clone(), bus, &js).await?);

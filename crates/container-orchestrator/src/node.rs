@@ -12,17 +12,16 @@ use bollard::query_parameters::{LogsOptionsBuilder, StatsOptionsBuilder};
 use futures::StreamExt;
 use tether_bus::{Caller, Node, Problem, Request, Scope};
 use tether_proto::{
-    ContainerInfo, ContainerList, ContainerRef, ContainerStats, CreateContainerRequest,
-    ExecRequest, ExecResult, ListContainersRequest, LogsReply, LogsRequest, RemoveContainerRequest,
-    RemovedContainer, SpaceBinding, StopContainerRequest,
+    ContainerInfo, ContainerList, ContainerRef, ContainerStats, ExecRequest, ExecResult,
+    ListContainersRequest, LogsReply, LogsRequest, RemoveContainerRequest, RemovedContainer,
+    StopContainerRequest,
 };
 
 use crate::config::Limits;
 use crate::docker::{EngineError, EngineErrorKind, Meta, info_from_inspect, info_from_summary};
 use crate::exec::{ExecSpec, StreamTo};
 use crate::route::{Elsewhere, Routed, Routes};
-use crate::space::Reserve;
-use crate::spec::{Kind, parse_command, validate_abs_path, validate_create, validate_env};
+use crate::spec::{Kind, parse_command, validate_abs_path, validate_env};
 use crate::state::Orchestrator;
 
 type O = Arc<Orchestrator>;
@@ -31,7 +30,7 @@ type O = Arc<Orchestrator>;
 pub fn endpoints(node: Node, o: &O) -> Node {
     let max_execs = o.policy.cfg.max_concurrent_execs;
     Routes::new(node, &o.host_id, o.clone())
-        .serve("containers.create", Scope::ContainersWrite, create)
+        .serve("containers.create", Scope::ContainersWrite, create::create)
         .serve("containers.start", Scope::ContainersWrite, start)
         .serve("containers.stop", Scope::ContainersWrite, stop)
         .serve("containers.remove", Scope::ContainersWrite, remove)
@@ -78,6 +77,16 @@ fn check_target(container: &str, space: &str) -> Result<(), Problem> {
         return Err(Problem::bad_request(format!(
             "`container` {container:?} is not a container id or name"
         )));
+    }
+    Ok(())
+}
+
+/// Checks a target and that the caller may name its space (whose container, if any, is
+/// checked again against its label once resolved).
+fn check_ref(container: &str, space: &str, caller: &Caller) -> Result<(), Problem> {
+    check_target(container, space)?;
+    if !space.is_empty() {
+        caller.space_for(space)?;
     }
     Ok(())
 }
@@ -143,161 +152,36 @@ async fn resolve(
 
 const SPACE_ELSEWHERE: &str = "the space is bound";
 
-async fn create(
-    o: O,
-    req: Request<CreateContainerRequest>,
-) -> Result<Routed<ContainerInfo>, Problem> {
-    let caller = &req.caller;
-    let space = caller.space_for(&req.body.space)?;
-    let spec = validate_create(
-        &req.body,
-        &space,
-        &caller.agent_id,
-        &o.policy,
-        chrono::Utc::now(),
-    )?;
-    if !o.engine.image_exists(&spec.image).await? {
-        return Err(Problem::unprocessable(format!(
-            "image `{}` is not on host `{}` (the orchestrator never pulls: build or load it first)",
-            spec.image, o.host_id
-        )));
-    }
-    let tp = traceparent(&req);
-    o.note_trace(&spec.name, tp.as_deref());
-    let mut binding = SpaceBinding {
-        space: space.clone(),
-        host_id: o.host_id.clone(),
-        container_id: String::new(),
-        container_name: spec.name.clone(),
-        session_id: spec.session_id.clone(),
-        bound_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        bound_by: caller.agent_id.clone(),
-    };
-    let reservation = if spec.kind == Kind::Space {
-        Some(reserve(&o, &binding).await?)
-    } else {
-        None
-    };
-    let release = |rev: Option<u64>| {
-        let o = o.clone();
-        let space = space.clone();
-        async move {
-            if let Some(rev) = rev
-                && let Err(e) = o.spaces.unbind_at(&space, rev).await
-            {
-                tracing::warn!(space = %space, error = %e, "cannot release space reservation");
-            }
-        }
-    };
-    let id = match o.engine.create(&spec, &o.policy.cfg).await {
-        Ok(id) => id,
-        Err(e) => {
-            release(reservation).await;
-            return Err(match e.kind() {
-                EngineErrorKind::Conflict => {
-                    Problem::conflict(format!("cannot create `{}`: {e}", spec.name))
-                }
-                EngineErrorKind::NotFound | EngineErrorKind::Refused => {
-                    Problem::unprocessable(format!("the engine refused the container: {e}"))
-                }
-                _ => e.into(),
-            });
-        }
-    };
-    o.note_trace(&id, tp.as_deref());
-    // From here a failure removes what was made: a bad request leaves nothing behind.
-    let undo = |rev: Option<u64>| {
-        let o = o.clone();
-        let id = id.clone();
-        let release = release(rev);
-        async move {
-            if let Err(e) = o.engine.remove(&id).await {
-                tracing::warn!(container = %id, error = %e, "cannot remove half-made container");
-            }
-            release.await;
-        }
-    };
-    let mut rev = reservation;
-    if let Some(r) = reservation {
-        binding.container_id = id.clone();
-        match o.spaces.bind(&binding, r).await {
-            Ok(new_rev) => rev = Some(new_rev),
-            Err(p) => {
-                undo(None).await;
-                return Err(p);
-            }
-        }
-    }
-    if spec.start
-        && let Err(e) = o.engine.start(&id).await
-    {
-        undo(rev).await;
-        return Err(match e.kind() {
-            EngineErrorKind::Unavailable | EngineErrorKind::Timeout => e.into(),
-            _ => Problem::unprocessable(format!("the container could not start: {e}")),
-        });
-    }
-    tracing::info!(container = %id, name = %spec.name, space = %space, kind = spec.kind.as_str(), by = %caller.agent_id, "container created");
-    let (_, c) = o.engine.inspect_managed(&id).await?;
-    Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
-}
+/// A `containers.start` request, checked (the target's form and space).
+pub struct StartCall;
 
-/// Reserves a space for a new container (one container per space).
-async fn reserve(o: &Orchestrator, b: &SpaceBinding) -> Result<u64, Problem> {
-    for _ in 0..2 {
-        match o.spaces.reserve(b).await? {
-            Reserve::Reserved(rev) => return Ok(rev),
-            Reserve::Exists(existing, rev) => {
-                if existing.host_id != o.host_id {
-                    return Err(Problem::conflict(format!(
-                        "space `{}` already has a container on host `{}`",
-                        b.space, existing.host_id
-                    )));
-                }
-                if existing.container_id.is_empty() {
-                    let age = chrono::DateTime::parse_from_rfc3339(&existing.bound_at)
-                        .map(|t| chrono::Utc::now() - t.with_timezone(&chrono::Utc))
-                        .unwrap_or_default();
-                    if age.num_seconds()
-                        < i64::try_from(o.policy.cfg.reconcile_grace_seconds).unwrap_or(i64::MAX)
-                    {
-                        return Err(Problem::conflict(format!(
-                            "the container of space `{}` is being created",
-                            b.space
-                        )));
-                    }
-                } else {
-                    match o.engine.inspect_managed(&existing.container_id).await {
-                        Ok(_) => {
-                            return Err(Problem::conflict(format!(
-                                "space `{}` already has container `{}` ({})",
-                                b.space, existing.container_name, existing.container_id
-                            )));
-                        }
-                        Err(e) if e.kind() == EngineErrorKind::NotFound => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                // A stale record (its container is gone): drop it and try again.
-                o.spaces.unbind_at(&b.space, rev).await?;
-            }
-        }
+impl StartCall {
+    pub fn validate(b: &ContainerRef, caller: &Caller) -> Result<Self, Problem> {
+        check_ref(&b.container, &b.space, caller)?;
+        Ok(Self)
     }
-    Err(Problem::conflict(format!(
-        "space `{}` is being changed concurrently; try again",
-        b.space
-    )))
+
+    /// Starts the target container (or says which host holds it).
+    async fn apply(
+        self,
+        o: &O,
+        req: &Request<ContainerRef>,
+    ) -> Result<Routed<ContainerInfo>, Problem> {
+        let m = match resolve(o, &req.caller, &req.body.container, &req.body.space).await? {
+            Target::Local(m) => m,
+            Target::Remote(e) => return Ok(Routed::On(e)),
+        };
+        o.note_trace(&m.id, traceparent(req).as_deref());
+        o.engine.start(&m.id).await?;
+        let (_, c) = o.engine.inspect_managed(&m.id).await?;
+        Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
+    }
 }
 
 async fn start(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerInfo>, Problem> {
-    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
-        Target::Local(m) => m,
-        Target::Remote(e) => return Ok(Routed::On(e)),
-    };
-    o.note_trace(&m.id, traceparent(&req).as_deref());
-    o.engine.start(&m.id).await?;
-    let (_, c) = o.engine.inspect_managed(&m.id).await?;
-    Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
+    StartCall::validate(&req.body, &req.caller)?
+        .apply(&o, &req)
+        .await
 }
 
 /// A `containers.stop` request, checked: the grace period before SIGKILL.
@@ -319,49 +203,81 @@ impl StopCall {
         };
         Ok(Self { grace })
     }
+
+    /// Stops the target container (or says which host holds it).
+    async fn apply(
+        self,
+        o: &O,
+        req: &Request<StopContainerRequest>,
+    ) -> Result<Routed<ContainerInfo>, Problem> {
+        let grace = self.grace;
+        let m = match resolve(o, &req.caller, &req.body.container, &req.body.space).await? {
+            Target::Local(m) => m,
+            Target::Remote(e) => return Ok(Routed::On(e)),
+        };
+        o.note_trace(&m.id, traceparent(req).as_deref());
+        o.engine.stop(&m.id, grace).await?;
+        tracing::info!(container = %m.id, space = %m.space, by = %req.caller.agent_id, "container stopped");
+        let (_, c) = o.engine.inspect_managed(&m.id).await?;
+        Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
+    }
 }
 
 async fn stop(o: O, req: Request<StopContainerRequest>) -> Result<Routed<ContainerInfo>, Problem> {
-    let StopCall { grace } = StopCall::validate(&req.body, &o.limits)?;
-    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
-        Target::Local(m) => m,
-        Target::Remote(e) => return Ok(Routed::On(e)),
-    };
-    o.note_trace(&m.id, traceparent(&req).as_deref());
-    o.engine.stop(&m.id, grace).await?;
-    tracing::info!(container = %m.id, space = %m.space, by = %req.caller.agent_id, "container stopped");
-    let (_, c) = o.engine.inspect_managed(&m.id).await?;
-    Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
+    StopCall::validate(&req.body, &o.limits)?
+        .apply(&o, &req)
+        .await
+}
+
+/// A `containers.remove` request, checked (the target's form and space).
+pub struct RemoveCall;
+
+impl RemoveCall {
+    pub fn validate(b: &RemoveContainerRequest, caller: &Caller) -> Result<Self, Problem> {
+        check_ref(&b.container, &b.space, caller)?;
+        Ok(Self)
+    }
+
+    /// Removes the target container and drops its space binding.
+    async fn apply(
+        self,
+        o: &O,
+        req: &Request<RemoveContainerRequest>,
+    ) -> Result<Routed<RemovedContainer>, Problem> {
+        let m = match resolve(o, &req.caller, &req.body.container, &req.body.space).await? {
+            Target::Local(m) => m,
+            Target::Remote(e) => return Ok(Routed::On(e)),
+        };
+        o.note_trace(&m.id, traceparent(req).as_deref());
+        let is_space = m.kind == Kind::Space.as_str();
+        let bound = is_space
+            && o.spaces
+                .get(&m.space)
+                .await?
+                .is_some_and(|(b, _)| b.host_id == o.host_id && b.container_id == m.id);
+        o.engine.remove(&m.id).await?;
+        // The engine's `destroy` event may drop the binding first; either way it is gone.
+        if bound {
+            o.spaces.unbind_if(&m.space, &o.host_id, &m.id).await?;
+        }
+        let unbound = bound;
+        tracing::info!(container = %m.id, space = %m.space, by = %req.caller.agent_id, "container removed");
+        Ok(Routed::Here(RemovedContainer {
+            container_id: m.id.clone(),
+            container_name: m.name.clone(),
+            space: m.space.clone(),
+            unbound,
+        }))
+    }
 }
 
 async fn remove(
     o: O,
     req: Request<RemoveContainerRequest>,
 ) -> Result<Routed<RemovedContainer>, Problem> {
-    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
-        Target::Local(m) => m,
-        Target::Remote(e) => return Ok(Routed::On(e)),
-    };
-    o.note_trace(&m.id, traceparent(&req).as_deref());
-    let is_space = m.kind == Kind::Space.as_str();
-    let bound = is_space
-        && o.spaces
-            .get(&m.space)
-            .await?
-            .is_some_and(|(b, _)| b.host_id == o.host_id && b.container_id == m.id);
-    o.engine.remove(&m.id).await?;
-    // The engine's `destroy` event may drop the binding first; either way it is gone.
-    if bound {
-        o.spaces.unbind_if(&m.space, &o.host_id, &m.id).await?;
-    }
-    let unbound = bound;
-    tracing::info!(container = %m.id, space = %m.space, by = %req.caller.agent_id, "container removed");
-    Ok(Routed::Here(RemovedContainer {
-        container_id: m.id.clone(),
-        container_name: m.name.clone(),
-        space: m.space.clone(),
-        unbound,
-    }))
+    RemoveCall::validate(&req.body, &req.caller)?
+        .apply(&o, &req)
+        .await
 }
 
 /// A `containers.list` request, checked: the space it lists (any, for an operator naming
@@ -389,33 +305,64 @@ impl ListCall {
         };
         Ok(Self { space })
     }
+
+    /// The managed containers of the space on this host, by name.
+    async fn apply(
+        self,
+        o: &O,
+        req: &Request<ListContainersRequest>,
+    ) -> Result<Routed<ContainerList>, Problem> {
+        let (space, b) = (self.space, &req.body);
+        let list = o
+            .engine
+            .list_managed(&space, &b.session_id, &b.kind)
+            .await?;
+        let mut containers: Vec<ContainerInfo> = list
+            .iter()
+            .map(|c| info_from_summary(c, &o.host_id))
+            .collect();
+        containers.sort_by(|a, b| a.container_name.cmp(&b.container_name));
+        Ok(Routed::Here(ContainerList {
+            containers,
+            host_id: o.host_id.clone(),
+        }))
+    }
 }
 
 async fn list(o: O, req: Request<ListContainersRequest>) -> Result<Routed<ContainerList>, Problem> {
-    let b = &req.body;
-    let ListCall { space } = ListCall::validate(b, &req.caller)?;
-    let list = o
-        .engine
-        .list_managed(&space, &b.session_id, &b.kind)
-        .await?;
-    let mut containers: Vec<ContainerInfo> = list
-        .iter()
-        .map(|c| info_from_summary(c, &o.host_id))
-        .collect();
-    containers.sort_by(|a, b| a.container_name.cmp(&b.container_name));
-    Ok(Routed::Here(ContainerList {
-        containers,
-        host_id: o.host_id.clone(),
-    }))
+    ListCall::validate(&req.body, &req.caller)?
+        .apply(&o, &req)
+        .await
+}
+
+/// A `containers.inspect` request, checked (the target's form and space).
+pub struct InspectCall;
+
+impl InspectCall {
+    pub fn validate(b: &ContainerRef, caller: &Caller) -> Result<Self, Problem> {
+        check_ref(&b.container, &b.space, caller)?;
+        Ok(Self)
+    }
+
+    /// Inspects the target container (or says which host holds it).
+    async fn apply(
+        self,
+        o: &O,
+        req: &Request<ContainerRef>,
+    ) -> Result<Routed<ContainerInfo>, Problem> {
+        let m = match resolve(o, &req.caller, &req.body.container, &req.body.space).await? {
+            Target::Local(m) => m,
+            Target::Remote(e) => return Ok(Routed::On(e)),
+        };
+        let (_, c) = o.engine.inspect_managed(&m.id).await?;
+        Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
+    }
 }
 
 async fn inspect(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerInfo>, Problem> {
-    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
-        Target::Local(m) => m,
-        Target::Remote(e) => return Ok(Routed::On(e)),
-    };
-    let (_, c) = o.engine.inspect_managed(&m.id).await?;
-    Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
+    InspectCall::validate(&req.body, &req.caller)?
+        .apply(&o, &req)
+        .await
 }
 
 fn validate_user(u: &str) -> Result<Option<String>, Problem> {
@@ -679,58 +626,88 @@ impl LogsCall {
             cap,
         })
     }
+
+    /// The target container's recent output (or says which host holds it).
+    async fn apply(self, o: &O, req: &Request<LogsRequest>) -> Result<Routed<LogsReply>, Problem> {
+        let (Self { tail, since, cap }, b) = (self, &req.body);
+        let m = match resolve(o, &req.caller, &req.body.container, &req.body.space).await? {
+            Target::Local(m) => m,
+            Target::Remote(e) => return Ok(Routed::On(e)),
+        };
+        let opts = LogsOptionsBuilder::default()
+            .follow(false)
+            .stdout(true)
+            .stderr(true)
+            .since(since)
+            .timestamps(b.timestamps)
+            .tail(&tail.to_string())
+            .build();
+        let (mut stdout, mut stderr, mut truncated) =
+            crate::docker::read_logs(o.engine.docker(), &m.id, opts, cap).await?;
+        truncated |= fit_json(&mut stdout, &mut stderr, o.reply_budget);
+        Ok(Routed::Here(LogsReply {
+            stdout,
+            stderr,
+            truncated,
+            container_id: m.id.clone(),
+        }))
+    }
 }
 
 async fn logs(o: O, req: Request<LogsRequest>) -> Result<Routed<LogsReply>, Problem> {
-    let b = &req.body;
-    let LogsCall { tail, since, cap } = LogsCall::validate(b, &o.limits)?;
-    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
-        Target::Local(m) => m,
-        Target::Remote(e) => return Ok(Routed::On(e)),
-    };
-    let opts = LogsOptionsBuilder::default()
-        .follow(false)
-        .stdout(true)
-        .stderr(true)
-        .since(since)
-        .timestamps(b.timestamps)
-        .tail(&tail.to_string())
-        .build();
-    let (mut stdout, mut stderr, mut truncated) =
-        crate::docker::read_logs(o.engine.docker(), &m.id, opts, cap).await?;
-    truncated |= fit_json(&mut stdout, &mut stderr, o.reply_budget);
-    Ok(Routed::Here(LogsReply {
-        stdout,
-        stderr,
-        truncated,
-        container_id: m.id.clone(),
-    }))
+    LogsCall::validate(&req.body, &o.limits)?
+        .apply(&o, &req)
+        .await
+}
+
+/// A `containers.stats` request, checked (the target's form and space).
+pub struct StatsCall;
+
+impl StatsCall {
+    pub fn validate(b: &ContainerRef, caller: &Caller) -> Result<Self, Problem> {
+        check_ref(&b.container, &b.space, caller)?;
+        Ok(Self)
+    }
+
+    /// One stats sample of the target container (or says which host holds it).
+    async fn apply(
+        self,
+        o: &O,
+        req: &Request<ContainerRef>,
+    ) -> Result<Routed<ContainerStats>, Problem> {
+        let m = match resolve(o, &req.caller, &req.body.container, &req.body.space).await? {
+            Target::Local(m) => m,
+            Target::Remote(e) => return Ok(Routed::On(e)),
+        };
+        let opts = StatsOptionsBuilder::default()
+            .stream(false)
+            .one_shot(false)
+            .build();
+        let s = tokio::time::timeout(
+            Duration::from_secs(20),
+            o.engine.docker().stats(&m.id, Some(opts)).next(),
+        )
+        .await
+        .map_err(|_| Problem::timeout("the engine did not give stats in time"))?
+        .ok_or_else(|| Problem::new(502, "the engine gave no stats"))?
+        .map_err(EngineError::from)?;
+        let (_, c) = o.engine.inspect_managed_with(&m.id, true).await?;
+        Ok(Routed::Here(crate::docker::stats_of(
+            &m,
+            &s,
+            c.size_rw.unwrap_or(0),
+        )))
+    }
 }
 
 async fn stats(o: O, req: Request<ContainerRef>) -> Result<Routed<ContainerStats>, Problem> {
-    let m = match resolve(&o, &req.caller, &req.body.container, &req.body.space).await? {
-        Target::Local(m) => m,
-        Target::Remote(e) => return Ok(Routed::On(e)),
-    };
-    let opts = StatsOptionsBuilder::default()
-        .stream(false)
-        .one_shot(false)
-        .build();
-    let s = tokio::time::timeout(
-        Duration::from_secs(20),
-        o.engine.docker().stats(&m.id, Some(opts)).next(),
-    )
-    .await
-    .map_err(|_| Problem::timeout("the engine did not give stats in time"))?
-    .ok_or_else(|| Problem::new(502, "the engine gave no stats"))?
-    .map_err(EngineError::from)?;
-    let (_, c) = o.engine.inspect_managed_with(&m.id, true).await?;
-    Ok(Routed::Here(crate::docker::stats_of(
-        &m,
-        &s,
-        c.size_rw.unwrap_or(0),
-    )))
+    StatsCall::validate(&req.body, &req.caller)?
+        .apply(&o, &req)
+        .await
 }
+
+mod create;
+pub use create::CreateCall;
 
 #[cfg(test)]
 mod tests;

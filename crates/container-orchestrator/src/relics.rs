@@ -32,7 +32,7 @@ use crate::labels::{
 };
 use crate::route::{Elsewhere, Routed, Routes};
 use crate::sessions::{check_session, create_network, find_network};
-use crate::spec::{is_valid_image_ref, validate_create};
+use crate::spec::{ContainerSpec, Policy, is_valid_image_ref, validate_create};
 use crate::state::{Orchestrator, Shared};
 
 const DEFAULT_HEALTH_TIMEOUT: i32 = 30;
@@ -111,67 +111,81 @@ fn not_here(host: &str, op: &str) -> Problem {
     ))
 }
 
-struct Checked {
+fn internal_url(relic: &str, port: u16, endpoint: &str) -> String {
+    if port == 0 {
+        return String::new();
+    }
+    format!("http://{relic}:{port}{endpoint}")
+}
+
+/// A `relics.start` request, checked: the space, the health check, and the relic's container
+/// spec (named and put on the session network when it is started).
+pub struct StartCall {
+    space: String,
     health_port: u16,
     health_endpoint: String,
     health_timeout: Duration,
-    create: CreateContainerRequest,
+    spec: ContainerSpec,
 }
 
-fn validate_start(b: &RelicStartRequest) -> Result<Checked, Problem> {
-    if b.relic_name.is_empty() {
-        return Err(bad("`relic_name` is required"));
-    }
-    if !is_valid_relic_name(&b.relic_name) {
-        return Err(bad(format!(
-            "`relic_name` {:?} must be a host name: 1-63 of a-z 0-9 -, not starting or ending with -",
-            b.relic_name
-        )));
-    }
-    check_session(&b.session_id)?;
-    if b.image.is_empty() {
-        return Err(bad("`image` is required"));
-    }
-    if !is_valid_image_ref(&b.image) {
-        return Err(bad(format!(
-            "`image` {:?} is not an image reference",
-            b.image
-        )));
-    }
-    let health_port = match b.health_check_port {
-        0 => 0,
-        p if (1..=65535).contains(&p) => u16::try_from(p).unwrap_or(0),
-        p => {
+impl StartCall {
+    /// Checks everything but the image and the session (which need the engine and KV).
+    pub fn validate(
+        b: &RelicStartRequest,
+        caller: &Caller,
+        policy: &Policy,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Self, Problem> {
+        let space = caller.space_for(&b.space)?;
+        if b.relic_name.is_empty() {
+            return Err(bad("`relic_name` is required"));
+        }
+        if !is_valid_relic_name(&b.relic_name) {
             return Err(bad(format!(
-                "`health_check_port` must be between 1 and 65535 (got {p})"
+                "`relic_name` {:?} must be a host name: 1-63 of a-z 0-9 -, not starting or ending with -",
+                b.relic_name
             )));
         }
-    };
-    if !b.health_check_endpoint.is_empty() {
-        if !is_valid_endpoint(&b.health_check_endpoint) {
+        check_session(&b.session_id)?;
+        if b.image.is_empty() {
+            return Err(bad("`image` is required"));
+        }
+        if !is_valid_image_ref(&b.image) {
             return Err(bad(format!(
-                "`health_check_endpoint` {:?} must be a URL path starting with /",
-                b.health_check_endpoint
+                "`image` {:?} is not an image reference",
+                b.image
             )));
         }
-        if health_port == 0 {
-            return Err(bad("`health_check_endpoint` needs a `health_check_port`"));
+        let health_port = match b.health_check_port {
+            0 => 0,
+            p if (1..=65535).contains(&p) => u16::try_from(p).unwrap_or(0),
+            p => {
+                return Err(bad(format!(
+                    "`health_check_port` must be between 1 and 65535 (got {p})"
+                )));
+            }
+        };
+        if !b.health_check_endpoint.is_empty() {
+            if !is_valid_endpoint(&b.health_check_endpoint) {
+                return Err(bad(format!(
+                    "`health_check_endpoint` {:?} must be a URL path starting with /",
+                    b.health_check_endpoint
+                )));
+            }
+            if health_port == 0 {
+                return Err(bad("`health_check_endpoint` needs a `health_check_port`"));
+            }
         }
-    }
-    let secs = match b.health_check_timeout_seconds {
-        0 => DEFAULT_HEALTH_TIMEOUT,
-        s if (1..=MAX_HEALTH_TIMEOUT).contains(&s) => s,
-        s => {
-            return Err(bad(format!(
-                "`health_check_timeout_seconds` must be between 1 and {MAX_HEALTH_TIMEOUT} (got {s})"
-            )));
-        }
-    };
-    Ok(Checked {
-        health_port,
-        health_endpoint: b.health_check_endpoint.clone(),
-        health_timeout: Duration::from_secs(u64::try_from(secs).unwrap_or(30)),
-        create: CreateContainerRequest {
+        let secs = match b.health_check_timeout_seconds {
+            0 => DEFAULT_HEALTH_TIMEOUT,
+            s if (1..=MAX_HEALTH_TIMEOUT).contains(&s) => s,
+            s => {
+                return Err(bad(format!(
+                    "`health_check_timeout_seconds` must be between 1 and {MAX_HEALTH_TIMEOUT} (got {s})"
+                )));
+            }
+        };
+        let create = CreateContainerRequest {
             image: b.image.clone(),
             session_id: b.session_id.clone(),
             kind: "relic".into(),
@@ -182,169 +196,179 @@ fn validate_start(b: &RelicStartRequest) -> Result<Checked, Problem> {
             // Services write where they like (databases, caches); isolation is the network.
             writable_root: true,
             ..Default::default()
-        },
-    })
-}
-
-fn internal_url(relic: &str, port: u16, endpoint: &str) -> String {
-    if port == 0 {
-        return String::new();
+        };
+        let spec = validate_create(&create, &space, &caller.agent_id, policy, now)?;
+        Ok(Self {
+            space,
+            health_port,
+            health_endpoint: b.health_check_endpoint.clone(),
+            health_timeout: Duration::from_secs(u64::try_from(secs).unwrap_or(30)),
+            spec,
+        })
     }
-    format!("http://{relic}:{port}{endpoint}")
+
+    /// Starts the relic on the session's host (forwarding there when it is another), on the
+    /// session network, and waits for it to be healthy.
+    async fn apply(
+        self,
+        t: &T,
+        req: &Request<RelicStartRequest>,
+    ) -> Result<Routed<RelicInfo>, Problem> {
+        let (caller, b) = (&req.caller, &req.body);
+        let Self {
+            space,
+            health_port,
+            health_endpoint,
+            health_timeout,
+            spec: spec_check,
+        } = self;
+        let o = &t.o;
+        if let Some(host) = session_host(t, &space, &b.session_id).await? {
+            // The image is checked where the relic runs; the answer waits out the health check.
+            let there =
+                Elsewhere::on(host, SESSION_ELSEWHERE).within(health_timeout + FORWARD_MARGIN);
+            return Ok(Routed::On(there));
+        }
+        if !o.engine.image_exists(&b.image).await? {
+            return Err(Problem::unprocessable(format!(
+                "image `{}` is not on host `{}` (the orchestrator never pulls: build or load it first)",
+                b.image, o.host_id
+            )));
+        }
+        let want_network = b.create_private_network.unwrap_or(true);
+        let lock = t.session_lock(&format!("{space}.{}", b.session_id)).await;
+        let held = lock.lock().await;
+        // The network this request made, removed again when the relic does not come up (so a
+        // failed start leaves nothing behind, and cannot eat the engine's address pools).
+        let mut made_network = None;
+        let (network_id, network_name) = match find_network(o, &space, &b.session_id).await? {
+            Some(n) => n,
+            None if want_network => {
+                let limit = o.policy.cfg.max_sessions_per_space;
+                let have = space_networks(o, &space).await?;
+                if have >= limit {
+                    return Err(Problem::too_many(format!(
+                        "space `{space}` has {have} session networks on host `{}` (at most {limit}): clean one up with sessions.cleanup first",
+                        o.host_id
+                    )));
+                }
+                // The record names this host before the network exists, so a concurrent start
+                // on another host is forwarded here.
+                let rec = t
+                    .sessions
+                    .touch(&space, &b.session_id, &o.host_id, spec_check.expires_at)
+                    .await?;
+                if rec.host_id != o.host_id {
+                    return Err(not_here(&rec.host_id, "start"));
+                }
+                let n = create_network(o, &space, &b.session_id, &caller.agent_id).await?;
+                made_network = Some(n.0.clone());
+                n
+            }
+            None => {
+                return Err(Problem::conflict(format!(
+                    "session `{}` has no private network; start the relic with `create_private_network: true`",
+                    b.session_id
+                )));
+            }
+        };
+        t.sessions
+            .touch(&space, &b.session_id, &o.host_id, spec_check.expires_at)
+            .await?;
+        let relic_id = uuid::Uuid::new_v4().simple().to_string();
+        let mut spec = spec_check;
+        spec.name = container_name(&space, &b.session_id, &b.relic_name);
+        spec.network_mode = network_name.clone();
+        for (k, v) in [
+            (LABEL_RELIC, b.relic_name.clone()),
+            (LABEL_RELIC_ID, relic_id.clone()),
+            (LABEL_HEALTH_PORT, health_port.to_string()),
+            (LABEL_HEALTH_ENDPOINT, health_endpoint.clone()),
+        ] {
+            spec.labels.insert(k.to_string(), v);
+        }
+        let mut body = crate::docker::create_body(&spec, &o.policy.cfg);
+        body.hostname = Some(b.relic_name.clone());
+        body.networking_config = Some(NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                network_name.clone(),
+                EndpointSettings {
+                    aliases: Some(vec![b.relic_name.clone()]),
+                    ..Default::default()
+                },
+            )])),
+        });
+        let opts = CreateContainerOptionsBuilder::default()
+            .name(&spec.name)
+            .build();
+        let id = match o.engine.docker().create_container(Some(opts), body).await {
+            Ok(r) => r.id,
+            Err(e) => {
+                discard_network(o, made_network.as_deref()).await;
+                let e = crate::docker::EngineError::from(e);
+                return Err(match e.kind() {
+                    EngineErrorKind::Conflict => Problem::conflict(format!(
+                        "session `{}` has a relic `{}` already",
+                        b.session_id, b.relic_name
+                    )),
+                    EngineErrorKind::NotFound | EngineErrorKind::Refused => {
+                        Problem::unprocessable(format!("the engine refused the relic: {e}"))
+                    }
+                    _ => e.into(),
+                });
+            }
+        };
+        if let Err(e) = o.engine.start(&id).await {
+            let _ = o.engine.remove(&id).await;
+            discard_network(o, made_network.as_deref()).await;
+            return Err(match e.kind() {
+                EngineErrorKind::Unavailable | EngineErrorKind::Timeout => e.into(),
+                _ => Problem::unprocessable(format!("the relic could not start: {e}")),
+            });
+        }
+        tracing::info!(relic = %b.relic_name, session = %b.session_id, space = %space, container = %id, "relic started");
+        // The health wait may take minutes: other starts in the session need not wait behind it,
+        // unless this relic made the network (which goes again if it does not come up). The
+        // record was reopened above, so the janitor leaves the session alone.
+        if made_network.is_none() {
+            drop(held);
+        }
+        let health = wait_healthy(o, &id, health_port, &health_endpoint, health_timeout).await;
+        let mut info = RelicInfo {
+            relic_id,
+            relic_name: b.relic_name.clone(),
+            session_id: b.session_id.clone(),
+            status: "running".into(),
+            container_id: id.clone(),
+            container_name: spec.name.clone(),
+            network_id,
+            internal_url: internal_url(&b.relic_name, health_port, &health_endpoint),
+            healthy: true,
+            space,
+            host_id: o.host_id.clone(),
+            image: b.image.clone(),
+            detail: String::new(),
+            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        };
+        if let Err(why) = health {
+            tracing::warn!(container = %id, relic = %b.relic_name, why = %why, "relic unhealthy; removed");
+            let _ = o.engine.remove(&id).await;
+            if made_network.is_some() {
+                discard_network(o, made_network.as_deref()).await;
+                info.network_id.clear();
+            }
+            info.status = "unhealthy".into();
+            info.healthy = false;
+            info.detail = format!("{why}; the relic was removed");
+        }
+        Ok(Routed::Here(info))
+    }
 }
 
 async fn start(t: T, req: Request<RelicStartRequest>) -> Result<Routed<RelicInfo>, Problem> {
-    let caller = req.caller.clone();
-    let b = &req.body;
-    let space = caller.space_for(&b.space)?;
-    let c = validate_start(b)?;
-    let o = &t.o;
-    let spec_check = validate_create(
-        &c.create,
-        &space,
-        &caller.agent_id,
-        &o.policy,
-        chrono::Utc::now(),
-    )?;
-    if let Some(host) = session_host(&t, &space, &b.session_id).await? {
-        // The image is checked where the relic runs; the answer waits out the health check.
-        let there =
-            Elsewhere::on(host, SESSION_ELSEWHERE).within(c.health_timeout + FORWARD_MARGIN);
-        return Ok(Routed::On(there));
-    }
-    if !o.engine.image_exists(&b.image).await? {
-        return Err(Problem::unprocessable(format!(
-            "image `{}` is not on host `{}` (the orchestrator never pulls: build or load it first)",
-            b.image, o.host_id
-        )));
-    }
-    let want_network = b.create_private_network.unwrap_or(true);
-    let lock = t.session_lock(&format!("{space}.{}", b.session_id)).await;
-    let held = lock.lock().await;
-    // The network this request made, removed again when the relic does not come up (so a
-    // failed start leaves nothing behind, and cannot eat the engine's address pools).
-    let mut made_network = None;
-    let (network_id, network_name) = match find_network(o, &space, &b.session_id).await? {
-        Some(n) => n,
-        None if want_network => {
-            let limit = o.policy.cfg.max_sessions_per_space;
-            let have = space_networks(o, &space).await?;
-            if have >= limit {
-                return Err(Problem::too_many(format!(
-                    "space `{space}` has {have} session networks on host `{}` (at most {limit}): clean one up with sessions.cleanup first",
-                    o.host_id
-                )));
-            }
-            // The record names this host before the network exists, so a concurrent start
-            // on another host is forwarded here.
-            let rec = t
-                .sessions
-                .touch(&space, &b.session_id, &o.host_id, spec_check.expires_at)
-                .await?;
-            if rec.host_id != o.host_id {
-                return Err(not_here(&rec.host_id, "start"));
-            }
-            let n = create_network(o, &space, &b.session_id, &caller.agent_id).await?;
-            made_network = Some(n.0.clone());
-            n
-        }
-        None => {
-            return Err(Problem::conflict(format!(
-                "session `{}` has no private network; start the relic with `create_private_network: true`",
-                b.session_id
-            )));
-        }
-    };
-    t.sessions
-        .touch(&space, &b.session_id, &o.host_id, spec_check.expires_at)
-        .await?;
-    let relic_id = uuid::Uuid::new_v4().simple().to_string();
-    let mut spec = spec_check;
-    spec.name = container_name(&space, &b.session_id, &b.relic_name);
-    spec.network_mode = network_name.clone();
-    for (k, v) in [
-        (LABEL_RELIC, b.relic_name.clone()),
-        (LABEL_RELIC_ID, relic_id.clone()),
-        (LABEL_HEALTH_PORT, c.health_port.to_string()),
-        (LABEL_HEALTH_ENDPOINT, c.health_endpoint.clone()),
-    ] {
-        spec.labels.insert(k.to_string(), v);
-    }
-    let mut body = crate::docker::create_body(&spec, &o.policy.cfg);
-    body.hostname = Some(b.relic_name.clone());
-    body.networking_config = Some(NetworkingConfig {
-        endpoints_config: Some(HashMap::from([(
-            network_name.clone(),
-            EndpointSettings {
-                aliases: Some(vec![b.relic_name.clone()]),
-                ..Default::default()
-            },
-        )])),
-    });
-    let opts = CreateContainerOptionsBuilder::default()
-        .name(&spec.name)
-        .build();
-    let id = match o.engine.docker().create_container(Some(opts), body).await {
-        Ok(r) => r.id,
-        Err(e) => {
-            discard_network(o, made_network.as_deref()).await;
-            let e = crate::docker::EngineError::from(e);
-            return Err(match e.kind() {
-                EngineErrorKind::Conflict => Problem::conflict(format!(
-                    "session `{}` has a relic `{}` already",
-                    b.session_id, b.relic_name
-                )),
-                EngineErrorKind::NotFound | EngineErrorKind::Refused => {
-                    Problem::unprocessable(format!("the engine refused the relic: {e}"))
-                }
-                _ => e.into(),
-            });
-        }
-    };
-    if let Err(e) = o.engine.start(&id).await {
-        let _ = o.engine.remove(&id).await;
-        discard_network(o, made_network.as_deref()).await;
-        return Err(match e.kind() {
-            EngineErrorKind::Unavailable | EngineErrorKind::Timeout => e.into(),
-            _ => Problem::unprocessable(format!("the relic could not start: {e}")),
-        });
-    }
-    tracing::info!(relic = %b.relic_name, session = %b.session_id, space = %space, container = %id, "relic started");
-    // The health wait may take minutes: other starts in the session need not wait behind it,
-    // unless this relic made the network (which goes again if it does not come up). The
-    // record was reopened above, so the janitor leaves the session alone.
-    if made_network.is_none() {
-        drop(held);
-    }
-    let health = wait_healthy(o, &id, c.health_port, &c.health_endpoint, c.health_timeout).await;
-    let mut info = RelicInfo {
-        relic_id,
-        relic_name: b.relic_name.clone(),
-        session_id: b.session_id.clone(),
-        status: "running".into(),
-        container_id: id.clone(),
-        container_name: spec.name.clone(),
-        network_id,
-        internal_url: internal_url(&b.relic_name, c.health_port, &c.health_endpoint),
-        healthy: true,
-        space,
-        host_id: o.host_id.clone(),
-        image: b.image.clone(),
-        detail: String::new(),
-        created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-    };
-    if let Err(why) = health {
-        tracing::warn!(container = %id, relic = %b.relic_name, why = %why, "relic unhealthy; removed");
-        let _ = o.engine.remove(&id).await;
-        if made_network.is_some() {
-            discard_network(o, made_network.as_deref()).await;
-            info.network_id.clear();
-        }
-        info.status = "unhealthy".into();
-        info.healthy = false;
-        info.detail = format!("{why}; the relic was removed");
-    }
-    Ok(Routed::Here(info))
+    StartCall::validate(&req.body, &req.caller, &t.o.policy, chrono::Utc::now())?
+        .apply(&t, &req)
+        .await
 }
 
 /// How much longer than a relic's health timeout a forwarded start waits for its answer.
@@ -626,25 +650,48 @@ async fn get(t: T, req: Request<RelicRef>) -> Result<Routed<RelicInfo>, Problem>
     Ok(Routed::Here(info))
 }
 
-async fn list(t: T, req: Request<RelicListRequest>) -> Result<Routed<RelicList>, Problem> {
-    let caller = req.caller.clone();
-    let b = &req.body;
-    let space = caller.space_for(&b.space)?;
-    let mut extra = vec![(LABEL_SPACE, space.as_str())];
-    if !b.session_id.is_empty() {
-        check_session(&b.session_id)?;
-        extra.push((LABEL_SESSION, b.session_id.as_str()));
-        if let Some(h) = session_host(&t, &space, &b.session_id).await? {
-            return Ok(Routed::On(Elsewhere::on(h, SESSION_ELSEWHERE)));
+/// A `relics.list` request, checked: the space it lists.
+pub struct ListCall {
+    space: String,
+}
+
+impl ListCall {
+    pub fn validate(b: &RelicListRequest, caller: &Caller) -> Result<Self, Problem> {
+        let space = caller.space_for(&b.space)?;
+        if !b.session_id.is_empty() {
+            check_session(&b.session_id)?;
         }
+        Ok(Self { space })
     }
-    let mut relics: Vec<RelicInfo> = relics(&t.o, &extra)
-        .await?
-        .iter()
-        .map(|c| info_of(&t.o, c))
-        .collect();
-    relics.sort_by(|a, b| (&a.session_id, &a.relic_name).cmp(&(&b.session_id, &b.relic_name)));
-    Ok(Routed::Here(RelicList { relics }))
+
+    /// The relics of the space (of one session, from the session's host, when named).
+    async fn apply(
+        self,
+        t: &T,
+        req: &Request<RelicListRequest>,
+    ) -> Result<Routed<RelicList>, Problem> {
+        let (space, b) = (self.space, &req.body);
+        let mut extra = vec![(LABEL_SPACE, space.as_str())];
+        if !b.session_id.is_empty() {
+            extra.push((LABEL_SESSION, b.session_id.as_str()));
+            if let Some(h) = session_host(t, &space, &b.session_id).await? {
+                return Ok(Routed::On(Elsewhere::on(h, SESSION_ELSEWHERE)));
+            }
+        }
+        let mut relics: Vec<RelicInfo> = relics(&t.o, &extra)
+            .await?
+            .iter()
+            .map(|c| info_of(&t.o, c))
+            .collect();
+        relics.sort_by(|a, b| (&a.session_id, &a.relic_name).cmp(&(&b.session_id, &b.relic_name)));
+        Ok(Routed::Here(RelicList { relics }))
+    }
+}
+
+async fn list(t: T, req: Request<RelicListRequest>) -> Result<Routed<RelicList>, Problem> {
+    ListCall::validate(&req.body, &req.caller)?
+        .apply(&t, &req)
+        .await
 }
 
 async fn stop(t: T, req: Request<RelicRef>) -> Result<Routed<RelicInfo>, Problem> {
@@ -677,106 +724,4 @@ async fn delete(t: T, req: Request<RelicRef>) -> Result<Routed<RelicInfo>, Probl
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_and_endpoints() {
-        for ok in ["web", "cache-1", "a"] {
-            assert!(is_valid_relic_name(ok), "{ok}");
-        }
-        for no in ["", "-x", "x-", "Web", "a_b", &"x".repeat(64)] {
-            assert!(!is_valid_relic_name(no), "{no}");
-        }
-        assert!(is_valid_endpoint("/health?x=1"));
-        assert!(!is_valid_endpoint("health"));
-        assert!(!is_valid_endpoint("/a b"));
-        assert_eq!(internal_url("web", 8080, "/h"), "http://web:8080/h");
-        assert_eq!(internal_url("web", 0, ""), "");
-    }
-
-    #[test]
-    fn bad_starts_are_refused() {
-        let ok = RelicStartRequest {
-            relic_name: "web".into(),
-            session_id: "s1".into(),
-            image: "img".into(),
-            ..Default::default()
-        };
-        assert!(validate_start(&ok).is_ok());
-        type Edit = Box<dyn Fn(&mut RelicStartRequest)>;
-        let cases: Vec<Edit> = vec![
-            Box::new(|r| r.relic_name.clear()),
-            Box::new(|r| r.session_id.clear()),
-            Box::new(|r| r.session_id = "a.b".into()),
-            Box::new(|r| r.image.clear()),
-            Box::new(|r| r.health_check_port = -1),
-            Box::new(|r| r.health_check_port = 70000),
-            Box::new(|r| r.health_check_timeout_seconds = -5),
-            Box::new(|r| r.health_check_endpoint = "/x".into()),
-        ];
-        for f in cases {
-            let mut r = ok.clone();
-            f(&mut r);
-            assert_eq!(
-                validate_start(&r).err().map(|e| e.status),
-                Some(400),
-                "{r:?}"
-            );
-        }
-    }
-
-    /// The `relics.start` cases of what was the end-to-end bad-input test.
-    #[test]
-    fn bad_start_requests_name_what_is_wrong() {
-        use crate::testing::{decode, refused};
-        use serde_json::json;
-        for (body, word) in [
-            (json!({"relic_name": "web", "session_id": "s1"}), "image"),
-            (
-                json!({"relic_name": "web", "session_id": "s1", "image": "tether-test/busybox:latest", "health_check_timeout_seconds": -3}),
-                "health_check_timeout_seconds",
-            ),
-            (json!({"session_id": "s1", "image": "x"}), "relic_name"),
-            (json!({"relic_name": "web", "image": "x"}), "session_id"),
-        ] {
-            let b: RelicStartRequest = decode(&body).expect("decodes");
-            refused(validate_start(&b), 400, word, &body.to_string());
-        }
-    }
-
-    #[test]
-    fn bad_relic_refs_are_refused() {
-        use crate::testing::{agent, decode, refused};
-        use serde_json::json;
-        for (body, status, word) in [
-            (json!({"relic_id": "../x"}), 400, "relic_id"),
-            (json!({"relic_name": "web"}), 400, "session_id"),
-            (json!({"session_id": "s1"}), 400, "relic_name"),
-            (
-                json!({"session_id": "s1", "relic_name": "Web"}),
-                400,
-                "relic_name",
-            ),
-            (
-                json!({"session_id": "s1", "relic_name": "web", "space": "other"}),
-                403,
-                "other",
-            ),
-        ] {
-            let r: RelicRef = decode(&body).expect("decodes");
-            refused(
-                RefCall::validate(&r, &agent("s1")),
-                status,
-                word,
-                &body.to_string(),
-            );
-        }
-        let ok: RelicRef =
-            decode(&json!({"session_id": "x", "relic_name": "web"})).expect("decodes");
-        assert_eq!(
-            RefCall::validate(&ok, &agent("s1")).expect("valid").space,
-            "s1"
-        );
-    }
-}
+mod tests;

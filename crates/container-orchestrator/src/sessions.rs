@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use bollard::models::NetworkCreateRequest;
 use bollard::query_parameters::{ListContainersOptionsBuilder, ListNetworksOptionsBuilder};
-use tether_bus::{Node, Problem, Request, Scope};
+use tether_bus::{Caller, Node, Problem, Request, Scope};
 use tether_proto::{SessionCleanupReply, SessionCleanupRequest, SessionRecord};
 
 use crate::docker::EngineError;
@@ -212,39 +212,60 @@ pub fn check_session(s: &str) -> Result<(), Problem> {
     Ok(())
 }
 
-/// Cleans this host's part of a session up; the host of its network (when another) does its
-/// part too, and the reply names what both removed.
+/// A `sessions.cleanup` request, checked: the space of the session.
+pub struct CleanupCall {
+    space: String,
+}
+
+impl CleanupCall {
+    pub fn validate(b: &SessionCleanupRequest, caller: &Caller) -> Result<Self, Problem> {
+        check_session(&b.session_id)?;
+        let space = caller.space_for(&b.space)?;
+        Ok(Self { space })
+    }
+
+    /// Cleans this host's part of the session up; the host of its network (when another) does
+    /// its part too, and the reply names what both removed.
+    async fn apply(
+        self,
+        t: &Arc<Shared>,
+        req: &Request<SessionCleanupRequest>,
+    ) -> Result<Routed<SessionCleanupReply>, Problem> {
+        let (space, b) = (self.space, &req.body);
+        let record = t.sessions.get(&space, &b.session_id).await?;
+        let (containers, networks) = cleanup_local(t, &space, &b.session_id, b.force).await?;
+        let here = SessionCleanupReply {
+            session_id: b.session_id.clone(),
+            space: space.clone(),
+            removed_containers: containers,
+            removed_networks: networks,
+            host_id: t.o.host_id.clone(),
+        };
+        let Some((r, _)) = record else {
+            if here.removed_containers.is_empty() && here.removed_networks.is_empty() {
+                return Err(Problem::not_found(format!(
+                    "no session `{}` in space `{space}`",
+                    b.session_id
+                )));
+            }
+            return Ok(Routed::Here(here));
+        };
+        t.sessions.close(&space, &b.session_id).await?;
+        if r.host_id != t.o.host_id && !r.host_id.is_empty() {
+            let there = Elsewhere::on(r.host_id, "the session's network is");
+            return Ok(Routed::Also(there, here, merge_cleanups));
+        }
+        Ok(Routed::Here(here))
+    }
+}
+
 async fn cleanup(
     t: Arc<Shared>,
     req: Request<SessionCleanupRequest>,
 ) -> Result<Routed<SessionCleanupReply>, Problem> {
-    let b = &req.body;
-    check_session(&b.session_id)?;
-    let space = req.caller.space_for(&b.space)?;
-    let record = t.sessions.get(&space, &b.session_id).await?;
-    let (containers, networks) = cleanup_local(&t, &space, &b.session_id, b.force).await?;
-    let here = SessionCleanupReply {
-        session_id: b.session_id.clone(),
-        space: space.clone(),
-        removed_containers: containers,
-        removed_networks: networks,
-        host_id: t.o.host_id.clone(),
-    };
-    let Some((r, _)) = record else {
-        if here.removed_containers.is_empty() && here.removed_networks.is_empty() {
-            return Err(Problem::not_found(format!(
-                "no session `{}` in space `{space}`",
-                b.session_id
-            )));
-        }
-        return Ok(Routed::Here(here));
-    };
-    t.sessions.close(&space, &b.session_id).await?;
-    if r.host_id != t.o.host_id && !r.host_id.is_empty() {
-        let there = Elsewhere::on(r.host_id, "the session's network is");
-        return Ok(Routed::Also(there, here, merge_cleanups));
-    }
-    Ok(Routed::Here(here))
+    CleanupCall::validate(&req.body, &req.caller)?
+        .apply(&t, &req)
+        .await
 }
 
 /// This host's cleanup reply with what another host removed added.
@@ -316,4 +337,35 @@ pub async fn pass(t: &Shared) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{agent, decode, refused};
+    use serde_json::json;
+
+    #[test]
+    fn bad_cleanups_are_refused() {
+        for (body, status, word) in [
+            (json!({}), 400, "session_id"),
+            (json!({"session_id": "a.b"}), 400, "session_id"),
+            (json!({"session_id": "x", "space": "other"}), 403, "other"),
+        ] {
+            let b: SessionCleanupRequest = decode(&body).expect("decodes");
+            refused(
+                CleanupCall::validate(&b, &agent("s1")),
+                status,
+                word,
+                &body.to_string(),
+            );
+        }
+        let ok: SessionCleanupRequest = decode(&json!({"session_id": "x"})).expect("decodes");
+        assert_eq!(
+            CleanupCall::validate(&ok, &agent("s1"))
+                .expect("valid")
+                .space,
+            "s1"
+        );
+    }
 }

@@ -30,10 +30,9 @@ pub struct Orchestrator {
     pub spaces: Spaces,
     pub policy: Policy,
     pub host_id: String,
-    /// What requests are checked against (output capped by the bus payload limit).
+    /// What requests are checked against (output capped by the bus payload limit), made once
+    /// from the configuration at startup.
     pub limits: Limits,
-    /// Largest `max_output_bytes` a request may ask (config capped by the bus payload limit).
-    pub max_output: usize,
     /// Bytes the text of a reply may take so the whole reply fits one bus message.
     pub reply_budget: usize,
     /// OOM kills seen per container id (from the engine's `oom` events).
@@ -54,18 +53,15 @@ impl Orchestrator {
         engine: Engine,
         spaces: Spaces,
         policy: Policy,
-        max_output: usize,
+        limits: Limits,
         reply_budget: usize,
     ) -> Self {
-        // The configuration was checked at startup; these are its limits.
-        let limits = Limits::from_checked(&policy.cfg).within_reply(max_output);
         Self {
             limits,
             host_id: policy.host_id.clone(),
             engine,
             spaces,
             policy,
-            max_output,
             reply_budget,
             oom: Mutex::default(),
             traces: Mutex::default(),

@@ -143,3 +143,70 @@ fn bad_list_requests_are_refused() {
         "s1"
     );
 }
+
+/// `containers.start`, `.remove`, `.inspect` and `.stats`: a bad target or another agent's
+/// space is refused before the engine is asked.
+#[test]
+fn bad_container_refs_are_refused() {
+    use crate::testing::{agent, decode, operator, refused};
+    use serde_json::json;
+    let caller = agent("s1");
+    for (body, status, word) in [
+        (json!({"container": "../x"}), 400, "container"),
+        (json!({"space": "a.b"}), 400, "space"),
+        (json!({"space": "other"}), 403, "other"),
+    ] {
+        let case = body.to_string();
+        let r: ContainerRef = decode(&body).expect("decodes");
+        refused(StartCall::validate(&r, &caller), status, word, &case);
+        refused(InspectCall::validate(&r, &caller), status, word, &case);
+        refused(StatsCall::validate(&r, &caller), status, word, &case);
+        let r: RemoveContainerRequest = decode(&body).expect("decodes");
+        refused(RemoveCall::validate(&r, &caller), status, word, &case);
+    }
+    let own: ContainerRef = decode(&json!({"space": "s1"})).expect("decodes");
+    assert!(StartCall::validate(&own, &caller).is_ok());
+    let any: ContainerRef = decode(&json!({"space": "other"})).expect("decodes");
+    assert!(InspectCall::validate(&any, &operator()).is_ok());
+}
+
+/// `containers.create`: the caller's space decides, then the spec checks of `validate_create`
+/// (tested one by one in `spec::tests`).
+#[test]
+fn bad_create_requests_are_refused() {
+    use crate::spec::Policy;
+    use crate::testing::{agent, decode, operator, refused};
+    use serde_json::json;
+    let (caller, policy, now) = (agent("s1"), Policy::for_tests(), chrono::Utc::now());
+    let image = "tether-test/busybox:latest";
+    for (body, status, word) in [
+        (json!({"image": image, "space": "other"}), 403, "other"),
+        (json!({}), 400, "image"),
+        (json!({"image": "Bad Image"}), 400, "image"),
+        (json!({"image": image, "kind": "daemon"}), 400, "kind"),
+        (
+            json!({"image": image, "network_mode": "host"}),
+            403,
+            "network_mode",
+        ),
+    ] {
+        let b: tether_proto::CreateContainerRequest = decode(&body).expect("decodes");
+        refused(
+            CreateCall::validate(&b, &caller, &policy, now),
+            status,
+            word,
+            &body.to_string(),
+        );
+    }
+    let none: tether_proto::CreateContainerRequest =
+        decode(&json!({"image": image})).expect("decodes");
+    refused(
+        CreateCall::validate(&none, &operator(), &policy, now),
+        400,
+        "space",
+        "an operator naming no space",
+    );
+    let c = CreateCall::validate(&none, &caller, &policy, now).expect("valid");
+    assert_eq!(c.space, "s1");
+    assert_eq!(c.spec.labels[crate::labels::LABEL_SPACE], "s1");
+}

@@ -236,7 +236,15 @@ async fn adopt_sync(t: &T, ctx: &Ctx, r: ToolExecution, c: &bollard::models::Con
             .and_then(|c| c.host_config)
             .and_then(|h| h.memory)
             .map_or(0, |m| i32::try_from(m / (1024 * 1024)).unwrap_or(i32::MAX));
-        let mut ran = watch(&t.o, &id, deadline, &cancel, t.o.max_output, memory_mb).await;
+        let mut ran = watch(
+            &t.o,
+            &id,
+            deadline,
+            &cancel,
+            t.o.limits.max_output,
+            memory_mb,
+        )
+        .await;
         ran.detail = if ran.detail.is_empty() {
             note
         } else {
@@ -260,7 +268,7 @@ pub(super) async fn abandon(t: &Shared, exec: &str, container: &str) {
         .await
         .ok()
         .and_then(Result::ok);
-    let (out, err, truncated) = read_logs(docker, container, t.o.max_output)
+    let (out, err, truncated) = read_logs(docker, container, t.o.limits.max_output)
         .await
         .unwrap_or_default();
     let done = t
@@ -279,7 +287,7 @@ pub(super) async fn abandon(t: &Shared, exec: &str, container: &str) {
                 r.runner
             );
             r.finished_at = now_rfc3339();
-            fit_record(r, t.o.max_output);
+            fit_record(r, t.o.limits.max_output);
             Change::Write
         })
         .await;

@@ -470,7 +470,7 @@ pub(super) async fn finish(
     started: Instant,
 ) -> Result<ToolExecution, Problem> {
     let result = parse_result(&ran.stdout);
-    let budget = t.o.max_output;
+    let budget = t.o.limits.max_output;
     let mut wrote = false;
     let out = t
         .results
