@@ -687,7 +687,7 @@ async fn a_sync_run_whose_node_was_killed_is_adopted_by_the_restarted_node() {
     ]);
     // The record names the container (the node has started it).
     eventually(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "record names the container",
         || async {
             let r = f
