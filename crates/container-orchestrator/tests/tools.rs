@@ -315,24 +315,41 @@ async fn async_jobs_run_once_on_two_replicas_through_a_sigkill() {
     let running_on_a = host_containers(&ha).len();
     let _ = a.0.kill();
     let _ = a.0.wait();
-    // Every job completes, once.
+    // Every job completes, once. Events are at-most-once: one the killed replica had not yet
+    // sent when it died is lost with it, while its record says `completed`. So the wait ends
+    // when every job has its completion event or, once events stop coming, a completed record.
     let until = Instant::now() + Duration::from_secs(150);
-    while finished.len() < ids.len() {
-        let left = until.saturating_duration_since(Instant::now());
-        let m = tokio::time::timeout(left, events.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {} jobs finished", finished.len(), ids.len()))
-            .expect("sub open");
-        record(m, &mut finished);
-    }
+    let without_event = loop {
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), events.next()).await {
+            record(m, &mut finished);
+        }
+        let mut missing = 0;
+        for id in ids.iter().filter(|id| !finished.contains_key(*id)) {
+            let r = f
+                .poll("tools.get", json!({"execution_id": id}), Some(&t))
+                .await;
+            if !r.is_some_and(|r| r["status"] == "completed") {
+                missing += 1;
+            }
+        }
+        if missing == 0 {
+            break ids.len() - finished.len();
+        }
+        assert!(
+            Instant::now() < until,
+            "only {} of {} jobs finished",
+            ids.len() - missing,
+            ids.len()
+        );
+    };
     let elapsed = submitted.elapsed();
-    // Late duplicates would show up now.
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), events.next()).await {
-        record(m, &mut finished);
-    }
     let mut redelivered = 0;
     for id in &ids {
-        assert_eq!(finished.get(id), Some(&1), "one completion of {id}");
+        // Never two completions of one job (the records and the runs file say it ran once).
+        assert!(
+            finished.get(id).copied().unwrap_or(0) <= 1,
+            "one completion of {id}"
+        );
         let r = f
             .call("tools.get", json!({"execution_id": id}), Some(&t))
             .await
@@ -366,7 +383,7 @@ async fn async_jobs_run_once_on_two_replicas_through_a_sigkill() {
     )
     .await;
     eprintln!(
-        "{} jobs in {elapsed:?} on 2 replicas ({running_on_a} containers on A when it was killed, {redelivered} redelivered)",
+        "{} jobs in {elapsed:?} on 2 replicas ({running_on_a} containers on A when it was killed, {redelivered} redelivered, {without_event} completion events lost with A)",
         ids.len()
     );
 
