@@ -437,6 +437,14 @@ pub(super) async fn run_owned(
         }
         return finish(t, ctx, p, attempt, &runner, ran, started).await;
     }
+    // A new tool's time starts when the tool does: the engine's create and start (seconds on
+    // a busy host) do not eat into it. The deadline label keeps the earlier bound, so a node
+    // that adopts the run after a crash stops it no later than this one would have.
+    let deadline = if needs_start {
+        tokio::time::Instant::now() + p.timeout
+    } else {
+        deadline
+    };
     let ran = watch(
         o,
         &container_id,
