@@ -18,6 +18,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
+pub mod inbox;
+
 /// Why a token or key was refused. Messages never contain token or key material.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum AuthError {

@@ -108,6 +108,14 @@ pub struct BusConfig {
     pub nats_token: Option<Secret>,
     /// A NATS `.creds` file (JWT + nkey seed).
     pub nats_creds_file: Option<PathBuf>,
+    /// A file holding a user nkey seed: how a node connects as its node kind's NATS user.
+    pub nats_nkey_file: Option<PathBuf>,
+    /// A file holding a tether token to connect with (the auth callout checks it), read again
+    /// at every (re)connect, so whoever renews the file renews the connection.
+    pub nats_token_file: Option<PathBuf>,
+    /// Where replies to this client's requests arrive. Default: `_INBOX.<agent id>` when it
+    /// connects with a token, `_INBOX_NODES.<client name>` otherwise (`tether_auth::inbox`).
+    pub nats_inbox_prefix: Option<String>,
     pub nats_tls: TlsConfig,
     /// Optional deployment prefix put in front of every subject (`prod` → `prod.containers.create`).
     pub subject_prefix: Option<String>,
@@ -137,6 +145,9 @@ impl Default for BusConfig {
             nats_password: None,
             nats_token: None,
             nats_creds_file: None,
+            nats_nkey_file: None,
+            nats_token_file: None,
+            nats_inbox_prefix: None,
             nats_tls: TlsConfig::default(),
             subject_prefix: None,
             queue_group: "tether".into(),

@@ -4,9 +4,11 @@
 //! its nats-server, as in `tether up`); after that async-nats reconnects on its own with no
 //! attempt limit. Every disconnect and reconnect is logged.
 
+use std::path::Path;
 use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event};
+use tether_auth::inbox::{agent_inbox_prefix, node_inbox_prefix, peek_subject};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BusConfig;
@@ -18,11 +20,29 @@ pub fn reconnect_delay(attempt: usize) -> Duration {
     Duration::from_millis(50 * 2u64.pow(exp)).min(Duration::from_secs(2))
 }
 
-/// The connect options every bus client of tether uses: credentials, TLS, reconnects, and
-/// logged connection events (the CLI starts from these too, then shortens the timeouts).
+/// The connect options every bus client of tether uses: credentials, TLS, inbox, reconnects,
+/// and logged connection events (the CLI starts from these too, then shortens the timeouts).
+///
+/// With `nats_token_file` the token is read again at every (re)connect, so a client whose
+/// connection the server closed at the token's expiry comes back with the renewed one.
 pub async fn options(cfg: &BusConfig, name: &str) -> anyhow::Result<ConnectOptions> {
-    let mut o = ConnectOptions::new()
+    let mut o = match &cfg.nats_token_file {
+        Some(path) => {
+            let path = path.clone();
+            ConnectOptions::with_auth_callback(move |_nonce| {
+                let path = path.clone();
+                async move {
+                    let mut auth = async_nats::Auth::new();
+                    auth.token = Some(read_token(&path).map_err(async_nats::AuthError::new)?);
+                    Ok(auth)
+                }
+            })
+        }
+        None => ConnectOptions::new(),
+    };
+    o = o
         .name(name)
+        .custom_inbox_prefix(inbox_prefix(cfg, name)?)
         .max_reconnects(None)
         .reconnect_delay_callback(reconnect_delay)
         .connection_timeout(Duration::from_secs(5))
@@ -40,9 +60,21 @@ pub async fn options(cfg: &BusConfig, name: &str) -> anyhow::Result<ConnectOptio
         });
     if let (Some(u), Some(p)) = (&cfg.nats_user, &cfg.nats_password) {
         o = o.user_and_password(u.clone(), p.expose().to_string());
+    } else if cfg.nats_token.is_none()
+        && let Some((user, pass)) = url_credentials(&cfg.nats_url)
+    {
+        // `nats://user:password@host` (or `nats://token@host`), as nats-py and the nats CLI
+        // read it; async-nats itself ignores a URL's credentials.
+        o = match pass {
+            Some(p) => o.user_and_password(user, p),
+            None => o.token(user),
+        };
     }
     if let Some(t) = &cfg.nats_token {
         o = o.token(t.expose().to_string());
+    }
+    if let Some(path) = &cfg.nats_nkey_file {
+        o = o.nkey(read_seed(path)?);
     }
     if let Some(path) = &cfg.nats_creds_file {
         o = o
@@ -62,6 +94,70 @@ pub async fn options(cfg: &BusConfig, name: &str) -> anyhow::Result<ConnectOptio
     Ok(o)
 }
 
+/// The inbox prefix of a client (see [`BusConfig::nats_inbox_prefix`]): the bus only lets an
+/// agent subscribe to its own, so a client that connects with a token must listen there.
+fn inbox_prefix(cfg: &BusConfig, name: &str) -> anyhow::Result<String> {
+    if let Some(p) = cfg.nats_inbox_prefix.as_ref().filter(|p| !p.is_empty()) {
+        return Ok(p.clone());
+    }
+    let token = match (&cfg.nats_token_file, &cfg.nats_token) {
+        (Some(path), _) => Some(read_token(path).map_err(anyhow::Error::msg)?),
+        (None, Some(t)) => Some(t.expose().to_string()),
+        (None, None) => None,
+    };
+    Ok(match token.as_deref().and_then(peek_subject) {
+        Some(agent) => agent_inbox_prefix(&agent),
+        None => node_inbox_prefix(name),
+    })
+}
+
+/// The token in a token file (surrounding whitespace dropped); the error never quotes it.
+pub fn read_token(path: &Path) -> Result<String, String> {
+    let t = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    let t = t.trim();
+    if t.is_empty() {
+        return Err(format!("token file {} is empty", path.display()));
+    }
+    Ok(t.to_string())
+}
+
+/// The nkey seed in a seed file: its first line starting with `S` (comments and blank lines,
+/// as in a `.creds` file, are fine).
+fn read_seed(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read nkey seed file {}: {e}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with('S'))
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("{} holds no nkey seed", path.display()))
+}
+
+/// The `user[:password]@` of the first URL in a comma-separated list that has one.
+fn url_credentials(urls: &str) -> Option<(String, Option<String>)> {
+    urls.split(',').find_map(|u| {
+        let rest = u.trim().split_once("://").map_or(u.trim(), |(_, r)| r);
+        let (userinfo, _) = rest.rsplit_once('@')?;
+        Some(match userinfo.split_once(':') {
+            Some((user, pass)) => (user.to_string(), Some(pass.to_string())),
+            None => (userinfo.to_string(), None),
+        })
+    })
+}
+
+/// A bus URL fit for logs: any `user:password@` or `token@` is left out.
+pub fn display_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}{}", &u[..s + 3], &u[at + 1..]),
+            (None, Some(at)) => u[at + 1..].to_string(),
+            _ => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Connects, retrying with backoff until connected or `cancel` fires.
 pub async fn connect(
     cfg: &BusConfig,
@@ -73,18 +169,56 @@ pub async fn connect(
         let opts = options(cfg, name).await?;
         match opts.connect(cfg.nats_url.as_str()).await {
             Ok(c) => {
-                tracing::info!(url = %cfg.nats_url, "connected to bus");
+                tracing::info!(url = %display_url(&cfg.nats_url), "connected to bus");
                 return Ok(c);
             }
             Err(e) => {
                 attempt += 1;
                 let d = reconnect_delay(attempt).max(Duration::from_millis(250));
-                tracing::warn!(url = %cfg.nats_url, error = %e, attempt, "cannot reach bus; retrying");
+                tracing::warn!(url = %display_url(&cfg.nats_url), error = %e, attempt, "cannot reach bus; retrying");
                 tokio::select! {
                     _ = cancel.cancelled() => anyhow::bail!("stopped before the bus could be reached"),
                     _ = tokio::time::sleep(d) => {}
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_in_logs_carry_no_credentials() {
+        assert_eq!(display_url("nats://admin:pw@127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(display_url("nats://tok@a:1,nats://b:2"), "nats://a:1,nats://b:2");
+        assert_eq!(display_url("u:p@host:4222"), "host:4222");
+        assert_eq!(display_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
+
+    #[test]
+    fn credentials_come_from_the_url() {
+        assert_eq!(
+            url_credentials("nats://a:1,nats://admin:pw@h:2"),
+            Some(("admin".into(), Some("pw".into())))
+        );
+        assert_eq!(url_credentials("tok@h:2"), Some(("tok".into(), None)));
+        assert_eq!(url_credentials("nats://h:2"), None);
+    }
+
+    #[test]
+    fn the_inbox_follows_the_token_else_the_node() {
+        let mut cfg = BusConfig::default();
+        assert_eq!(inbox_prefix(&cfg, "shell-server").unwrap(), "_INBOX_NODES.shell-server");
+        let claims = tether_auth::Claims::new("i", "a", "alice", "s", Default::default(), 0, 9);
+        let payload = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            serde_json::to_vec(&claims).unwrap(),
+        );
+        cfg.nats_token = Some(crate::config::Secret::new(&format!("h.{payload}.s")));
+        assert_eq!(inbox_prefix(&cfg, "x").unwrap(), "_INBOX.alice");
+        cfg.nats_inbox_prefix = Some("_INBOX.custom".into());
+        assert_eq!(inbox_prefix(&cfg, "x").unwrap(), "_INBOX.custom");
     }
 }

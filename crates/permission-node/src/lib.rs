@@ -16,6 +16,11 @@
 //!   of the caller's own space; operator for anyone. Scopes are a subset of the agent's.
 //! - `auth.keys` is public: public keys are not secrets.
 
+pub mod access;
+pub mod callout;
+pub mod nats_jwt;
+pub mod server_conf;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -53,6 +58,8 @@ pub struct PermissionConfig {
     pub agents_bucket: String,
     /// Replicas of the KV buckets (3 on a JetStream cluster).
     pub kv_replicas: usize,
+    /// The bus's auth callout (`[callout]`): off unless its key files are set.
+    pub callout: callout::CalloutConfig,
 }
 
 impl Default for PermissionConfig {
@@ -64,6 +71,7 @@ impl Default for PermissionConfig {
             max_token_ttl_seconds: 3600,
             agents_bucket: "tether_agents".into(),
             kv_replicas: 1,
+            callout: callout::CalloutConfig::default(),
         }
     }
 }
@@ -520,7 +528,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let key = load_or_create_key(&cfg.key_path(), cfg.create_signing_key)?;
     tether_bus::startup::serve(NAME, bus, shutdown, |b| async move {
-        build(&b.bus, cfg, key, &b.js).await
+        let callout = cfg.callout.clone();
+        let node = build(&b.bus, cfg, key, &b.js).await?;
+        if callout.enabled() {
+            callout::start(&b.bus, &callout, &b.js, b.stopped.clone()).await?;
+        }
+        Ok(node)
     })
     .await
 }

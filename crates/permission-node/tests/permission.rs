@@ -12,7 +12,7 @@ use tether_proto::{Agent, AgentList, EchoReply, EchoRequest, IssuedToken, KeySet
 use tether_testkit::{Fleet, bus, call};
 
 async fn permission_node(url: &str, key: SigningKey, cfg: PermissionConfig) -> NodeHandle {
-    tether_testkit::permission_node(url, key, cfg)
+    tether_testkit::permission_node(&bus(url), key, cfg)
         .await
         .expect("permission node")
 }

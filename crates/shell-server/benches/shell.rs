@@ -71,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
     let url = nats.url();
     let key = SigningKey::generate()?;
-    let client = async_nats::connect(&url).await?;
+    let client = tether_testkit::connect(&url).await?;
     let js = async_nats::jetstream::new(client.clone());
     let perm = tether_permission_node::build(
         &bus(&url),
@@ -83,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
     .start_with_client(bus(&url), client)
     .await?;
     let host_id = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let oc = async_nats::connect(&url).await?;
+    let oc = tether_testkit::connect(&url).await?;
     let orch = tether_container_orchestrator::build(
         &bus(&url),
         tether_container_orchestrator::OrchestratorConfig {

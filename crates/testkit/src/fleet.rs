@@ -20,6 +20,7 @@ pub use tether_bus::Problem;
 use tether_bus::config::AuthConfig;
 use tether_bus::{BusConfig, NodeHandle};
 use tether_permission_node::PermissionConfig;
+pub use tether_permission_node::access::NodeKind;
 
 use crate::NatsServer;
 use crate::docker::Cleanup;
@@ -104,21 +105,23 @@ pub fn sign_token(
     key.sign(&c).context("sign token")
 }
 
-/// The permission node in-process against `url`, signing with `key`.
+/// The permission node in-process on `bus` (e.g. [`NatsServer::node_bus`]), signing with
+/// `key`. Its auth callout is not started here: [`Fleet`] does that.
 pub async fn permission_node(
-    url: &str,
+    bus: &BusConfig,
     key: SigningKey,
     cfg: PermissionConfig,
 ) -> anyhow::Result<NodeHandle> {
-    let b = bus(url);
-    let client = async_nats::connect(url)
+    let client = tether_bus::connect::options(bus, tether_permission_node::NAME)
+        .await?
+        .connect(bus.nats_url.as_str())
         .await
-        .with_context(|| format!("connect to {url}"))?;
+        .context("connect the permission node")?;
     let js = async_nats::jetstream::new(client.clone());
-    tether_permission_node::build(&b, cfg, key, &js)
+    tether_permission_node::build(bus, cfg, key, &js)
         .await
         .context("build permission node")?
-        .start_with_client(b, client)
+        .start_with_client(bus.clone(), client)
         .await
         .context("start permission node")
 }
@@ -242,10 +245,12 @@ pub struct Fleet {
     pub perm: Option<NodeHandle>,
     /// An operator token (also [`Fleet::operator`]).
     pub op: String,
-    /// A plain client of the server.
+    /// A client of the server as its admin user (every permission).
     pub c: async_nats::Client,
     /// Containers and networks removed when the fleet drops (also on panic).
     pub engine: Cleanup,
+    /// Stops the permission node's auth callout when the fleet drops.
+    pub callout: Option<tokio_util::sync::DropGuard>,
 }
 
 impl Fleet {
@@ -258,14 +263,25 @@ impl Fleet {
     pub async fn start_with(cfg: PermissionConfig) -> anyhow::Result<Fleet> {
         let nats = NatsServer::start().await?;
         let key = SigningKey::generate().context("generate key")?;
+        let bus = nats.node_bus(NodeKind::Permission);
         let perm = permission_node(
-            &nats.url(),
+            &bus,
             SigningKey::from_pem(&key.to_pem()).context("key from pem")?,
             cfg,
         )
         .await?;
         let op = operator_token(&key)?;
         let c = nats.client().await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let callout = nats.callout();
+        tether_permission_node::callout::start(
+            &bus,
+            &callout,
+            &async_nats::jetstream::new(c.clone()),
+            stop.clone(),
+        )
+        .await
+        .context("start the auth callout")?;
         Ok(Fleet {
             nats,
             key,
@@ -273,6 +289,7 @@ impl Fleet {
             op,
             c,
             engine: Cleanup::default(),
+            callout: Some(stop.drop_guard()),
         })
     }
 
@@ -281,9 +298,29 @@ impl Fleet {
         self.nats.url()
     }
 
-    /// A bus config for a node of this fleet.
+    /// A bus config for a node of this fleet, as the admin user (for tests' own nodes).
     pub fn bus(&self) -> BusConfig {
         bus(&self.url())
+    }
+
+    /// A bus config for a node of `kind`, as that kind's own NATS user.
+    pub fn node_bus(&self, kind: NodeKind) -> BusConfig {
+        self.nats.node_bus(kind)
+    }
+
+    /// A client connected as the holder of `token` (through the auth callout), listening on
+    /// its own inbox. The error is the server's refusal.
+    pub async fn connect_as(&self, token: &str) -> anyhow::Result<async_nats::Client> {
+        let cfg = BusConfig {
+            nats_url: self.nats.plain_url(),
+            nats_token: Some(tether_bus::config::Secret::new(token)),
+            ..Default::default()
+        };
+        let opts = tether_bus::connect::options(&cfg, "tether-test-agent").await?;
+        Ok(opts
+            .max_reconnects(Some(1))
+            .connect(cfg.nats_url.as_str())
+            .await?)
     }
 
     /// The operator's token.

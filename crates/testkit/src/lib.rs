@@ -28,10 +28,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 pub use fleet::{
+    NodeKind,
     Body, CALL_TIMEOUT, Fleet, POLL_TIMEOUT, Problem, bus, call, eventually, num, operator_token,
     permission_node, poll, request, sign_token, unique,
 };
-pub use nats::NatsServer;
+pub use nats::{NatsServer, connect};
 
 /// Path of a binary built by cargo in this workspace (e.g. `"tether"`, `"permission-node"`),
 /// found next to the running test executable (`target/<profile>/deps/<test>` →

@@ -13,6 +13,13 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tether_bus::BusConfig;
+use tether_permission_node::access::NodeKind;
+use tether_permission_node::callout::CalloutConfig;
+use tether_permission_node::server_conf::{ADMIN_USER, BusKeys};
+
+/// The key bundle's folder in the server's temp dir.
+const KEYS_DIR: &str = "keys";
 
 /// How long [`NatsServer::start`] and [`NatsServer::restart`] wait for the server to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,9 +41,12 @@ exec 3<&-
 exec "$1" -c "$2" </dev/null
 "#;
 
-/// A `nats-server -js` child process on a free `127.0.0.1` port with a temporary store.
+/// A `nats-server -js` child process on a free `127.0.0.1` port with a temporary store, with
+/// authorization on (as every tether bus): the accounts, node users and auth callout of a
+/// fresh key bundle ([`BusKeys`]) in the temp dir. An anonymous connection is refused; the
+/// permission node of a [`crate::Fleet`] answers the callout.
 ///
-/// Dropping it kills the server and removes the store and log (they live in one temp dir).
+/// Dropping it kills the server and removes the store, log and keys (they live in one temp dir).
 pub struct NatsServer {
     child: Option<Child>,
     /// Write end of the watchdog's pipe; dropped after the server was signalled.
@@ -44,6 +54,8 @@ pub struct NatsServer {
     port: u16,
     dir: tempfile::TempDir,
     extra_conf: String,
+    /// The admin password and the authorization blocks; `None` for [`NatsServer::start_open`].
+    auth: Option<(String, String)>,
 }
 
 /// Why a spawn did not become a ready server.
@@ -96,22 +108,40 @@ impl NatsServer {
         Self::start_with_config("").await
     }
 
+    /// A server WITHOUT authorization: only for a benchmark's baseline (the round trip with
+    /// and without authorization). Tests use [`NatsServer::start`].
+    pub async fn start_open() -> anyhow::Result<NatsServer> {
+        Self::start_inner("", false).await
+    }
+
     /// Like [`NatsServer::start`], with `extra_conf` appended to the generated config file
     /// (nats-server config syntax, e.g. `max_payload: 1MB` or an `accounts { .. }` block).
     /// `listen` and `jetstream` are set by the fixture.
     pub async fn start_with_config(extra_conf: &str) -> anyhow::Result<NatsServer> {
+        Self::start_inner(extra_conf, true).await
+    }
+
+    async fn start_inner(extra_conf: &str, authorized: bool) -> anyhow::Result<NatsServer> {
         let mut last = None;
         for _ in 0..START_ATTEMPTS {
             let dir = tempfile::Builder::new()
                 .prefix("tether-nats-")
                 .tempdir()
                 .context("create temp dir for nats-server")?;
+            let auth = if authorized {
+                let keys = BusKeys::generate();
+                keys.write(&dir.path().join(KEYS_DIR))?;
+                Some((keys.admin_password.clone(), keys.authorization_conf(None)))
+            } else {
+                None
+            };
             let mut s = NatsServer {
                 child: None,
                 watchdog: None,
                 port: free_port()?,
                 dir,
                 extra_conf: extra_conf.to_string(),
+                auth,
             };
             match s.spawn_and_wait().await {
                 Ok(()) => return Ok(s),
@@ -124,9 +154,43 @@ impl NatsServer {
             .context(format!("no free port after {START_ATTEMPTS} attempts")))
     }
 
-    /// `nats://127.0.0.1:PORT`.
+    /// The URL of the break-glass admin user, `nats://admin:<password>@127.0.0.1:PORT` (every
+    /// permission, no callout): what tests connect their own clients with. Without
+    /// authorization ([`NatsServer::start_open`]), the plain URL.
     pub fn url(&self) -> String {
+        match &self.auth {
+            Some((password, _)) => format!("nats://{ADMIN_USER}:{password}@127.0.0.1:{}", self.port),
+            None => self.plain_url(),
+        }
+    }
+
+    /// `nats://127.0.0.1:PORT`, no credentials: for connections that bring their own (a token
+    /// through the callout, a node's nkey), or none (refused).
+    pub fn plain_url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The key bundle directory ([`BusKeys::write`]); `None` without authorization.
+    pub fn keys_dir(&self) -> Option<PathBuf> {
+        self.auth.as_ref().map(|_| self.dir.path().join(KEYS_DIR))
+    }
+
+    /// The bus config of a node of `kind`, connecting as that kind's own NATS user.
+    pub fn node_bus(&self, kind: NodeKind) -> BusConfig {
+        BusConfig {
+            nats_url: self.plain_url(),
+            nats_nkey_file: self
+                .keys_dir()
+                .map(|d| BusKeys::node_seed_file(&d, kind)),
+            ..Default::default()
+        }
+    }
+
+    /// The permission node's auth-callout settings for this server (off without authorization).
+    pub fn callout(&self) -> CalloutConfig {
+        self.keys_dir()
+            .map(|d| CalloutConfig::from_bundle(&d))
+            .unwrap_or_default()
     }
 
     /// The client port (kept across [`NatsServer::restart`]).
@@ -149,11 +213,9 @@ impl NatsServer {
         self.dir.path().join("nats.log")
     }
 
-    /// A plain client connection.
+    /// A client connection as the admin user.
     pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
-        async_nats::connect(self.url())
-            .await
-            .with_context(|| format!("connect to {}", self.url()))
+        connect(&self.url()).await
     }
 
     /// Kills the server (SIGKILL) and waits for it; the store dir and port are kept for
@@ -215,9 +277,10 @@ impl NatsServer {
     fn write_conf(&self) -> anyhow::Result<()> {
         let store = self.store_dir();
         let conf = format!(
-            "# written by tether-testkit\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: {store}\n}}\n{extra}\n",
+            "# written by tether-testkit\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: {store}\n}}\n{auth}\n{extra}\n",
             port = self.port,
             store = conf_string(&store),
+            auth = self.auth.as_ref().map_or("", |(_, conf)| conf.as_str()),
             extra = self.extra_conf,
         );
         std::fs::write(self.conf_path(), conf)
@@ -293,7 +356,7 @@ impl NatsServer {
     /// and 2.1x alike (the typed account query's reply shape differs between versions).
     async fn ready(&self) -> bool {
         let probe = async {
-            let client = async_nats::connect(self.url()).await.ok()?;
+            let client = connect(&self.url()).await.ok()?;
             let reply = client.request("$JS.API.INFO", "".into()).await.ok()?;
             let body = String::from_utf8_lossy(&reply.payload);
             Some(body.contains("account_info") && !body.contains("\"error\""))
@@ -334,6 +397,14 @@ impl std::fmt::Debug for NatsServer {
             .field("dir", &self.dir.path())
             .finish()
     }
+}
+
+/// A client of `url` (credentials in the URL are used, as tether's own clients use them).
+pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    let opts = tether_bus::connect::options(&crate::fleet::bus(url), "tether-testkit").await?;
+    opts.connect(url)
+        .await
+        .with_context(|| format!("connect to {}", tether_bus::connect::display_url(url)))
 }
 
 /// A path as a double-quoted nats-server config string.

@@ -9,11 +9,11 @@ use std::ops::{Deref, DerefMut};
 
 use anyhow::Context;
 use serde_json::{Value, json};
-use tether_bus::NodeHandle;
+use tether_bus::{BusConfig, NodeHandle};
 use tether_container_orchestrator::OrchestratorConfig;
 
 use crate::docker::{self, host_label, labeled_containers};
-use crate::fleet::{Fleet, Problem, bus, unique};
+use crate::fleet::{Fleet, NodeKind, Problem, unique};
 
 /// An orchestrator config for tests: host `host_id`, janitor every second.
 pub fn config(host_id: &str) -> OrchestratorConfig {
@@ -24,16 +24,17 @@ pub fn config(host_id: &str) -> OrchestratorConfig {
     }
 }
 
-/// The orchestrator in-process against `url`.
-pub async fn start(url: &str, cfg: OrchestratorConfig) -> anyhow::Result<NodeHandle> {
-    let b = bus(url);
-    let client = async_nats::connect(url)
+/// The orchestrator in-process on `bus` (e.g. [`Fleet::node_bus`] of its kind).
+pub async fn start(bus: &BusConfig, cfg: OrchestratorConfig) -> anyhow::Result<NodeHandle> {
+    let client = tether_bus::connect::options(bus, tether_container_orchestrator::NAME)
+        .await?
+        .connect(bus.nats_url.as_str())
         .await
-        .with_context(|| format!("connect to {url}"))?;
-    tether_container_orchestrator::build(&b, cfg, &client)
+        .context("connect the orchestrator")?;
+    tether_container_orchestrator::build(bus, cfg, &client)
         .await
         .context("build orchestrator")?
-        .start_with_client(b, client)
+        .start_with_client(bus.clone(), client)
         .await
         .context("start orchestrator")
 }
@@ -72,7 +73,7 @@ impl OrchFleet {
         let orch = if node {
             let mut cfg = config(&host_id);
             tweak(&mut cfg);
-            Some(start(&fleet.url(), cfg).await?)
+            Some(start(&fleet.node_bus(NodeKind::Orchestrator), cfg).await?)
         } else {
             None
         };

@@ -18,8 +18,11 @@ pub use tether_testkit::{Problem, call, eventually, num, unique};
 pub const SCOPES: &[&str] = &["containers:write", "containers:exec", "containers:read"];
 
 /// The orchestrator at `cfg` in-process against `url`.
-pub async fn start_orchestrator(url: &str, cfg: OrchestratorConfig) -> tether_bus::NodeHandle {
-    start_orchestrator_node(url, cfg)
+pub async fn start_orchestrator(
+    bus: &tether_bus::BusConfig,
+    cfg: OrchestratorConfig,
+) -> tether_bus::NodeHandle {
+    start_orchestrator_node(bus, cfg)
         .await
         .expect("start orchestrator")
 }

@@ -558,7 +558,7 @@ impl Gateway for Fleet {
     async fn gateway(&self, cfg: GatewayConfig) -> NodeHandle {
         tether_model_gateway::build(cfg)
             .expect("config")
-            .start(self.bus())
+            .start(self.node_bus(tether_testkit::NodeKind::Model))
             .await
             .expect("gateway")
     }

@@ -21,8 +21,11 @@ pub const SCOPES: &[&str] = &[
 ];
 
 /// The orchestrator of `host_id` in-process against `url`.
-pub async fn start_orchestrator(url: &str, host_id: &str) -> tether_bus::NodeHandle {
-    tether_testkit::orchestrator::start(url, tether_testkit::orchestrator::config(host_id))
+pub async fn start_orchestrator(
+    bus: &tether_bus::BusConfig,
+    host_id: &str,
+) -> tether_bus::NodeHandle {
+    tether_testkit::orchestrator::start(bus, tether_testkit::orchestrator::config(host_id))
         .await
         .expect("start orchestrator")
 }
@@ -65,7 +68,7 @@ pub trait Shell {
 
 impl Shell for Fleet {
     async fn shell(&self, cfg: ShellConfig) -> Running {
-        tether_shell_server::start(self.bus(), cfg)
+        tether_shell_server::start(self.node_bus(tether_testkit::NodeKind::Shell), cfg)
             .await
             .expect("start shell-server")
     }

@@ -1,0 +1,361 @@
+//! Who may publish and subscribe to what on the bus: the one table behind both the per-user
+//! permissions the auth callout hands out (agents, workers, operators) and the static users of
+//! the nodes in the server configuration ([`crate::server_conf`]).
+//!
+//! The rules (ARCHITECTURE.md, "Bus authorization"):
+//! - an **agent** publishes only the request subjects of the scopes it holds (plus the few
+//!   every agent may call: its own record, its own token refresh, the public keys, `$SRV`
+//!   discovery) and subscribes only to its own inbox `_INBOX.<agent_id>.>` and, with
+//!   `events:read`, to its own space's container events. No JetStream API, no `$SRV`
+//!   subscription, no queue group of a node: it can neither read nor steal another's requests;
+//! - an **operator** may do everything (it is audited: every operator connection is logged);
+//! - a **node kind** serves its own subject families (in queue groups), answers into any inbox,
+//!   publishes events, makes the requests its work needs, and reaches only its own KV buckets
+//!   and streams, plus read access to the key and revocation buckets every verifier follows
+//!   (and, for the shell server, the orchestrator's space bindings it routes by).
+//!
+//! Bucket and stream names here are the defaults of the nodes' configs; a deployment that
+//! renames a bucket renders its server configuration with the new name.
+
+use serde::Serialize;
+use tether_auth::inbox::{AGENT_INBOX_ROOT, NODE_INBOX_ROOT, agent_inbox_prefix};
+use tether_auth::{Claims, Scope};
+
+/// Allow and deny lists of subjects (NATS wildcards).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+}
+
+/// What one bus identity may publish and subscribe to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Permissions {
+    pub publish: Rule,
+    pub subscribe: Rule,
+}
+
+impl Permissions {
+    /// Everything (operators, the break-glass admin).
+    pub fn everything() -> Self {
+        Permissions {
+            publish: Rule {
+                allow: vec![">".into()],
+                deny: vec![],
+            },
+            subscribe: Rule {
+                allow: vec![">".into()],
+                deny: vec![],
+            },
+        }
+    }
+}
+
+/// The node kinds that connect with their own credentials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NodeKind {
+    Permission,
+    Orchestrator,
+    Shell,
+    Model,
+}
+
+impl NodeKind {
+    pub const ALL: &'static [NodeKind] = &[
+        NodeKind::Permission,
+        NodeKind::Orchestrator,
+        NodeKind::Shell,
+        NodeKind::Model,
+    ];
+
+    /// The node's name: its binary, its `$SRV` name and its inbox (`_INBOX_NODES.<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeKind::Permission => "permission-node",
+            NodeKind::Orchestrator => "container-orchestrator",
+            NodeKind::Shell => "shell-server",
+            NodeKind::Model => "model-gateway",
+        }
+    }
+
+    /// The subject families it serves (`<family>.>`).
+    fn serves(self) -> &'static [&'static str] {
+        match self {
+            NodeKind::Permission => &["agents", "tokens", "auth"],
+            NodeKind::Orchestrator => &[
+                "containers",
+                "tools",
+                "relics",
+                "sessions",
+                "hosts",
+                "workers",
+                "jobs",
+            ],
+            NodeKind::Shell => &["shell"],
+            NodeKind::Model => &["model"],
+        }
+    }
+
+    /// Families it sends requests to besides its own.
+    fn calls(self) -> &'static [&'static str] {
+        match self {
+            NodeKind::Shell => &["containers"],
+            _ => &[],
+        }
+    }
+
+    /// KV buckets (`KV_<name>` streams) it owns: reads and writes.
+    fn owns_buckets(self) -> &'static [&'static str] {
+        match self {
+            NodeKind::Permission => &["tether_agents", "tether_keys", "tether_revoked"],
+            NodeKind::Orchestrator => &["tether_spaces", "tether_tool_results", "tether_sessions"],
+            NodeKind::Shell => &["tether_shell_sessions"],
+            NodeKind::Model => &[],
+        }
+    }
+
+    /// KV buckets it only reads: every verifier follows the keys and revocations; the shell
+    /// server routes by the orchestrator's space bindings.
+    fn reads_buckets(self) -> &'static [&'static str] {
+        match self {
+            NodeKind::Permission => &[],
+            NodeKind::Shell => &["tether_keys", "tether_revoked", "tether_spaces"],
+            _ => &["tether_keys", "tether_revoked"],
+        }
+    }
+
+    /// Plain streams it owns.
+    fn owns_streams(self) -> &'static [&'static str] {
+        match self {
+            NodeKind::Orchestrator => &["TETHER_TOOL_JOBS"],
+            _ => &[],
+        }
+    }
+
+    /// The permissions of this node kind, under the deployment's subject `prefix` (if any).
+    pub fn permissions(self, prefix: Option<&str>) -> Permissions {
+        let p = |s: &str| prefixed(prefix, s);
+        let mut publish = vec![
+            format!("{AGENT_INBOX_ROOT}.>"),
+            format!("{NODE_INBOX_ROOT}.>"),
+            "$SRV.>".to_string(),
+            p("events.>"),
+            "$JS.API.INFO".to_string(),
+            "$JS.FC.>".to_string(),
+        ];
+        let mut subscribe = vec![
+            format!("{NODE_INBOX_ROOT}.{}.>", self.name()),
+            "$SRV.>".to_string(),
+        ];
+        for f in self.serves() {
+            publish.push(p(&format!("{f}.>")));
+            subscribe.push(p(&format!("{f}.>")));
+        }
+        for f in self.calls() {
+            publish.push(p(&format!("{f}.>")));
+        }
+        for b in self.owns_buckets() {
+            publish.extend(stream_admin(&format!("KV_{b}")));
+            publish.push(format!("$KV.{b}.>"));
+        }
+        for s in self.owns_streams() {
+            publish.extend(stream_admin(s));
+        }
+        for b in self.reads_buckets() {
+            publish.extend(stream_read(&format!("KV_{b}")));
+        }
+        Permissions {
+            publish: Rule {
+                allow: publish,
+                deny: vec![],
+            },
+            subscribe: Rule {
+                allow: subscribe,
+                deny: vec![],
+            },
+        }
+    }
+}
+
+fn prefixed(prefix: Option<&str>, s: &str) -> String {
+    match prefix.filter(|p| !p.is_empty()) {
+        Some(p) => format!("{p}.{s}"),
+        None => s.to_string(),
+    }
+}
+
+/// Every JetStream API call on stream `s` (its own stream: create, update, consumers,
+/// messages, acks), and nothing of another stream.
+fn stream_admin(s: &str) -> Vec<String> {
+    vec![
+        format!("$JS.API.*.*.{s}"),
+        format!("$JS.API.*.*.{s}.>"),
+        format!("$JS.API.*.*.*.{s}"),
+        format!("$JS.API.*.*.*.{s}.>"),
+        format!("$JS.ACK.{s}.>"),
+    ]
+}
+
+/// Reading stream `s`: its info, creating it with the canonical config when missing (a
+/// verifier may start before the permission node), getting messages, and watching it through
+/// an ordered consumer of its own. Writes (`$KV.<bucket>.>`) are not included.
+fn stream_read(s: &str) -> Vec<String> {
+    vec![
+        format!("$JS.API.STREAM.INFO.{s}"),
+        format!("$JS.API.STREAM.CREATE.{s}"),
+        format!("$JS.API.STREAM.MSG.GET.{s}"),
+        format!("$JS.API.DIRECT.GET.{s}"),
+        format!("$JS.API.DIRECT.GET.{s}.>"),
+        format!("$JS.API.CONSUMER.CREATE.{s}"),
+        format!("$JS.API.CONSUMER.CREATE.{s}.>"),
+        format!("$JS.API.CONSUMER.DELETE.{s}.>"),
+        format!("$JS.API.CONSUMER.INFO.{s}.>"),
+    ]
+}
+
+/// The request subjects the scope `s` lets an agent publish.
+fn scope_subjects(s: Scope) -> &'static [&'static str] {
+    match s {
+        Scope::Operator => &[">"],
+        Scope::AgentsAdmin => &["agents.register", "agents.revoke"],
+        Scope::AgentsRead => &["agents.list"],
+        Scope::TokensIssue => &[],
+        Scope::ContainersRead => &[
+            "containers.list",
+            "containers.inspect",
+            "containers.logs",
+            "containers.stats",
+        ],
+        Scope::ContainersWrite => &[
+            "containers.create",
+            "containers.start",
+            "containers.stop",
+            "containers.remove",
+        ],
+        Scope::ContainersExec => &["containers.exec"],
+        Scope::ToolsRun => &["tools.execute", "tools.get", "tools.logs", "tools.cancel"],
+        Scope::RelicsWrite => &[
+            "relics.start",
+            "relics.get",
+            "relics.list",
+            "relics.stop",
+            "relics.delete",
+            "sessions.cleanup",
+        ],
+        Scope::ShellExec => &["shell.exec"],
+        Scope::ModelCall => &[
+            "model.chat",
+            "model.embed",
+            "model.rank",
+            "model.models",
+            "model.cancel",
+        ],
+        Scope::EventsRead => &[],
+    }
+}
+
+/// What every agent may call whatever its scopes: its own record, its own token refresh,
+/// the public keys.
+const ANY_AGENT: &[&str] = &["agents.get", "tokens.issue", "auth.keys"];
+
+/// `$SRV` discovery (`nats micro ls`); the replies come to the caller's own inbox.
+const DISCOVERY: &[&str] = &[
+    "$SRV.PING",
+    "$SRV.PING.>",
+    "$SRV.INFO",
+    "$SRV.INFO.>",
+    "$SRV.STATS",
+    "$SRV.STATS.>",
+];
+
+/// The permissions of a verified token's holder under the deployment's subject `prefix`.
+pub fn for_claims(c: &Claims, prefix: Option<&str>) -> Permissions {
+    if c.scopes.is_operator() {
+        return Permissions::everything();
+    }
+    let p = |s: &str| prefixed(prefix, s);
+    let mut publish: Vec<String> = ANY_AGENT.iter().map(|s| p(s)).collect();
+    publish.extend(DISCOVERY.iter().map(|s| s.to_string()));
+    for s in c.scopes.iter() {
+        publish.extend(scope_subjects(*s).iter().map(|s| p(s)));
+    }
+    let mut subscribe = vec![format!("{}.>", agent_inbox_prefix(&c.sub))];
+    if c.scopes.allows(Scope::EventsRead) && !c.space.is_empty() {
+        subscribe.push(p(&format!("events.containers.{}", c.space)));
+    }
+    publish.sort();
+    publish.dedup();
+    Permissions {
+        publish: Rule {
+            allow: publish,
+            deny: vec![],
+        },
+        subscribe: Rule {
+            allow: subscribe,
+            deny: vec![],
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_auth::ScopeSet;
+
+    fn claims(scopes: &[Scope]) -> Claims {
+        Claims::new(
+            "tether",
+            "tether",
+            "alice",
+            "s1",
+            scopes.iter().copied().collect::<ScopeSet>(),
+            0,
+            60,
+        )
+    }
+
+    #[test]
+    fn an_agent_publishes_only_its_scopes_and_reads_only_its_inbox() {
+        let p = for_claims(&claims(&[Scope::ShellExec, Scope::EventsRead]), None);
+        assert!(p.publish.allow.contains(&"shell.exec".to_string()));
+        assert!(!p.publish.allow.iter().any(|s| s.starts_with("containers")));
+        assert!(!p.publish.allow.iter().any(|s| s.starts_with("$JS")));
+        assert_eq!(
+            p.subscribe.allow,
+            vec!["_INBOX.alice.>".to_string(), "events.containers.s1".into()]
+        );
+    }
+
+    #[test]
+    fn the_prefix_applies_to_services_not_to_inboxes() {
+        let p = for_claims(&claims(&[Scope::ContainersExec]), Some("prod"));
+        assert!(p.publish.allow.contains(&"prod.containers.exec".to_string()));
+        assert!(p.publish.allow.contains(&"$SRV.PING".to_string()));
+        assert_eq!(p.subscribe.allow, vec!["_INBOX.alice.>".to_string()]);
+    }
+
+    #[test]
+    fn an_operator_may_do_everything() {
+        assert_eq!(
+            for_claims(&claims(&[Scope::Operator]), None),
+            Permissions::everything()
+        );
+    }
+
+    #[test]
+    fn a_node_reads_its_inbox_and_writes_only_its_own_buckets() {
+        let shell = NodeKind::Shell.permissions(None);
+        assert!(
+            shell
+                .subscribe
+                .allow
+                .contains(&"_INBOX_NODES.shell-server.>".to_string())
+        );
+        assert!(!shell.subscribe.allow.iter().any(|s| s.starts_with("_INBOX.")));
+        assert!(shell.publish.allow.contains(&"$KV.tether_shell_sessions.>".to_string()));
+        assert!(!shell.publish.allow.iter().any(|s| s == "$KV.tether_spaces.>"));
+        assert!(!shell.publish.allow.iter().any(|s| s.contains("tether_agents")));
+    }
+}
