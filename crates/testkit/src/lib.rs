@@ -1,9 +1,10 @@
 //! Test fixtures against real parts: a real `nats-server` per test and the real Docker engine.
 //!
 //! Layout:
-//! - [`NatsServer`] (module `nats`): `nats-server -js` (from `TETHER_NATS_SERVER` or `PATH`) on
-//!   a free loopback port with a temporary store; kill/stop and restart on the same port and
-//!   store for fault tests; killed when dropped, and — through a small `sh` watchdog — also when
+//! - [`NatsServer`] (module `nats`): `nats-server -js` (from `TETHER_NATS_SERVER`, else the
+//!   current line scripts/install-deps.sh keeps in `~/.cache/tether/nats-current`, else `PATH`;
+//!   2.10 or later) on a free loopback port with a temporary store; kill/stop and restart on
+//!   the same port and store for fault tests; killed when dropped, and — through a small `sh` watchdog — also when
 //!   the test process itself is killed (a test runner's timeout), so no server is orphaned.
 //! - [`cargo_bin`]: a binary of this workspace, next to the running test executable.
 //! - [`docker`]: is the engine there, the one test image (`FROM scratch` + Debian's static

@@ -80,30 +80,78 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// Where Debian's package puts the server (`/usr/sbin` is not on every user's `PATH`).
-const DEBIAN_NATS_SERVER: &str = "/usr/sbin/nats-server";
+/// Where scripts/install-deps.sh keeps the current nats-server line (below the cache dir,
+/// `$XDG_CACHE_HOME` or `~/.cache`), unless `TETHER_NATS_CURRENT_DIR` names another folder.
+const NATS_CURRENT_DIR: &str = "tether/nats-current";
+/// The oldest nats-server line tether works with: auth callout came in 2.10.
+const MIN_NATS_SERVER: (u32, u32) = (2, 10);
 
-/// The server binary: `TETHER_NATS_SERVER`, else `nats-server` on `PATH`, else Debian's path.
-fn binary() -> String {
+/// The server binary: `TETHER_NATS_SERVER`, else the current line that scripts/install-deps.sh
+/// installs (`bin/nats-server` in `TETHER_NATS_CURRENT_DIR`, default
+/// `~/.cache/tether/nats-current`) when it is there, else `nats-server` on `PATH`. A server older
+/// than 2.10 is refused; its `--version` is asked once per process.
+fn binary() -> anyhow::Result<String> {
+    static CHECKED: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    CHECKED
+        .get_or_init(|| {
+            let bin = pick_binary();
+            check_version(&bin).map(|()| bin)
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn pick_binary() -> String {
     if let Some(b) = std::env::var("TETHER_NATS_SERVER")
         .ok()
         .filter(|s| !s.is_empty())
     {
         return b;
     }
-    let on_path = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("nats-server").is_file()));
-    if !on_path && Path::new(DEBIAN_NATS_SERVER).is_file() {
-        return DEBIAN_NATS_SERVER.into();
+    let current = std::env::var_os("TETHER_NATS_CURRENT_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+                .map(|cache| cache.join(NATS_CURRENT_DIR))
+        })
+        .map(|d| d.join("bin/nats-server"))
+        .filter(|b| b.is_file());
+    match current {
+        Some(b) => b.to_string_lossy().into_owned(),
+        None => "nats-server".into(),
     }
-    "nats-server".into()
+}
+
+/// `bin --version` (`nats-server: v2.10.26`) names 2.10 or later.
+fn check_version(bin: &str) -> Result<(), String> {
+    let out = Command::new(bin).arg("--version").output().map_err(|e| {
+        format!(
+            "cannot run `{bin} --version`: {e}: install nats-server (scripts/install-deps.sh) or set TETHER_NATS_SERVER"
+        )
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let last = text.split_whitespace().last().unwrap_or("");
+    let version = last.trim_start_matches('v');
+    let mut nums = version.split(['.', '-']).map(|n| n.parse::<u32>().ok());
+    match (nums.next().flatten(), nums.next().flatten()) {
+        (Some(major), Some(minor)) if (major, minor) >= MIN_NATS_SERVER => Ok(()),
+        _ => Err(format!(
+            "`{bin} --version` says {text:?}: tether needs nats-server >= {}.{} (auth callout); run scripts/install-deps.sh, or set TETHER_NATS_SERVER to a newer server",
+            MIN_NATS_SERVER.0, MIN_NATS_SERVER.1
+        )),
+    }
 }
 
 impl NatsServer {
-    /// Starts `nats-server -js` (binary from env `TETHER_NATS_SERVER`, else `nats-server` on
-    /// `PATH`) on a free `127.0.0.1` port with a temp store dir, and waits (polling, 10 s at
-    /// most) until it accepts a client connection and JetStream answers. The server logs to a
-    /// file in the temp dir; its tail is part of every start error.
+    /// Starts `nats-server -js` (binary from env `TETHER_NATS_SERVER`, else the current line from
+    /// scripts/install-deps.sh, else `nats-server` on `PATH`; older than 2.10 is refused) on a
+    /// free `127.0.0.1` port with a temp store dir, and waits (polling, 10 s at most) until it
+    /// accepts a client connection and JetStream answers. The server logs to a file in the temp
+    /// dir; its tail is part of every start error.
     pub async fn start() -> anyhow::Result<NatsServer> {
         Self::start_with_config("").await
     }
@@ -296,7 +344,7 @@ impl NatsServer {
             .and_then(|f| Ok((f.try_clone()?, f)))
             .with_context(|| format!("open {}", self.log_path().display()))
             .map_err(SpawnError::Other)?;
-        let bin = binary();
+        let bin = binary().map_err(SpawnError::Other)?;
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(WATCHDOG)

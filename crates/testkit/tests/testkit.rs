@@ -216,41 +216,59 @@ async fn helper_start_with_env() {
     }
 }
 
+/// Runs `helper_start_with_env` as `cmd` and answers its `RESULT ...` line.
+fn start_result(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run helper");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.find("RESULT").map(|i| l[i..].to_string()))
+        .unwrap_or_else(|| panic!("helper printed no result: {stdout}"))
+}
+
 #[test]
 fn missing_binary_is_explained() {
-    let out = helper(
+    let line = start_result(&mut helper(
         "helper_start_with_env",
         &[("TETHER_NATS_SERVER", "/nonexistent/nats-server")],
-    )
-    .output()
-    .expect("run helper");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find_map(|l| l.find("RESULT").map(|i| &l[i..]))
-        .unwrap_or_else(|| panic!("helper printed no result: {stdout}"));
+    ));
     assert!(line.contains("error"), "{line}");
     assert!(line.contains("TETHER_NATS_SERVER"), "{line}");
     assert!(line.contains("/nonexistent/nats-server"), "{line}");
 }
 
 #[test]
-fn debian_path_is_used_when_usr_sbin_is_not_on_path() {
-    if !std::path::Path::new("/usr/sbin/nats-server").is_file() {
-        eprintln!("skipped: no /usr/sbin/nats-server on this machine");
+fn a_server_older_than_2_10_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fake = dir.path().join("nats-server");
+    std::fs::write(&fake, "#!/bin/sh\necho 'nats-server: v2.9.25'\n").expect("write fake");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod fake");
+    let line = start_result(&mut helper(
+        "helper_start_with_env",
+        &[("TETHER_NATS_SERVER", fake.to_str().expect("utf-8 path"))],
+    ));
+    assert!(line.contains("error"), "{line}");
+    assert!(line.contains("v2.9.25"), "{line}");
+    assert!(line.contains("tether needs nats-server >= 2.10"), "{line}");
+}
+
+#[test]
+fn the_current_line_is_used_when_none_is_on_path() {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let current = std::path::Path::new(&home).join(".cache/tether/nats-current/bin/nats-server");
+    if !current.is_file() {
+        eprintln!(
+            "skipped: no {} (scripts/install-deps.sh)",
+            current.display()
+        );
         return;
     }
     let mut cmd = helper("helper_start_with_env", &[("PATH", "/usr/bin:/bin")]);
-    let out = cmd
-        .env_remove("TETHER_NATS_SERVER")
-        .output()
-        .expect("run helper");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find_map(|l| l.find("RESULT").map(|i| &l[i..]))
-        .unwrap_or_else(|| panic!("helper printed no result: {stdout}"));
-    assert_eq!(line, "RESULT started");
+    cmd.env_remove("TETHER_NATS_SERVER")
+        .env_remove("TETHER_NATS_CURRENT_DIR")
+        .env_remove("XDG_CACHE_HOME");
+    assert_eq!(start_result(&mut cmd), "RESULT started");
 }
 
 #[tokio::test]
