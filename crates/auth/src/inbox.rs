@@ -42,13 +42,19 @@ mod tests {
     #[test]
     fn prefixes_have_separate_roots() {
         assert_eq!(agent_inbox_prefix("a-1"), "_INBOX.a-1");
-        assert_eq!(node_inbox_prefix("shell-server"), "_INBOX_NODES.shell-server");
+        assert_eq!(
+            node_inbox_prefix("shell-server"),
+            "_INBOX_NODES.shell-server"
+        );
     }
 
     #[test]
     fn peek_reads_sub_and_refuses_garbage() {
         let body = URL_SAFE_NO_PAD.encode(br#"{"sub":"alice","exp":1}"#);
-        assert_eq!(peek_subject(&format!("h.{body}.s")).as_deref(), Some("alice"));
+        assert_eq!(
+            peek_subject(&format!("h.{body}.s")).as_deref(),
+            Some("alice")
+        );
         assert_eq!(peek_subject("not a token"), None);
         assert_eq!(peek_subject("a.!!!.c"), None);
         let no_sub = URL_SAFE_NO_PAD.encode(br#"{"exp":1}"#);

@@ -87,6 +87,10 @@ pub enum Scope {
     ShellExec,
     ModelCall,
     EventsRead,
+    /// Call other agents over A2A (`a2a.<agent>.send` and the rest).
+    A2aCall,
+    /// Serve A2A work as the token's agent (a worker).
+    A2aServe,
 }
 
 impl Scope {
@@ -103,6 +107,8 @@ impl Scope {
         Scope::ShellExec,
         Scope::ModelCall,
         Scope::EventsRead,
+        Scope::A2aCall,
+        Scope::A2aServe,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -119,6 +125,8 @@ impl Scope {
             Scope::ShellExec => "shell:exec",
             Scope::ModelCall => "model:call",
             Scope::EventsRead => "events:read",
+            Scope::A2aCall => "a2a:call",
+            Scope::A2aServe => "a2a:serve",
         }
     }
 }

@@ -191,10 +191,19 @@ mod tests {
 
     #[test]
     fn urls_in_logs_carry_no_credentials() {
-        assert_eq!(display_url("nats://admin:pw@127.0.0.1:4222"), "nats://127.0.0.1:4222");
-        assert_eq!(display_url("nats://tok@a:1,nats://b:2"), "nats://a:1,nats://b:2");
+        assert_eq!(
+            display_url("nats://admin:pw@127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
+        assert_eq!(
+            display_url("nats://tok@a:1,nats://b:2"),
+            "nats://a:1,nats://b:2"
+        );
         assert_eq!(display_url("u:p@host:4222"), "host:4222");
-        assert_eq!(display_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            display_url("nats://127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
     }
 
     #[test]
@@ -210,15 +219,21 @@ mod tests {
     #[test]
     fn the_inbox_follows_the_token_else_the_node() {
         let mut cfg = BusConfig::default();
-        assert_eq!(inbox_prefix(&cfg, "shell-server").unwrap(), "_INBOX_NODES.shell-server");
+        assert_eq!(
+            inbox_prefix(&cfg, "shell-server").expect("test value"),
+            "_INBOX_NODES.shell-server"
+        );
         let claims = tether_auth::Claims::new("i", "a", "alice", "s", Default::default(), 0, 9);
         let payload = base64::Engine::encode(
             &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-            serde_json::to_vec(&claims).unwrap(),
+            serde_json::to_vec(&claims).expect("test value"),
         );
-        cfg.nats_token = Some(crate::config::Secret::new(&format!("h.{payload}.s")));
-        assert_eq!(inbox_prefix(&cfg, "x").unwrap(), "_INBOX.alice");
+        cfg.nats_token = Some(crate::config::Secret::new(format!("h.{payload}.s")));
+        assert_eq!(inbox_prefix(&cfg, "x").expect("test value"), "_INBOX.alice");
         cfg.nats_inbox_prefix = Some("_INBOX.custom".into());
-        assert_eq!(inbox_prefix(&cfg, "x").unwrap(), "_INBOX.custom");
+        assert_eq!(
+            inbox_prefix(&cfg, "x").expect("test value"),
+            "_INBOX.custom"
+        );
     }
 }

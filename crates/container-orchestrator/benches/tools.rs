@@ -135,7 +135,11 @@ async fn main() {
     let mut cfg = orch_config(&unique("t2"));
     cfg.tool_workers = 4;
     let second_host = cfg.host_id.clone();
-    let second = start_orchestrator(&f.nats.node_bus(tether_testkit::NodeKind::Orchestrator), cfg).await;
+    let second = start_orchestrator(
+        &f.nats.node_bus(tether_testkit::NodeKind::Orchestrator),
+        cfg,
+    )
+    .await;
     let (d2, f2) = throughput(&f, &t, jobs).await;
     println!("async jobs of `true` ({jobs} per round, 4 workers per replica):");
     for (replicas, d, failed) in [(1, d1, f1), (2, d2, f2)] {

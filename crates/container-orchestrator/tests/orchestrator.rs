@@ -755,7 +755,11 @@ async fn host_addressed_twins_and_forwarding() {
     let mut f = fleet().await;
     let other = unique("t2");
     f.clean_label(host_label(&other));
-    let _second = start_orchestrator(&f.nats.node_bus(tether_testkit::NodeKind::Orchestrator), orch_config(&other)).await;
+    let _second = start_orchestrator(
+        &f.nats.node_bus(tether_testkit::NodeKind::Orchestrator),
+        orch_config(&other),
+    )
+    .await;
     let space = unique("s");
     let t = f.agent(&unique("a"), &space, SCOPES).await;
     // Created on the second host, addressed.

@@ -530,7 +530,11 @@ async fn a_job_no_host_can_run_is_recorded_failed_on_its_last_delivery() {
     f.clean_label(host_label(&w));
     let mut cfg = orch_config(&w);
     cfg.tool_job_max_deliver = 3;
-    let worker = start_orchestrator(&f.nats.node_bus(tether_testkit::NodeKind::Orchestrator), cfg).await;
+    let worker = start_orchestrator(
+        &f.nats.node_bus(tether_testkit::NodeKind::Orchestrator),
+        cfg,
+    )
+    .await;
     // Left for another host twice, then failed for good: not `running` until the TTL.
     let r = eventually(Duration::from_secs(60), "job given up", || async {
         let r = f
@@ -827,7 +831,11 @@ async fn a_job_stream_made_as_a_work_queue_is_kept_and_still_runs_jobs() {
     .expect("a work-queue stream");
     let h = unique("wq");
     f.clean_label(host_label(&h));
-    let node = start_orchestrator(&f.nats.node_bus(tether_testkit::NodeKind::Orchestrator), orch_config(&h)).await;
+    let node = start_orchestrator(
+        &f.nats.node_bus(tether_testkit::NodeKind::Orchestrator),
+        orch_config(&h),
+    )
+    .await;
     let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
     let r = f
         .call(

@@ -8,6 +8,9 @@
 //!   discovery) and subscribes only to its own inbox `_INBOX.<agent_id>.>` and, with
 //!   `events:read`, to its own space's container events. No JetStream API, no `$SRV`
 //!   subscription, no queue group of a node: it can neither read nor steal another's requests;
+//! - a **worker** of agent X (a token of X with `a2a:serve`) has X's rights plus the requests
+//!   of the A2A gateway's work endpoints for X (`a2a.X.work.>`): workers pull their work
+//!   through the gateway, so a worker never touches a stream, nor another agent's work;
 //! - an **operator** may do everything (it is audited: every operator connection is logged);
 //! - a **node kind** serves its own subject families (in queue groups), answers into any inbox,
 //!   publishes events, makes the requests its work needs, and reaches only its own KV buckets
@@ -35,6 +38,10 @@ pub struct Rule {
 pub struct Permissions {
     pub publish: Rule,
     pub subscribe: Rule,
+    /// May answer the reply subject of any request it received (once), whatever that subject
+    /// is: nodes answer clients with inboxes of their own choosing (the `nats` CLI's).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_responses: bool,
 }
 
 impl Permissions {
@@ -49,6 +56,7 @@ impl Permissions {
                 allow: vec![">".into()],
                 deny: vec![],
             },
+            allow_responses: false,
         }
     }
 }
@@ -175,6 +183,7 @@ impl NodeKind {
                 allow: subscribe,
                 deny: vec![],
             },
+            allow_responses: true,
         }
     }
 }
@@ -253,6 +262,17 @@ fn scope_subjects(s: Scope) -> &'static [&'static str] {
             "model.cancel",
         ],
         Scope::EventsRead => &[],
+        Scope::A2aCall => &[
+            "a2a.*.send",
+            "a2a.*.stream",
+            "a2a.*.get",
+            "a2a.*.list",
+            "a2a.*.cancel",
+            "a2a.*.subscribe",
+            "a2a.*.card",
+        ],
+        // Its own agent's work only: see `for_claims`.
+        Scope::A2aServe => &[],
     }
 }
 
@@ -281,6 +301,11 @@ pub fn for_claims(c: &Claims, prefix: Option<&str>) -> Permissions {
     for s in c.scopes.iter() {
         publish.extend(scope_subjects(*s).iter().map(|s| p(s)));
     }
+    if c.scopes.allows(Scope::A2aServe) {
+        // A worker pulls its agent's work through the gateway's work endpoints: requests,
+        // never a subscription to the work itself nor any JetStream access.
+        publish.push(p(&format!("a2a.{}.work.>", c.sub)));
+    }
     let mut subscribe = vec![format!("{}.>", agent_inbox_prefix(&c.sub))];
     if c.scopes.allows(Scope::EventsRead) && !c.space.is_empty() {
         subscribe.push(p(&format!("events.containers.{}", c.space)));
@@ -296,6 +321,7 @@ pub fn for_claims(c: &Claims, prefix: Option<&str>) -> Permissions {
             allow: subscribe,
             deny: vec![],
         },
+        allow_responses: false,
     }
 }
 
@@ -331,8 +357,20 @@ mod tests {
     #[test]
     fn the_prefix_applies_to_services_not_to_inboxes() {
         let p = for_claims(&claims(&[Scope::ContainersExec]), Some("prod"));
-        assert!(p.publish.allow.contains(&"prod.containers.exec".to_string()));
+        assert!(
+            p.publish
+                .allow
+                .contains(&"prod.containers.exec".to_string())
+        );
         assert!(p.publish.allow.contains(&"$SRV.PING".to_string()));
+        assert_eq!(p.subscribe.allow, vec!["_INBOX.alice.>".to_string()]);
+    }
+
+    #[test]
+    fn a_worker_requests_only_its_own_agents_work() {
+        let p = for_claims(&claims(&[Scope::A2aServe]), None);
+        assert!(p.publish.allow.contains(&"a2a.alice.work.>".to_string()));
+        assert!(!p.publish.allow.iter().any(|s| s.starts_with("a2a.*")));
         assert_eq!(p.subscribe.allow, vec!["_INBOX.alice.>".to_string()]);
     }
 
@@ -353,9 +391,32 @@ mod tests {
                 .allow
                 .contains(&"_INBOX_NODES.shell-server.>".to_string())
         );
-        assert!(!shell.subscribe.allow.iter().any(|s| s.starts_with("_INBOX.")));
-        assert!(shell.publish.allow.contains(&"$KV.tether_shell_sessions.>".to_string()));
-        assert!(!shell.publish.allow.iter().any(|s| s == "$KV.tether_spaces.>"));
-        assert!(!shell.publish.allow.iter().any(|s| s.contains("tether_agents")));
+        assert!(
+            !shell
+                .subscribe
+                .allow
+                .iter()
+                .any(|s| s.starts_with("_INBOX."))
+        );
+        assert!(
+            shell
+                .publish
+                .allow
+                .contains(&"$KV.tether_shell_sessions.>".to_string())
+        );
+        assert!(
+            !shell
+                .publish
+                .allow
+                .iter()
+                .any(|s| s == "$KV.tether_spaces.>")
+        );
+        assert!(
+            !shell
+                .publish
+                .allow
+                .iter()
+                .any(|s| s.contains("tether_agents"))
+        );
     }
 }

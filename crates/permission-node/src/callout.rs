@@ -140,7 +140,9 @@ pub async fn start(
                 .await?,
         ),
         None => {
-            tracing::warn!("no system_nkey_file: revoked agents keep open connections until their tokens expire");
+            tracing::warn!(
+                "no system_nkey_file: revoked agents keep open connections until their tokens expire"
+            );
             None
         }
     };
@@ -220,7 +222,12 @@ impl Callout {
     /// The user JWT for the connection, or why it is refused.
     async fn decide(&self, req: &AuthRequest, now: i64) -> Result<String, String> {
         let host = req.client_info.host.as_str();
-        let Some(token) = req.connect_opts.auth_token.as_deref().filter(|t| !t.is_empty()) else {
+        let Some(token) = req
+            .connect_opts
+            .auth_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+        else {
             tracing::info!(host, "bus connection refused: no token");
             return Err("no token: connect with a tether token as the auth token".into());
         };
@@ -314,8 +321,12 @@ async fn kick(sys: &async_nats::Client, conn: &Conn) {
     let subject = format!("$SYS.REQ.SERVER.{}.KICK", conn.server);
     let body = serde_json::json!({ "cid": conn.cid }).to_string();
     match tokio::time::timeout(Duration::from_secs(2), sys.request(subject, body.into())).await {
-        Ok(Ok(_)) => tracing::info!(cid = conn.cid, server = %conn.server, "closed a revoked agent's bus connection"),
-        Ok(Err(e)) => tracing::warn!(cid = conn.cid, error = %e, "cannot close a revoked connection"),
+        Ok(Ok(_)) => {
+            tracing::info!(cid = conn.cid, server = %conn.server, "closed a revoked agent's bus connection")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(cid = conn.cid, error = %e, "cannot close a revoked connection")
+        }
         Err(_) => tracing::warn!(cid = conn.cid, "no answer closing a revoked connection"),
     }
 }
@@ -341,7 +352,11 @@ mod tests {
         cs.add("a", conn(2, "j2", 20), 0);
         cs.add("b", conn(3, "j3", 10), 0);
         // tokens issued after the revocation instant stay
-        let gone: Vec<u64> = cs.take_revoked("agent.a", 15).iter().map(|c| c.cid).collect();
+        let gone: Vec<u64> = cs
+            .take_revoked("agent.a", 15)
+            .iter()
+            .map(|c| c.cid)
+            .collect();
         assert_eq!(gone, vec![1]);
         assert_eq!(cs.take_revoked("jti.j3", 0).len(), 1);
         assert!(cs.take_revoked("jti.j3", 0).is_empty());

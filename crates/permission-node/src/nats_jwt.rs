@@ -135,13 +135,21 @@ fn sign(key: &KeyPair, claims: &Value) -> Result<String, String> {
 /// The claims of a NATS JWT whose signature checks out against its own `iss`, and that `iss`.
 fn decode_signed(jwt: &str) -> Result<(Value, String), String> {
     let mut parts = jwt.trim().split('.');
-    let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(c), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err("expected three dot-separated parts".into());
     };
-    let b64 = |p: &str| URL_SAFE_NO_PAD.decode(p.trim_end_matches('=')).map_err(|_| "not base64url");
+    let b64 = |p: &str| {
+        URL_SAFE_NO_PAD
+            .decode(p.trim_end_matches('='))
+            .map_err(|_| "not base64url")
+    };
     let header: Value = serde_json::from_slice(&b64(h)?).map_err(|_| "header is not JSON")?;
-    let alg = header["alg"].as_str().unwrap_or_default().to_ascii_lowercase();
+    let alg = header["alg"]
+        .as_str()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     if !alg.starts_with("ed25519") {
         return Err(format!("algorithm `{alg}` is not accepted"));
     }
@@ -162,7 +170,7 @@ mod tests {
             server,
             &json!({"iss": server.public_key(), "aud": "nats-authorization-request", "exp": 100, "nats": nats}),
         )
-        .unwrap()
+        .expect("test value")
     }
 
     #[test]
@@ -173,11 +181,15 @@ mod tests {
             json!({"type": "authorization_request", "user_nkey": "UABC", "server_id": {"id": server.public_key()},
                    "client_info": {"id": 7, "host": "127.0.0.1"}, "connect_opts": {"auth_token": "tok", "protocol": 1}}),
         );
-        let r = decode_request(&jwt, 50).unwrap();
+        let r = decode_request(&jwt, 50).expect("test value");
         assert_eq!(r.user_nkey, "UABC");
         assert_eq!(r.client_info.id, 7);
         assert_eq!(r.connect_opts.auth_token.as_deref(), Some("tok"));
-        assert!(decode_request(&jwt, 101).unwrap_err().contains("expired"));
+        assert!(
+            decode_request(&jwt, 101)
+                .expect_err("refused")
+                .contains("expired")
+        );
 
         let mut parts: Vec<&str> = jwt.split('.').collect();
         let forged = URL_SAFE_NO_PAD.encode(
@@ -185,7 +197,10 @@ mod tests {
                 .to_string(),
         );
         parts[1] = &forged;
-        assert_eq!(decode_request(&parts.join("."), 50).unwrap_err(), "bad signature");
+        assert_eq!(
+            decode_request(&parts.join("."), 50).expect_err("refused"),
+            "bad signature"
+        );
         assert!(decode_request("a.b", 50).is_err());
     }
 
@@ -200,19 +215,31 @@ mod tests {
             },
             ..Default::default()
         };
-        let user = user_jwt(&issuer, "UXYZ", "alice", "TETHER", &Permissions::everything(), 200, 100)
-            .unwrap();
-        let (u, iss) = decode_signed(&user).unwrap();
+        let user = user_jwt(
+            &issuer,
+            "UXYZ",
+            "alice",
+            "TETHER",
+            &Permissions::everything(),
+            200,
+            100,
+        )
+        .expect("test value");
+        let (u, iss) = decode_signed(&user).expect("test value");
         assert_eq!(iss, issuer.public_key());
         assert_eq!(u["aud"], "TETHER");
         assert_eq!(u["exp"], 200);
         assert_eq!(u["nats"]["pub"]["allow"][0], ">");
-        let resp = response_jwt(&issuer, &req, Ok(user.clone()), 100).unwrap();
-        let (r, _) = decode_signed(&resp).unwrap();
+        let resp = response_jwt(&issuer, &req, Ok(user.clone()), 100).expect("test value");
+        let (r, _) = decode_signed(&resp).expect("test value");
         assert_eq!(r["aud"], "NSERVER");
         assert_eq!(r["sub"], "UXYZ");
         assert_eq!(r["nats"]["jwt"], user.as_str());
-        let refused = response_jwt(&issuer, &req, Err("token expired".into()), 100).unwrap();
-        assert_eq!(decode_signed(&refused).unwrap().0["nats"]["error"], "token expired");
+        let refused =
+            response_jwt(&issuer, &req, Err("token expired".into()), 100).expect("test value");
+        assert_eq!(
+            decode_signed(&refused).expect("test value").0["nats"]["error"],
+            "token expired"
+        );
     }
 }

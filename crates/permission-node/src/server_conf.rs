@@ -168,7 +168,8 @@ fn perms_conf(p: &Permissions) -> String {
 }
 
 fn seed(kp: &KeyPair) -> anyhow::Result<String> {
-    kp.seed().map_err(|e| anyhow::anyhow!("nkey without a seed: {e}"))
+    kp.seed()
+        .map_err(|e| anyhow::anyhow!("nkey without a seed: {e}"))
 }
 
 /// Reads an nkey seed file (the first line starting with `S`, so `.creds`-style comments and
@@ -180,7 +181,8 @@ pub fn read_seed(path: &Path) -> anyhow::Result<KeyPair> {
         .map(str::trim)
         .find(|l| l.starts_with('S'))
         .with_context(|| format!("{} holds no nkey seed", path.display()))?;
-    KeyPair::from_seed(line).map_err(|e| anyhow::anyhow!("{}: not an nkey seed: {e}", path.display()))
+    KeyPair::from_seed(line)
+        .map_err(|e| anyhow::anyhow!("{}: not an nkey seed: {e}", path.display()))
 }
 
 fn read_secret(path: &Path) -> anyhow::Result<String> {
@@ -211,20 +213,20 @@ mod tests {
 
     #[test]
     fn a_bundle_round_trips_through_its_directory() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test value");
         let keys = BusKeys::generate();
-        keys.write(dir.path()).unwrap();
-        let again = BusKeys::load(dir.path()).unwrap();
+        keys.write(dir.path()).expect("test value");
+        let again = BusKeys::load(dir.path()).expect("test value");
         assert_eq!(again.issuer.public_key(), keys.issuer.public_key());
         assert_eq!(again.admin_password, keys.admin_password);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(BusKeys::issuer_seed_file(dir.path()))
-            .unwrap()
+            .expect("test value")
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         let conf = keys.authorization_conf(None);
         assert!(conf.contains(&keys.issuer.public_key()));
-        assert!(!conf.contains(&seed(&keys.issuer).unwrap()));
+        assert!(!conf.contains(&seed(&keys.issuer).expect("test value")));
     }
 }

@@ -383,7 +383,13 @@ async fn orchestrator_down_is_a_clear_503_and_the_shell_recovers() {
     assert!(is_error);
     assert_eq!(v["status"], 503);
     // The orchestrator comes back; the shell-server needs nothing done.
-    f.orch = Some(start_orchestrator(&f.node_bus(tether_testkit::NodeKind::Orchestrator), &f.host_id).await);
+    f.orch = Some(
+        start_orchestrator(
+            &f.node_bus(tether_testkit::NodeKind::Orchestrator),
+            &f.host_id,
+        )
+        .await,
+    );
     let out = eventually(Duration::from_secs(30), "exec works again", || {
         let f = &f;
         let t = t.clone();

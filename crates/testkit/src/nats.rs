@@ -207,7 +207,9 @@ impl NatsServer {
     /// authorization ([`NatsServer::start_open`]), the plain URL.
     pub fn url(&self) -> String {
         match &self.auth {
-            Some((password, _)) => format!("nats://{ADMIN_USER}:{password}@127.0.0.1:{}", self.port),
+            Some((password, _)) => {
+                format!("nats://{ADMIN_USER}:{password}@127.0.0.1:{}", self.port)
+            }
             None => self.plain_url(),
         }
     }
@@ -227,9 +229,7 @@ impl NatsServer {
     pub fn node_bus(&self, kind: NodeKind) -> BusConfig {
         BusConfig {
             nats_url: self.plain_url(),
-            nats_nkey_file: self
-                .keys_dir()
-                .map(|d| BusKeys::node_seed_file(&d, kind)),
+            nats_nkey_file: self.keys_dir().map(|d| BusKeys::node_seed_file(&d, kind)),
             ..Default::default()
         }
     }

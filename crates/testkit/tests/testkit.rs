@@ -45,7 +45,7 @@ fn process_running(pid: u32) -> bool {
 
 async fn refuses_connections(url: &str) -> bool {
     !matches!(
-        tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url)).await,
+        tokio::time::timeout(Duration::from_secs(2), tether_testkit::connect(url)).await,
         Ok(Ok(_))
     )
 }
@@ -98,7 +98,12 @@ fn in_helper(name: &str) -> bool {
 #[tokio::test]
 async fn start_answers_with_jetstream_on_loopback() {
     let s = NatsServer::start().await.expect("start");
-    assert_eq!(s.url(), format!("nats://127.0.0.1:{}", s.port()));
+    assert_eq!(s.plain_url(), format!("nats://127.0.0.1:{}", s.port()));
+    // Authorization is on: without credentials the server refuses.
+    assert!(
+        refuses_connections(&s.plain_url()).await,
+        "an anonymous connection was accepted"
+    );
     let client = s.client().await.expect("client");
     assert!(client.server_info().jetstream, "JetStream is on");
     let mut sub = client.subscribe("ping").await.expect("subscribe");
