@@ -59,8 +59,11 @@ fn up_default_launch_file_then_ps_then_ctrl_c_leaves_nothing() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The bus refuses anonymous connections: `tether ps` connects with an operator token it
+    // signs from the fleet's signing key.
     let ps = Command::new(&tether)
         .args(["ps", "--server", &url])
+        .env("TETHER_SIGNING_KEY_FILE", work.path().join("key.pem"))
         .output()
         .expect("ps");
     let table = String::from_utf8_lossy(&ps.stdout);

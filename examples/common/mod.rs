@@ -2,19 +2,30 @@
 //! request/reply that turns a node's error headers into an error.
 //!
 //! Nothing here is tether-specific client code: a node is reached with a plain NATS request,
-//! a JSON body and an `Authorization: Bearer` header, exactly as `nats req` would send it.
+//! a JSON body and an `Authorization: Bearer` header, exactly as `nats req` would send it. The
+//! same token is the connection's credential (the bus checks every connection), and replies
+//! come to the caller's own inbox prefix `_INBOX.<agent_id>`, the only one the bus lets it read
+//! (`tether agent creds` prints both).
 
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-/// Connects to `TETHER_NATS_URL` (else `NATS_URL`, else the local default).
+/// Connects to `TETHER_NATS_URL` (else `NATS_URL`, else the local default) with the token.
 pub async fn connect() -> anyhow::Result<async_nats::Client> {
     let url = std::env::var("TETHER_NATS_URL")
         .or_else(|_| std::env::var("NATS_URL"))
         .unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    async_nats::connect(&url)
+    let token = token()?;
+    let inbox = std::env::var("TETHER_NATS_INBOX_PREFIX")
+        .ok()
+        .or_else(|| tether_auth::inbox::peek_subject(&token).map(|a| format!("_INBOX.{a}")))
+        .context("TETHER_TOKEN is not a tether token (no agent id in it)")?;
+    async_nats::ConnectOptions::new()
+        .token(token)
+        .custom_inbox_prefix(inbox)
+        .connect(&url)
         .await
         .with_context(|| format!("cannot connect to {url}"))
 }

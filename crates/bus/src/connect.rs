@@ -134,6 +134,16 @@ fn read_seed(path: &Path) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("{} holds no nkey seed", path.display()))
 }
 
+/// Whether `cfg` names any credentials for the connection (a URL's included).
+pub fn has_credentials(cfg: &BusConfig) -> bool {
+    cfg.nats_user.is_some()
+        || cfg.nats_token.is_some()
+        || cfg.nats_token_file.is_some()
+        || cfg.nats_nkey_file.is_some()
+        || cfg.nats_creds_file.is_some()
+        || url_credentials(&cfg.nats_url).is_some()
+}
+
 /// The `user[:password]@` of the first URL in a comma-separated list that has one.
 fn url_credentials(urls: &str) -> Option<(String, Option<String>)> {
     urls.split(',').find_map(|u| {

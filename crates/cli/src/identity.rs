@@ -91,3 +91,61 @@ pub fn operator_token(
         .map_err(|e| CliError::new(1, e.to_string()))?;
     Ok((token, claims))
 }
+
+/// What an agent process needs to connect: `tether agent creds`.
+pub struct AgentCreds {
+    pub url: String,
+    pub token: String,
+    pub inbox_prefix: String,
+    pub expires_at: i64,
+}
+
+/// The credentials of `agent_id` from a `tokens.issue` answer, for the bus at `url` (any
+/// credentials of the operator's own in the URL are left out).
+pub fn agent_creds(
+    url: &str,
+    agent_id: &str,
+    issued: &serde_json::Value,
+) -> Result<AgentCreds, CliError> {
+    let token = issued["token"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| CliError::new(1, "the permission node answered no token"))?;
+    Ok(AgentCreds {
+        url: tether_bus::connect::display_url(url),
+        token: token.to_string(),
+        inbox_prefix: tether_auth::inbox::agent_inbox_prefix(agent_id),
+        // pbjson writes 64-bit integers as strings.
+        expires_at: issued["expires_at"]
+            .as_i64()
+            .or_else(|| issued["expires_at"].as_str().and_then(|s| s.parse().ok()))
+            .unwrap_or_default(),
+    })
+}
+
+impl AgentCreds {
+    /// `KEY=value` lines a tether client reads (`TETHER_NATS_*`), and the `nats` CLI's flags.
+    pub fn env(&self) -> String {
+        format!(
+            "# bus credentials; the token expires at unix time {exp}\n\
+             TETHER_NATS_URL={url}\nTETHER_NATS_TOKEN={token}\nTETHER_TOKEN={token}\n\
+             TETHER_NATS_INBOX_PREFIX={inbox}\n\
+             # nats CLI: nats --server {url} --token \"$TETHER_NATS_TOKEN\" --inbox-prefix {inbox} \\\n\
+             #   request shell.exec '{{\"command\":\"id\"}}' -H \"Authorization:Bearer $TETHER_TOKEN\"",
+            exp = self.expires_at,
+            url = self.url,
+            token = self.token,
+            inbox = self.inbox_prefix,
+        )
+    }
+
+    pub fn json(&self) -> String {
+        serde_json::json!({
+            "url": self.url,
+            "token": self.token,
+            "inbox_prefix": self.inbox_prefix,
+            "expires_at": self.expires_at,
+        })
+        .to_string()
+    }
+}

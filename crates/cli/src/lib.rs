@@ -8,6 +8,7 @@
 //! Exit codes: 0 ok, 1 the service answered with an error, 2 usage, 3 nothing answered
 //! (no responders or timed out), 64 bad launch file or configuration.
 
+pub mod bus_access;
 pub mod call;
 pub mod identity;
 pub mod ps;
@@ -79,7 +80,26 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 /// Connects to the bus as the nodes do (credentials, TLS), with a short timeout, one attempt
 /// and a clear error.
-pub async fn connect(cfg: &tether_bus::BusConfig) -> Result<async_nats::Client, CliError> {
+///
+/// The bus checks every connection (auth callout). When the configuration names no NATS
+/// credentials, the CLI connects with a tether token: `token` (the one the request carries,
+/// `--token` / `TETHER_TOKEN`), else an operator token it signs from the signing key when that
+/// key is readable here (local development), else none (and the bus refuses, said plainly).
+pub async fn connect(
+    cfg: &tether_bus::BusConfig,
+    token: Option<&str>,
+) -> Result<async_nats::Client, CliError> {
+    let mut cfg = cfg.clone();
+    if !tether_bus::connect::has_credentials(&cfg) {
+        let token = match token {
+            Some(t) => Some(t.to_string()),
+            None => identity::operator_token(&identity::key_path(None, None), 600, &cfg.auth)
+                .ok()
+                .map(|(t, _)| t),
+        };
+        cfg.nats_token = token.map(tether_bus::config::Secret::new);
+    }
+    let cfg = &cfg;
     let url = cfg.nats_url.as_str();
     let opts = tether_bus::connect::options(cfg, "tether-cli")
         .await
@@ -88,9 +108,15 @@ pub async fn connect(cfg: &tether_bus::BusConfig) -> Result<async_nats::Client, 
         .request_timeout(None)
         .connection_timeout(std::time::Duration::from_secs(3));
     opts.connect(url).await.map_err(|e| {
+        let url = tether_bus::connect::display_url(url);
+        let hint = if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation {
+            " (the bus refused these credentials: give a token with --token or TETHER_TOKEN, or NATS credentials in the config)"
+        } else {
+            ""
+        };
         CliError::new(
             EXIT_NO_ANSWER,
-            format!("cannot reach the bus at {url}: {e}"),
+            format!("cannot reach the bus at {url}: {e}{hint}"),
         )
     })
 }

@@ -41,6 +41,12 @@ enum Cmd {
         #[arg(long, default_value = "deploy/bringup.toml")]
         launch: PathBuf,
     },
+    /// The bus's own keys: `tether bus init` writes the key bundle (node nkeys, auth-callout
+    /// keys, admin password) and the server configuration that enforces it.
+    Bus {
+        #[command(subcommand)]
+        cmd: BusCmd,
+    },
     /// Signing keys.
     Keys {
         #[command(subcommand)]
@@ -90,6 +96,19 @@ struct TokenArg {
 }
 
 #[derive(Subcommand)]
+enum BusCmd {
+    /// Make the bundle in `--dir` (default: $TETHER_BUS_KEYS_DIR, else bus-keys/ beside the
+    /// signing key) unless it is there, and write `authorization.conf` and `nats-server.conf`
+    /// (which includes `--server-config` when given) into it.
+    Init {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        server_config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum KeysCmd {
     /// Write a new Ed25519 signing key for the permission node (0600).
     Init {
@@ -126,6 +145,20 @@ enum TokenCmd {
 
 #[derive(Subcommand)]
 enum AgentCmd {
+    /// What an agent process needs to connect to the bus: the URL, a fresh token (the
+    /// connection's credential and the requests' bearer), its inbox prefix; as environment
+    /// lines (default) or JSON. For a container, write the token to a file and give the path
+    /// in TETHER_NATS_TOKEN_FILE: never put it in the container's environment.
+    Creds {
+        agent_id: String,
+        /// Token lifetime in seconds (default: the permission node's).
+        #[arg(long)]
+        ttl: Option<u32>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        auth: TokenArg,
+    },
     Register {
         agent_id: String,
         #[arg(long)]
@@ -163,7 +196,7 @@ async fn request(
     body: serde_json::Value,
     token: Option<String>,
 ) -> Result<String, CliError> {
-    let client = tether_cli::connect(bus).await?;
+    let client = tether_cli::connect(bus, token.as_deref()).await?;
     let args = call::CallArgs {
         subject: subject.into(),
         body: body.to_string(),
@@ -202,7 +235,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 })
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| CliError::new(2, "headers are Key:Value"))?;
-            let client = tether_cli::connect(server).await?;
+            let client = tether_cli::connect(server, c.auth.token.as_deref()).await?;
             let args = call::CallArgs {
                 subject: c.subject,
                 body,
@@ -216,7 +249,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             println!("{}", call::call(&client, &args).await?.stdout);
         }
         Cmd::Ps { wait, json } => {
-            let client = tether_cli::connect(server).await?;
+            let client = tether_cli::connect(server, None).await?;
             let list = ps::instances(&client, wait)
                 .await
                 .map_err(|e| CliError::new(1, e.to_string()))?;
@@ -238,6 +271,20 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 tether_bus::shutdown_signal(),
             )
             .await?;
+        }
+        Cmd::Bus {
+            cmd: BusCmd::Init { dir, server_config },
+        } => {
+            let bus = match dir {
+                Some(d) => tether_cli::bus_access::LocalBus::load_or_create_in(d)?,
+                None => tether_cli::bus_access::LocalBus::load_or_create()?,
+            };
+            let conf = bus.write_server_conf(server_config.as_deref())?;
+            eprintln!(
+                "bus keys in {}; start nats-server with -c {} (or include authorization.conf there)",
+                bus.dir.display(),
+                conf.display()
+            );
         }
         Cmd::Keys {
             cmd: KeysCmd::Init { path, force },
@@ -284,8 +331,24 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::new(2, "say --operator or --agent <agent_id>"));
             }
         }
+        Cmd::Agent {
+            cmd:
+                AgentCmd::Creds {
+                    agent_id,
+                    ttl,
+                    json,
+                    auth,
+                },
+        } => {
+            let body = serde_json::json!({"agent_id": agent_id, "ttl_seconds": ttl.unwrap_or(0)});
+            let out = request(server, "tokens.issue", body, auth.token).await?;
+            let issued: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            let creds = identity::agent_creds(&bus.nats_url, &agent_id, &issued)?;
+            println!("{}", if json { creds.json() } else { creds.env() });
+        }
         Cmd::Agent { cmd } => {
             let out = match cmd {
+                AgentCmd::Creds { .. } => unreachable!("handled above"),
                 AgentCmd::Register {
                     agent_id,
                     space,

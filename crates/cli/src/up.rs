@@ -463,64 +463,63 @@ pub async fn up(
 
     // The bus: use the one that answers, or start one.
     let mut nats_child: Option<Child> = None;
-    let client =
-        match tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url.as_str())).await
-        {
-            Ok(Ok(c)) => {
-                log(&format!("using the bus at {url}"));
-                c
-            }
-            _ => {
-                let (host, port) = host_port(&url);
-                let mut cmd = Command::new(
-                    std::env::var("TETHER_NATS_SERVER").unwrap_or_else(|_| "nats-server".into()),
-                );
-                match lf.bus.server_config.as_ref().map(|p| base.join(p)) {
-                    Some(conf) => {
-                        cmd.arg("-c").arg(conf);
-                    }
-                    None => {
-                        cmd.args(["-js", "-sd", ".tether/nats"]);
-                    }
+    // The bus checks every connection: `tether up` talks to it as the bundle's admin user,
+    // and each node connects as its own kind's user.
+    let access = crate::bus_access::LocalBus::load_or_create()?;
+    let admin = access.admin_url(&url);
+    let client = match tokio::time::timeout(Duration::from_secs(2), admin_connect(&admin)).await {
+        Ok(Ok(c)) => {
+            log(&format!("using the bus at {url}"));
+            c
+        }
+        _ => {
+            let (host, port) = host_port(&url);
+            let mut cmd = Command::new(
+                std::env::var("TETHER_NATS_SERVER").unwrap_or_else(|_| "nats-server".into()),
+            );
+            let conf = access.write_server_conf(
+                lf.bus
+                    .server_config
+                    .as_ref()
+                    .map(|p| base.join(p))
+                    .as_deref(),
+            )?;
+            cmd.arg("-c").arg(conf);
+            cmd.args(["-a", host.as_str(), "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0)
+                .kill_on_drop(true);
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| CliError::new(1, format!("cannot start nats-server: {e}")))?;
+            pipe_output(&mut child, "[nats-server]".into());
+            log(&format!(
+                "started nats-server, pid {}, at {url}",
+                child.id().unwrap_or(0)
+            ));
+            nats_child = Some(child);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Ok(Ok(c)) =
+                    tokio::time::timeout(Duration::from_secs(1), admin_connect(&admin)).await
+                {
+                    break c;
                 }
-                cmd.args(["-a", host.as_str(), "-p", &port.to_string()])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .process_group(0)
-                    .kill_on_drop(true);
-                let mut child = cmd
-                    .spawn()
-                    .map_err(|e| CliError::new(1, format!("cannot start nats-server: {e}")))?;
-                pipe_output(&mut child, "[nats-server]".into());
-                log(&format!(
-                    "started nats-server, pid {}, at {url}",
-                    child.id().unwrap_or(0)
-                ));
-                nats_child = Some(child);
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-                loop {
-                    if let Ok(Ok(c)) = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        async_nats::connect(url.as_str()),
-                    )
-                    .await
-                    {
-                        break c;
+                if tokio::time::Instant::now() > deadline {
+                    if let Some(c) = nats_child.as_mut() {
+                        terminate(c, Duration::from_secs(5)).await;
                     }
-                    if tokio::time::Instant::now() > deadline {
-                        if let Some(c) = nats_child.as_mut() {
-                            terminate(c, Duration::from_secs(5)).await;
-                        }
-                        return Err(CliError::new(
-                            1,
-                            format!("nats-server did not come up at {url}"),
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    return Err(CliError::new(
+                        1,
+                        format!("nats-server did not come up at {url}"),
+                    ));
                 }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-        };
+        }
+    };
 
     let mut common: Vec<(String, String)> = vec![("TETHER_NATS_URL".into(), url.clone())];
     for (k, v) in &lf.parameters {
@@ -534,6 +533,7 @@ pub async fn up(
     for &i in &order {
         let n = &lf.nodes[i];
         let mut env = common.clone();
+        env.extend(access.node_env(&n.name));
         env.extend(n.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let launch = Arc::new(Launch {
             program: resolve_command(&n.command, &base),
@@ -612,6 +612,18 @@ pub async fn up(
         Some(e) if e.code != 0 => Err(e),
         _ => Ok(()),
     }
+}
+
+/// A connection as the bundle's admin user (`admin_url` carries the credentials).
+async fn admin_connect(admin_url: &str) -> anyhow::Result<async_nats::Client> {
+    let cfg = tether_bus::BusConfig {
+        nats_url: admin_url.to_string(),
+        ..Default::default()
+    };
+    Ok(tether_bus::connect::options(&cfg, "tether-up")
+        .await?
+        .connect(admin_url)
+        .await?)
 }
 
 #[cfg(test)]

@@ -118,7 +118,12 @@ impl NodeKind {
     fn owns_buckets(self) -> &'static [&'static str] {
         match self {
             NodeKind::Permission => &["tether_agents", "tether_keys", "tether_revoked"],
-            NodeKind::Orchestrator => &["tether_spaces", "tether_tool_results", "tether_sessions"],
+            NodeKind::Orchestrator => &[
+                "tether_spaces",
+                "tether_tool_results",
+                "tether_tool_results_done",
+                "tether_sessions",
+            ],
             NodeKind::Shell => &["tether_shell_sessions"],
             NodeKind::Model => &[],
         }

@@ -8,6 +8,13 @@
 //! the client comes back with a renewed one. Every refusal names its reason to the server
 //! (never the token).
 //!
+//! Design decision: one identity end to end. The alternative, NATS decentralized JWT
+//! (operator mode, a creds file per agent), would give every agent a second credential with its
+//! own lifetime and revocation (account JWT updates through a resolver); with the callout, the
+//! tether token an agent already holds is its bus credential too, checked by the same code, its
+//! scopes and space shaping the NATS permissions, its expiry ending the connection, its
+//! revocation closing it.
+//!
 //! Revocation: every connection we let in is remembered (server, connection id, agent, token
 //! id); when the revocation bucket names its agent or token, the connection is closed through
 //! the system account (`$SYS.REQ.SERVER.<id>.KICK`). A permission node remembers only the

@@ -1,0 +1,128 @@
+//! The local fleet's bus credentials (`tether up`): one key bundle
+//! ([`tether_permission_node::server_conf::BusKeys`]) kept next to the signing key, the
+//! nats-server configuration that enforces it, and each node's share of it.
+//!
+//! The bundle lives in `$TETHER_BUS_KEYS_DIR`, else `bus-keys/` beside the signing key
+//! (`~/.local/share/tether/bus-keys`), made on first use (0700, files 0600). The server
+//! configuration `tether up` starts nats-server with is written there too
+//! (`nats-server.conf`: it includes the launch file's configuration and adds the accounts,
+//! node users and auth callout), because it holds the break-glass admin password.
+
+use std::path::{Path, PathBuf};
+
+use tether_permission_node::access::NodeKind;
+use tether_permission_node::callout::CalloutConfig;
+use tether_permission_node::server_conf::{ADMIN_USER, BusKeys};
+
+use crate::CliError;
+
+/// The bundle and where it is.
+pub struct LocalBus {
+    pub dir: PathBuf,
+    keys: BusKeys,
+}
+
+/// `$TETHER_BUS_KEYS_DIR`, else `bus-keys/` beside the default signing key.
+pub fn bundle_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TETHER_BUS_KEYS_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let key = tether_bus::config::default_signing_key_path();
+    key.parent()
+        .map_or_else(|| PathBuf::from("bus-keys"), |p| p.join("bus-keys"))
+}
+
+impl LocalBus {
+    /// The bundle at [`bundle_dir`], made there when there is none.
+    pub fn load_or_create() -> Result<Self, CliError> {
+        Self::load_or_create_in(bundle_dir())
+    }
+
+    /// The bundle in `dir`, made there when there is none.
+    pub fn load_or_create_in(dir: PathBuf) -> Result<Self, CliError> {
+        let keys = BusKeys::load_or_create(&dir)
+            .map_err(|e| CliError::new(1, format!("bus keys at {}: {e:#}", dir.display())))?;
+        Ok(LocalBus { dir, keys })
+    }
+
+    /// `url` with the admin user's credentials: how `tether up` itself talks to the bus.
+    pub fn admin_url(&self, url: &str) -> String {
+        match url.split_once("://") {
+            Some((scheme, rest)) => format!(
+                "{scheme}://{ADMIN_USER}:{}@{rest}",
+                self.keys.admin_password
+            ),
+            None => format!("{ADMIN_USER}:{}@{url}", self.keys.admin_password),
+        }
+    }
+
+    /// Writes `authorization.conf` (the accounts, node users and auth callout: public keys and
+    /// the admin password) and `nats-server.conf` (an `include` of `base` when given, else
+    /// JetStream in `.tether/nats`, then the authorization) into the bundle; returns the latter.
+    pub fn write_server_conf(&self, base: Option<&Path>) -> Result<PathBuf, CliError> {
+        let head = match base {
+            Some(b) => {
+                let abs = std::fs::canonicalize(b)
+                    .map_err(|e| CliError::new(1, format!("server config {}: {e}", b.display())))?;
+                format!("include {}\n", quote(&abs.display().to_string()))
+            }
+            None => "jetstream {\n  store_dir: \".tether/nats\"\n}\n".to_string(),
+        };
+        write_private(
+            &self.dir.join("authorization.conf"),
+            &format!(
+                "# written by tether: who may connect to the bus (include it in every server's config)\n{}",
+                self.keys.authorization_conf(None)
+            ),
+        )?;
+        let path = self.dir.join("nats-server.conf");
+        write_private(
+            &path,
+            &format!("# written by tether\n{head}include \"authorization.conf\"\n"),
+        )?;
+        Ok(path)
+    }
+
+    /// The environment giving node `name` its own bus credentials (nothing for a node that is
+    /// not one of tether's kinds: it brings its own).
+    pub fn node_env(&self, name: &str) -> Vec<(String, String)> {
+        let Some(kind) = NodeKind::ALL.iter().find(|k| k.name() == name) else {
+            return vec![];
+        };
+        let path = |p: PathBuf| p.display().to_string();
+        let mut env = vec![(
+            "TETHER_NATS_NKEY_FILE".to_string(),
+            path(BusKeys::node_seed_file(&self.dir, *kind)),
+        )];
+        if *kind == NodeKind::Permission {
+            let c = CalloutConfig::from_bundle(&self.dir);
+            for (k, v) in [
+                ("TETHER_CALLOUT__ISSUER_SEED_FILE", c.issuer_seed_file),
+                ("TETHER_CALLOUT__NKEY_FILE", c.nkey_file),
+                ("TETHER_CALLOUT__SYSTEM_NKEY_FILE", c.system_nkey_file),
+            ] {
+                if let Some(v) = v {
+                    env.push((k.to_string(), path(v)));
+                }
+            }
+        }
+        env
+    }
+}
+
+fn quote(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| CliError::new(1, format!("cannot write {}: {e}", path.display())))
+}
