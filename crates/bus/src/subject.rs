@@ -26,6 +26,25 @@ pub fn is_valid_token(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// The subject a caller may have a node stream chunks to (`stream_subject` of an exec or a
+/// shell command): a subject without wildcards in the caller's own inbox
+/// (`_INBOX.<agent_id>.…`), or in a node's (`_INBOX_NODES.…`: a node streaming on an agent's
+/// behalf, e.g. the shell server); an operator anywhere but `$…`. So no agent can have a node
+/// write into another agent's inbox.
+pub fn check_stream_subject(s: &str, caller: &crate::Caller) -> Result<String, crate::Problem> {
+    use tether_auth::inbox::{NODE_INBOX_ROOT, agent_inbox_prefix};
+    let own = format!("{}.", agent_inbox_prefix(&caller.agent_id));
+    let allowed = s.starts_with(&own)
+        || s.starts_with(&format!("{NODE_INBOX_ROOT}."))
+        || caller.is_operator();
+    if !is_valid_publish_subject(s) || s.starts_with('$') || !allowed {
+        return Err(crate::Problem::bad_request(format!(
+            "`stream_subject` {s:?} must be a subject of your own inbox ({own}…) without wildcards"
+        )));
+    }
+    Ok(s.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

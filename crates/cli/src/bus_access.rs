@@ -5,7 +5,7 @@
 //! The bundle lives in `$TETHER_BUS_KEYS_DIR`, else `bus-keys/` beside the signing key
 //! (`~/.local/share/tether/bus-keys`), made on first use (0700, files 0600). The server
 //! configuration `tether up` starts nats-server with is written there too
-//! (`nats-server.conf`: it includes the launch file's configuration and adds the accounts,
+//! (`nats-server.conf`: the launch file's configuration with the accounts,
 //! node users and auth callout), because it holds the break-glass admin password.
 
 use std::path::{Path, PathBuf};
@@ -57,14 +57,16 @@ impl LocalBus {
     }
 
     /// Writes `authorization.conf` (the accounts, node users and auth callout: public keys and
-    /// the admin password) and `nats-server.conf` (an `include` of `base` when given, else
+    /// the admin password) and `nats-server.conf` (the text of `base` when given, else
     /// JetStream in `.tether/nats`, then the authorization) into the bundle; returns the latter.
     pub fn write_server_conf(&self, base: Option<&Path>) -> Result<PathBuf, CliError> {
+        // Inlined, not included: nats-server resolves every `include` against the including
+        // file's folder, so an absolute path cannot be included.
         let head = match base {
             Some(b) => {
-                let abs = std::fs::canonicalize(b)
+                let text = std::fs::read_to_string(b)
                     .map_err(|e| CliError::new(1, format!("server config {}: {e}", b.display())))?;
-                format!("include {}\n", quote(&abs.display().to_string()))
+                format!("# from {}\n{text}\n", b.display())
             }
             None => "jetstream {\n  store_dir: \".tether/nats\"\n}\n".to_string(),
         };
@@ -108,10 +110,6 @@ impl LocalBus {
         }
         env
     }
-}
-
-fn quote(s: &str) -> String {
-    serde_json::Value::String(s.to_string()).to_string()
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), CliError> {

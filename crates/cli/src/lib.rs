@@ -91,7 +91,7 @@ pub async fn connect(
 ) -> Result<async_nats::Client, CliError> {
     let mut cfg = cfg.clone();
     if !tether_bus::connect::has_credentials(&cfg) {
-        let token = match token {
+        let token = match token.filter(|t| !t.is_empty()) {
             Some(t) => Some(t.to_string()),
             None => identity::operator_token(&identity::key_path(None, None), 600, &cfg.auth)
                 .ok()

@@ -454,18 +454,7 @@ impl ExecCall {
                     "`stream: true` needs a `stream_subject` (e.g. a fresh _INBOX subject)",
                 ));
             }
-            (true, s) => {
-                let inbox = s.starts_with("_INBOX.");
-                if !tether_bus::subject::is_valid_publish_subject(s)
-                    || s.starts_with('$')
-                    || !(inbox || caller.is_operator())
-                {
-                    return Err(Problem::bad_request(format!(
-                        "`stream_subject` {s:?} must be an _INBOX. subject without wildcards"
-                    )));
-                }
-                Some(s.to_string())
-            }
+            (true, s) => Some(tether_bus::subject::check_stream_subject(s, caller)?),
         };
         Ok(Self {
             cmd,

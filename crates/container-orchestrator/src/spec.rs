@@ -621,12 +621,13 @@ pub fn validate_create(
 }
 
 /// The `TETHER_NATS_URL` for containers: loopback hosts of the node's URL(s) become
-/// `host.docker.internal`, which the orchestrator maps to the host gateway.
+/// `host.docker.internal`, which the orchestrator maps to the host gateway. Credentials in a
+/// URL are always left out: the node's own never enter a container.
 pub fn container_nats_url(configured: &str, bus_url: &str) -> String {
     if !configured.is_empty() {
-        return configured.to_string();
+        return tether_bus::connect::display_url(configured);
     }
-    bus_url
+    tether_bus::connect::display_url(bus_url)
         .split(',')
         .map(|u| {
             let u = u.trim();

@@ -462,6 +462,14 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
         "{{index .Config.Labels \"tether.execution\"}}",
         &container,
     ]);
+    // Killed once the tool really runs (it printed), not between its container's create and
+    // start: that is another case (a run that never started), with another outcome.
+    eventually(Duration::from_secs(30), "tool printed", || async {
+        docker(&["logs", &container])
+            .contains("partial")
+            .then_some(())
+    })
+    .await;
     let _ = node.0.kill();
     let _ = node.0.wait();
     // Its caller would wait out its own timeout; it is not what this test is about.

@@ -169,7 +169,11 @@ impl Default for GatewayConfig {
             breaker_cooldown_ms: 30_000,
             rate_limit_per_minute: 0,
             endpoint_concurrency: 1024,
-            stream_subject_prefixes: vec!["_INBOX.".into(), "model.stream.".into()],
+            stream_subject_prefixes: vec![
+                "_INBOX.".into(),
+                "_INBOX_NODES.".into(),
+                "model.stream.".into(),
+            ],
             max_response_bytes: 64 * 1024 * 1024,
             providers: Vec::new(),
             routes: Vec::new(),

@@ -106,10 +106,11 @@ impl NodeKind {
         }
     }
 
-    /// Families it sends requests to besides its own.
+    /// Subjects it sends requests to besides its own families: the shell server asks the
+    /// orchestrator (on the host that holds the space, when it knows it) to exec.
     fn calls(self) -> &'static [&'static str] {
         match self {
-            NodeKind::Shell => &["containers"],
+            NodeKind::Shell => &["containers.>", "hosts.*.containers.>"],
             _ => &[],
         }
     }
@@ -166,8 +167,8 @@ impl NodeKind {
             publish.push(p(&format!("{f}.>")));
             subscribe.push(p(&format!("{f}.>")));
         }
-        for f in self.calls() {
-            publish.push(p(&format!("{f}.>")));
+        for s in self.calls() {
+            publish.push(p(s));
         }
         for b in self.owns_buckets() {
             publish.extend(stream_admin(&format!("KV_{b}")));

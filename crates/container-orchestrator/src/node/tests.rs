@@ -70,6 +70,15 @@ fn bad_exec_and_stop_requests_are_refused() {
             json!({"command": "true", "stream": true, "stream_subject": "events.x"}),
             "stream_subject",
         ),
+        // Another agent's inbox (the caller is `a1`): no writing into someone else's replies.
+        (
+            json!({"command": "true", "stream": true, "stream_subject": "_INBOX.a2.x"}),
+            "stream_subject",
+        ),
+        (
+            json!({"command": "true", "stream": true, "stream_subject": "_INBOX.x"}),
+            "stream_subject",
+        ),
     ] {
         let b: ExecRequest = decode(&body).expect("decodes");
         refused(
@@ -82,6 +91,13 @@ fn bad_exec_and_stop_requests_are_refused() {
     let ok: ExecRequest = decode(&json!({"command": "true"})).expect("decodes");
     let c = ExecCall::validate(&ok, &caller, &limits).expect("valid");
     assert_eq!(c.max_output, limits.default_output);
+    // Its own inbox, or a node's (the shell server streams on an agent's behalf).
+    for s in ["_INBOX.a1.x1", "_INBOX_NODES.shell-server.x2"] {
+        let own: ExecRequest =
+            decode(&json!({"command": "true", "stream": true, "stream_subject": s}))
+                .expect("decodes");
+        assert!(ExecCall::validate(&own, &caller, &limits).is_ok(), "{s}");
+    }
     // An operator may stream to any subject it can publish to.
     let op: ExecRequest =
         decode(&json!({"command": "true", "stream": true, "stream_subject": "events.x"}))

@@ -239,6 +239,15 @@ fn nats_url_for_containers() {
         container_nats_url("nats://bus:4222", "x"),
         "nats://bus:4222"
     );
+    // The node's own credentials never reach a container.
+    assert_eq!(
+        container_nats_url("", "nats://admin:secret@127.0.0.1:4222"),
+        "nats://host.docker.internal:4222"
+    );
+    assert_eq!(
+        container_nats_url("nats://node:pw@bus:4222", "x"),
+        "nats://bus:4222"
+    );
 }
 
 /// The create cases of what was the end-to-end bad-input test (the orchestrator's and the
