@@ -6,7 +6,17 @@ use std::process::{Command, Output};
 
 use tether_testkit::Fleet;
 
-fn tether(args: &[&str], token: &str) -> Output {
+/// Runs `tether` off the test's runtime thread: the fleet's auth callout runs on it and must
+/// answer the CLI's connect.
+async fn tether(args: &[&str], token: &str) -> Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let token = token.to_string();
+    tokio::task::spawn_blocking(move || run(&args, &token))
+        .await
+        .expect("join")
+}
+
+fn run(args: &[String], token: &str) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
     cmd.args(args);
     for (k, _) in std::env::vars() {
@@ -28,12 +38,14 @@ async fn agent_creds_connect_an_agent_with_its_own_permissions() {
     let out = tether(
         &["agent", "creds", "creds-a", "--json", "--server", &url],
         f.operator(),
-    );
+    )
+    .await;
     assert!(
         out.status.success(),
-        "{}{}",
+        "{}{}\nserver log:\n{}",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(f.nats.log_path()).unwrap_or_default()
     );
     let creds: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(creds["url"], url.as_str());
@@ -54,7 +66,8 @@ async fn agent_creds_connect_an_agent_with_its_own_permissions() {
     let env = tether(
         &["agent", "creds", "creds-a", "--server", &url],
         f.operator(),
-    );
+    )
+    .await;
     let text = String::from_utf8_lossy(&env.stdout);
     for line in [
         format!("TETHER_NATS_URL={url}"),
@@ -72,7 +85,8 @@ async fn creds_of_an_unknown_agent_or_without_a_token_are_refused() {
     let out = tether(
         &["agent", "creds", "nobody", "--server", &url],
         f.operator(),
-    );
+    )
+    .await;
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("404"),
@@ -80,7 +94,7 @@ async fn creds_of_an_unknown_agent_or_without_a_token_are_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     // No token and no signing key: the bus refuses the CLI's connection, and says why.
-    let out = tether(&["agent", "creds", "nobody", "--server", &url], "");
+    let out = tether(&["agent", "creds", "nobody", "--server", &url], "").await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refused"), "{err}");

@@ -41,6 +41,15 @@ async fn only_a_valid_unrevoked_token_gets_in() {
         .expect("auth.keys answers an agent");
     assert!(String::from_utf8_lossy(&keys.payload).contains("keys"));
 
+    // An operator connects too (with every permission).
+    let op = f
+        .connect_as(f.operator())
+        .await
+        .expect("an operator token connects");
+    op.request("agents.list", "{}".into())
+        .await
+        .expect("the operator's request is delivered");
+
     let e = refused(&f, None).await;
     assert!(e.to_lowercase().contains("authorization"), "anonymous: {e}");
 
