@@ -38,6 +38,7 @@ use crate::codec::{CONTENT_TYPE, Encoding};
 use crate::config::BusConfig;
 use crate::micro::{EndpointInfo, EndpointStats, Identity, StatsData, Verb};
 use crate::problem::{PROBLEM_CONTENT_TYPE, SERVICE_ERROR, SERVICE_ERROR_CODE};
+use crate::request::header;
 pub use crate::request::{CallerKind, PublicRequest, RawRequest, Reply, Request};
 use crate::{Problem, telemetry};
 
@@ -660,15 +661,20 @@ async fn process(rt: &EndpointRt, msg: Message, span: &tracing::Span) -> Result<
     let caller = match rt.access {
         Access::Public => None,
         Access::Authenticated | Access::Scope(_) => {
-            let token = crate::auth::parse_bearer(msg.headers.as_ref())?;
+            let token = crate::auth::parse_bearer_value(header(
+                msg.headers.as_ref(),
+                crate::auth::AUTHORIZATION,
+            ))?;
             let verifier = rt.verifier.as_ref().ok_or_else(|| {
                 Problem::unavailable("this node has no token verifier configured")
             })?;
-            let claims = verifier
-                .verify(token)
-                .await
-                .map_err(|e| crate::auth::unauthorized(&e))?;
-            let caller = Caller::from_claims(claims, crate::auth::BearerToken::new(token));
+            let caller = match verifier.known_caller(token) {
+                Some(known) => known,
+                None => verifier.verify(token).await.map(|claims| {
+                    Caller::from_claims(claims, crate::auth::BearerToken::new(token))
+                }),
+            }
+            .map_err(|e| crate::auth::unauthorized(&e))?;
             span.record("caller", caller.agent_id.as_str());
             span.record("space", caller.space.as_str());
             if let Access::Scope(s) = rt.access {
@@ -678,7 +684,7 @@ async fn process(rt: &EndpointRt, msg: Message, span: &tracing::Span) -> Result<
         }
     };
     let raw = RawRequest {
-        encoding: Encoding::of(msg.headers.as_ref()),
+        encoding: Encoding::of_content_type(header(msg.headers.as_ref(), CONTENT_TYPE)),
         payload: msg.payload,
         caller,
         subject: msg.subject,
