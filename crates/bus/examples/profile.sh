@@ -13,7 +13,7 @@ port=$((20000 + RANDOM % 20000))
 srv=$!
 url=nats://127.0.0.1:$port
 trap 'kill $srv 2>/dev/null || true' EXIT
-sleep 0.5
+until grep -qs "Server is ready" "$out/nats.log"; do sleep 0.1; kill -0 $srv; done
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/cg.$mode.%p" \
   "$bin" "$mode" "$url" $((warm + n)) "$out/token" >"$out/responder.log" 2>&1 &
 vg=$!

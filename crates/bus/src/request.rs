@@ -7,6 +7,8 @@
 //! `Option<Caller>` into a `Caller` is [`CallerKind::from_verified`]: a 401 if it is missing,
 //! never a panic.
 
+use std::sync::Arc;
+
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -26,7 +28,9 @@ pub struct Request<T, C = Caller> {
     pub reply: Option<Subject>,
     pub headers: HeaderMap,
     pub encoding: Encoding,
-    pub ctx: Ctx,
+    /// Shared by every request of the node: one reference count per request, not a copy of
+    /// the connection handles.
+    pub ctx: Arc<Ctx>,
 }
 
 /// The request of a public endpoint: a caller only if the endpoint was also given
@@ -91,7 +95,9 @@ pub struct RawRequest {
     pub reply: Option<Subject>,
     pub headers: HeaderMap,
     pub encoding: Encoding,
-    pub ctx: Ctx,
+    /// Shared by every request of the node: one reference count per request, not a copy of
+    /// the connection handles.
+    pub ctx: Arc<Ctx>,
 }
 
 impl RawRequest {
