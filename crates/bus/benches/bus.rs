@@ -129,7 +129,8 @@ async fn main() -> anyhow::Result<()> {
     );
     let token = key.sign(&claims)?;
 
-    // Baseline: a raw async-nats responder doing the same JSON work by hand.
+    // Baseline: a raw async-nats responder on its own connection to the same server, echoing
+    // the payload back (no decoding at all: the strictest baseline for the node).
     let raw_client = nats.client().await?;
     let mut sub = raw_client.subscribe("bench.raw").await?;
     let rc = raw_client.clone();

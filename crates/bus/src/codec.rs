@@ -22,10 +22,16 @@ pub enum Encoding {
 impl Encoding {
     /// The encoding named by a request's headers (JSON when absent or unknown).
     pub fn of(headers: Option<&async_nats::HeaderMap>) -> Self {
-        match headers
-            .and_then(|h| h.get(CONTENT_TYPE))
-            .map(|v| v.as_str())
-        {
+        Self::of_content_type(
+            headers
+                .and_then(|h| h.get(CONTENT_TYPE))
+                .map(|v| v.as_str()),
+        )
+    }
+
+    /// The encoding named by a `Content-Type` value (JSON when absent or unknown).
+    pub fn of_content_type(content_type: Option<&str>) -> Self {
+        match content_type {
             Some(ct) if is_protobuf(ct) => Encoding::Protobuf,
             _ => Encoding::Json,
         }
@@ -66,15 +72,14 @@ impl Encoding {
 }
 
 fn is_protobuf(ct: &str) -> bool {
-    let base = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    base == PROTOBUF
-        || base == "application/x-protobuf"
-        || base == "application/vnd.google.protobuf"
+    let base = ct.split(';').next().unwrap_or("").trim();
+    [
+        PROTOBUF,
+        "application/x-protobuf",
+        "application/vnd.google.protobuf",
+    ]
+    .iter()
+    .any(|p| base.eq_ignore_ascii_case(p))
 }
 
 #[cfg(test)]

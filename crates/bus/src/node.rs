@@ -28,7 +28,7 @@ use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tether_auth::Scope;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, field};
@@ -38,6 +38,7 @@ use crate::codec::{CONTENT_TYPE, Encoding};
 use crate::config::BusConfig;
 use crate::micro::{EndpointInfo, EndpointStats, Identity, StatsData, Verb};
 use crate::problem::{PROBLEM_CONTENT_TYPE, SERVICE_ERROR, SERVICE_ERROR_CODE};
+use crate::request::header;
 pub use crate::request::{CallerKind, PublicRequest, RawRequest, Reply, Request};
 use crate::{Problem, telemetry};
 
@@ -335,6 +336,7 @@ impl Node {
 
         // Endpoints.
         let tracker = TaskTracker::new();
+        let request_ctx = Arc::new(ctx.clone());
         let mut infos = Vec::new();
         for ep in self.endpoints {
             let subject = cfg.subject(&ep.path);
@@ -359,7 +361,7 @@ impl Node {
                 handler: ep.handler,
                 stats: stats.clone(),
                 verifier: verifier.clone(),
-                ctx: ctx.clone(),
+                ctx: request_ctx.clone(),
             });
             let limit = Arc::new(Semaphore::new(
                 ep.max_concurrency.unwrap_or(cfg.max_concurrency),
@@ -513,7 +515,7 @@ struct EndpointRt {
     handler: Handler,
     stats: Arc<EndpointStats>,
     verifier: Option<Arc<dyn Verify>>,
-    ctx: Ctx,
+    ctx: Arc<Ctx>,
 }
 
 async fn serve_endpoint(
@@ -552,11 +554,10 @@ async fn serve_endpoint(
         // Serve it right here if it never has to wait (an echo, a cached token): no task, no
         // cross-thread wake-up. A request that does wait continues as its own task, so the
         // endpoint still serves up to `max_concurrency` requests at once.
-        let rt = rt.clone();
-        let mut work = Box::pin(async move {
-            handle(&rt, msg).await;
-            drop(permit);
-        });
+        let Some(work) = handle(rt.clone(), msg, permit) else {
+            continue;
+        };
+        let mut work = Box::pin(work);
         if futures::poll!(work.as_mut()).is_pending() {
             tracker.spawn(work);
         }
@@ -580,11 +581,18 @@ fn problem_reply(p: &Problem, instance: &str) -> Reply {
     }
 }
 
-async fn handle(rt: &EndpointRt, msg: Message) {
+/// Serves one request under `permit` (its place under the endpoint's concurrency limit).
+/// `None` for a message without a reply subject (nothing to serve). The span and what the
+/// reply needs are made before the future, so that the future holds the message once.
+fn handle(
+    rt: Arc<EndpointRt>,
+    msg: Message,
+    permit: OwnedSemaphorePermit,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
     let started = Instant::now();
     let Some(reply_to) = msg.reply.clone() else {
         tracing::debug!(subject = %msg.subject, "ignoring a message without reply subject");
-        return;
+        return None;
     };
     let span = tracing::info_span!(
         "request",
@@ -597,59 +605,100 @@ async fn handle(rt: &EndpointRt, msg: Message) {
         duration_ms = field::Empty,
     );
     telemetry::set_parent_from(&span, msg.headers.as_ref());
-    let instance = msg.subject.clone();
-    let result = process(rt, msg, &span).instrument(span.clone()).await;
-    let (reply, error) = match result {
-        Ok(r) => (r, None),
-        Err(p) => (problem_reply(&p, &instance), Some(p)),
+    let done = Done {
+        rt: rt.clone(),
+        reply_to,
+        instance: msg.subject.clone(),
+        span: span.clone(),
+        started,
+        permit,
     };
-    // A reply the server would refuse never reaches the caller, who would wait out its
-    // timeout: it gets a problem that says why instead. (Asked only of large replies: every
-    // server carries 64 KiB.)
-    let client = &rt.ctx.client;
-    let (reply, error) = match reply.body.len() {
-        n if n > SMALL_REPLY
-            && n > client
-                .server_info()
-                .max_payload
-                .saturating_sub(REPLY_HEADROOM) =>
-        {
-            let p = Problem::internal(format!(
-                "the reply ({n} bytes) is larger than the bus carries in one message ({} bytes); ask for less output",
-                client.server_info().max_payload
-            ));
-            (problem_reply(&p, &instance), Some(p))
-        }
-        _ => (reply, error),
-    };
-    let sent = if reply.headers.is_empty() {
-        client.publish(reply_to, reply.body).await
-    } else {
-        client
-            .publish_with_headers(reply_to, reply.headers, reply.body)
-            .await
-    };
-    if let Err(e) = sent {
-        tracing::warn!(parent: &span, subject = %instance, error = %e, "could not publish reply");
-    }
-    let elapsed = started.elapsed();
-    let status = error.as_ref().map_or(200, |p| p.status);
-    span.record("status", status);
-    span.record("duration_ms", elapsed.as_secs_f64() * 1000.0);
-    match &error {
-        Some(p) if p.status >= 500 => {
-            tracing::warn!(parent: &span, subject = %instance, status, detail = %p.detail, "request failed")
-        }
-        Some(p) => {
-            tracing::debug!(parent: &span, subject = %instance, status, detail = %p.detail, "request refused")
-        }
-        None => tracing::trace!(parent: &span, subject = %instance, "request served"),
-    }
-    rt.stats
-        .record(elapsed, error.as_ref().map(|p| p.to_string()).as_deref());
+    // `then`: the processing and the replying futures take turns in one allocation instead
+    // of sitting side by side (as the locals of one async fn they did, past the allocator's
+    // fast path).
+    Some(
+        process(rt, msg, span.clone())
+            .instrument(span)
+            .then(move |result| done.reply(result)),
+    )
 }
 
-async fn process(rt: &EndpointRt, msg: Message, span: &tracing::Span) -> Result<Reply, Problem> {
+/// What answering a request needs once it has been processed.
+struct Done {
+    rt: Arc<EndpointRt>,
+    reply_to: async_nats::Subject,
+    instance: async_nats::Subject,
+    span: tracing::Span,
+    started: Instant,
+    /// The request's place under the endpoint's concurrency limit, given back once answered.
+    permit: OwnedSemaphorePermit,
+}
+
+impl Done {
+    async fn reply(self, result: Result<Reply, Problem>) {
+        let Done {
+            rt,
+            reply_to,
+            instance,
+            span,
+            started,
+            permit,
+        } = self;
+        let (reply, error) = match result {
+            Ok(r) => (r, None),
+            Err(p) => (problem_reply(&p, &instance), Some(p)),
+        };
+        // A reply the server would refuse never reaches the caller, who would wait out its
+        // timeout: it gets a problem that says why instead. (Asked only of large replies: every
+        // server carries 64 KiB.)
+        let client = &rt.ctx.client;
+        let (reply, error) = match reply.body.len() {
+            n if n > SMALL_REPLY
+                && n > client
+                    .server_info()
+                    .max_payload
+                    .saturating_sub(REPLY_HEADROOM) =>
+            {
+                let p = Problem::internal(format!(
+                    "the reply ({n} bytes) is larger than the bus carries in one message ({} bytes); ask for less output",
+                    client.server_info().max_payload
+                ));
+                (problem_reply(&p, &instance), Some(p))
+            }
+            _ => (reply, error),
+        };
+        // Boxed: held inline, the publish futures (two, not overlapped) would more than
+        // double the request's allocation.
+        let sent: BoxFuture<'_, Result<(), async_nats::PublishError>> = if reply.headers.is_empty()
+        {
+            Box::pin(client.publish(reply_to, reply.body))
+        } else {
+            Box::pin(client.publish_with_headers(reply_to, reply.headers, reply.body))
+        };
+        let sent = sent.await;
+        if let Err(e) = sent {
+            tracing::warn!(parent: &span, subject = %instance, error = %e, "could not publish reply");
+        }
+        let elapsed = started.elapsed();
+        let status = error.as_ref().map_or(200, |p| p.status);
+        span.record("status", status);
+        span.record("duration_ms", elapsed.as_secs_f64() * 1000.0);
+        match &error {
+            Some(p) if p.status >= 500 => {
+                tracing::warn!(parent: &span, subject = %instance, status, detail = %p.detail, "request failed")
+            }
+            Some(p) => {
+                tracing::debug!(parent: &span, subject = %instance, status, detail = %p.detail, "request refused")
+            }
+            None => tracing::trace!(parent: &span, subject = %instance, "request served"),
+        }
+        rt.stats
+            .record(elapsed, error.as_ref().map(|p| p.to_string()).as_deref());
+        drop(permit);
+    }
+}
+
+async fn process(rt: Arc<EndpointRt>, msg: Message, span: tracing::Span) -> Result<Reply, Problem> {
     if msg.payload.len() > rt.max_payload {
         return Err(Problem::too_large(format!(
             "request is {} bytes; this endpoint accepts at most {}",
@@ -660,15 +709,20 @@ async fn process(rt: &EndpointRt, msg: Message, span: &tracing::Span) -> Result<
     let caller = match rt.access {
         Access::Public => None,
         Access::Authenticated | Access::Scope(_) => {
-            let token = crate::auth::parse_bearer(msg.headers.as_ref())?;
+            let token = crate::auth::parse_bearer_value(header(
+                msg.headers.as_ref(),
+                crate::auth::AUTHORIZATION,
+            ))?;
             let verifier = rt.verifier.as_ref().ok_or_else(|| {
                 Problem::unavailable("this node has no token verifier configured")
             })?;
-            let claims = verifier
-                .verify(token)
-                .await
-                .map_err(|e| crate::auth::unauthorized(&e))?;
-            let caller = Caller::from_claims(claims, crate::auth::BearerToken::new(token));
+            let caller = match verifier.known_caller(token) {
+                Some(known) => known,
+                None => verifier.verify(token).await.map(|claims| {
+                    Caller::from_claims(claims, crate::auth::BearerToken::new(token))
+                }),
+            }
+            .map_err(|e| crate::auth::unauthorized(&e))?;
             span.record("caller", caller.agent_id.as_str());
             span.record("space", caller.space.as_str());
             if let Access::Scope(s) = rt.access {
@@ -678,7 +732,7 @@ async fn process(rt: &EndpointRt, msg: Message, span: &tracing::Span) -> Result<
         }
     };
     let raw = RawRequest {
-        encoding: Encoding::of(msg.headers.as_ref()),
+        encoding: Encoding::of_content_type(header(msg.headers.as_ref(), CONTENT_TYPE)),
         payload: msg.payload,
         caller,
         subject: msg.subject,

@@ -7,6 +7,8 @@
 //! `Option<Caller>` into a `Caller` is [`CallerKind::from_verified`]: a 401 if it is missing,
 //! never a panic.
 
+use std::sync::Arc;
+
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -26,7 +28,9 @@ pub struct Request<T, C = Caller> {
     pub reply: Option<Subject>,
     pub headers: HeaderMap,
     pub encoding: Encoding,
-    pub ctx: Ctx,
+    /// Shared by every request of the node: one reference count per request, not a copy of
+    /// the connection handles.
+    pub ctx: Arc<Ctx>,
 }
 
 /// The request of a public endpoint: a caller only if the endpoint was also given
@@ -91,7 +95,9 @@ pub struct RawRequest {
     pub reply: Option<Subject>,
     pub headers: HeaderMap,
     pub encoding: Encoding,
-    pub ctx: Ctx,
+    /// Shared by every request of the node: one reference count per request, not a copy of
+    /// the connection handles.
+    pub ctx: Arc<Ctx>,
 }
 
 impl RawRequest {
@@ -113,6 +119,17 @@ impl RawRequest {
             ctx: self.ctx,
         })
     }
+}
+
+/// The first value of header `name` (exact match, as `HeaderMap::get`), found by walking the
+/// few headers a request has: `get` parses, allocates and SipHashes its key, which on the
+/// request path cost more than the rest of the runtime's own work.
+pub(crate) fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    headers?
+        .iter()
+        .find(|(n, _)| AsRef::<str>::as_ref(n) == name)
+        .and_then(|(_, v)| v.first())
+        .map(|v| v.as_str())
 }
 
 /// A reply body with its headers.

@@ -13,6 +13,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{BusConfig, LogFormat};
+use crate::request::header;
 
 pub const TRACEPARENT: &str = "traceparent";
 
@@ -149,20 +150,20 @@ struct HeaderExtractor<'a>(&'a HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(|v| v.as_str())
+        header(Some(self.0), key)
     }
     fn keys(&self) -> Vec<&str> {
         // Only the W3C keys matter to the propagator.
         [TRACEPARENT, "tracestate"]
             .into_iter()
-            .filter(|k| self.0.get(*k).is_some())
+            .filter(|k| self.get(k).is_some())
             .collect()
     }
 }
 
 /// Sets the current span's parent from incoming headers.
 pub fn set_parent_from(span: &tracing::Span, headers: Option<&HeaderMap>) {
-    if let Some(h) = headers.filter(|h| h.get(TRACEPARENT).is_some()) {
+    if let Some(h) = headers.filter(|h| header(Some(h), TRACEPARENT).is_some()) {
         let cx = TraceContextPropagator::new().extract(&HeaderExtractor(h));
         let _ = span.set_parent(cx);
     }
