@@ -25,12 +25,34 @@ async fn nats_py_client_uses_a_node() {
         })
         .await
         .expect("node");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/nats_interop.py");
-    let url = nats.url();
+    python(
+        "nats_interop.py",
+        &[&nats.url(), "py-interop", "interop.echo"],
+        &["request/reply ok", "problem ok", "ping/info ok", "stats ok"],
+    )
+    .await;
+    node.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn nats_py_connects_as_an_agent_and_gets_only_its_permissions() {
+    let f = Fleet::start().await.expect("fleet");
+    let token = f.agent("py-agent", "py-space", &["shell:exec"]).await;
+    python(
+        "nats_agent.py",
+        &[&f.nats.plain_url(), &token, "py-agent"],
+        &["request ok", "violations ok"],
+    )
+    .await;
+}
+
+/// Runs `tests/py/<script>` with `args` (off the runtime thread: an in-process node or auth
+/// callout must keep answering) and checks that it succeeded and printed every line of `checks`.
+async fn python(script: &str, args: &[&str], checks: &[&str]) {
+    let script = format!("{}/py/{script}", env!("CARGO_MANIFEST_DIR"));
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args([script, url.as_str(), "py-interop", "interop.echo"])
-            .output()
+        Command::new("python3").arg(script).args(args).output()
     })
     .await
     .expect("join")
@@ -41,33 +63,7 @@ async fn nats_py_client_uses_a_node() {
         "python client failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for check in ["request/reply ok", "problem ok", "ping/info ok", "stats ok"] {
-        assert!(stdout.contains(check), "missing `{check}` in:\n{stdout}");
-    }
-    node.shutdown().await.expect("shutdown");
-}
-
-#[tokio::test]
-async fn nats_py_connects_as_an_agent_and_gets_only_its_permissions() {
-    let f = Fleet::start().await.expect("fleet");
-    let token = f.agent("py-agent", "py-space", &["shell:exec"]).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/nats_agent.py");
-    let url = f.nats.plain_url();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args([script, url.as_str(), token.as_str(), "py-agent"])
-            .output()
-    })
-    .await
-    .expect("join")
-    .expect("python3 runs (scripts/install-deps.sh installs nats-py)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "python agent failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for check in ["request ok", "violations ok"] {
+    for check in checks {
         assert!(stdout.contains(check), "missing `{check}` in:\n{stdout}");
     }
 }

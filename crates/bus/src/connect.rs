@@ -3,6 +3,11 @@
 //! The first connection is retried with backoff until it succeeds (a node may start before
 //! its nats-server, as in `tether up`); after that async-nats reconnects on its own with no
 //! attempt limit. Every disconnect and reconnect is logged.
+//!
+//! The bus authorizes every connection: a node brings its kind's nkey, an agent or worker its
+//! tether token (from a file re-read at every reconnect, so the connection survives the token's
+//! expiry as long as someone renews the file). Each client listens on its identity's inbox
+//! (`tether_auth::inbox`), the only one the bus lets it read. URLs in logs carry no credentials.
 
 use std::path::Path;
 use std::time::Duration;

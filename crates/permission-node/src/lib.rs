@@ -8,6 +8,10 @@
 //! key still marked current, giving each a `not_after` of now + the longest token lifetime,
 //! so tokens signed before a rotation stay valid until they expire and no longer.
 //!
+//! It also decides who may connect to the bus at all: [`callout`] answers the server's auth
+//! callout from the connection's token, with the NATS permissions of [`access`]; the server
+//! configuration that makes the server ask is [`server_conf`]'s.
+//!
 //! Authorization rules (the one place they are written down):
 //! - `agents.register` needs `agents:admin`; a caller can grant only scopes it holds itself.
 //! - `agents.get` / `agents.list` need `agents:read` (an agent may always read itself).
