@@ -375,6 +375,31 @@ impl Fleet {
     }
 }
 
+/// A client of `cfg` built like every shipped client ([`tether_bus::connect::options`]: token
+/// file re-read at each reconnect, the agent's own inbox), whose connection events (connects,
+/// disconnects, the server's `-ERR`s such as permission violations) arrive on the returned
+/// channel. The error is the server's refusal.
+pub async fn connect_with_events(
+    cfg: &BusConfig,
+    name: &str,
+) -> anyhow::Result<(
+    async_nats::Client,
+    tokio::sync::mpsc::UnboundedReceiver<async_nats::Event>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let c = tether_bus::connect::options(cfg, name)
+        .await?
+        .event_callback(move |e| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(e);
+            }
+        })
+        .connect(cfg.nats_url.as_str())
+        .await?;
+    Ok((c, rx))
+}
+
 /// An operator token (scope `operator`, no space, one hour) signed by `key`.
 pub fn operator_token(key: &SigningKey) -> anyhow::Result<String> {
     sign_token(

@@ -29,8 +29,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 pub use fleet::{
-    Body, CALL_TIMEOUT, Fleet, NodeKind, POLL_TIMEOUT, Problem, bus, call, eventually, num,
-    operator_token, permission_node, poll, request, sign_token, unique,
+    Body, CALL_TIMEOUT, Fleet, NodeKind, POLL_TIMEOUT, Problem, bus, call, connect_with_events,
+    eventually, num, operator_token, permission_node, poll, request, sign_token, unique,
 };
 pub use nats::{NatsServer, connect};
 
