@@ -215,6 +215,7 @@ name = "second"
 command = "{node}"
 env = {{ TETHER_NODE_NAME = "second" }}
 depends_on = ["first"]
+bus_user = "admin"
 
 [[nodes]]
 name = "first"
@@ -222,6 +223,7 @@ command = "{node}"
 env = {{ TETHER_NODE_NAME = "first" }}
 replicas = 2
 restart = "on-failure"
+bus_user = "admin"
 "#
         ),
     )
@@ -231,6 +233,7 @@ restart = "on-failure"
         .args(["up", "--server", &url, "--launch"])
         .arg(&launch)
         .current_dir(work.path())
+        .env("TETHER_BUS_KEYS_DIR", work.path().join("bus-keys"))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

@@ -22,6 +22,11 @@ pub struct LocalBus {
     keys: BusKeys,
 }
 
+/// Whether `u` names bus credentials a launch file's node may get: a node kind or `admin`.
+pub fn is_bus_user(u: &str) -> bool {
+    u == ADMIN_USER || NodeKind::ALL.iter().any(|k| k.name() == u)
+}
+
 /// `$TETHER_BUS_KEYS_DIR`, else `bus-keys/` beside the default signing key.
 pub fn bundle_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TETHER_BUS_KEYS_DIR").filter(|d| !d.is_empty()) {
@@ -85,10 +90,16 @@ impl LocalBus {
         Ok(path)
     }
 
-    /// The environment giving node `name` its own bus credentials (nothing for a node that is
-    /// not one of tether's kinds: it brings its own).
-    pub fn node_env(&self, name: &str) -> Vec<(String, String)> {
-        let Some(kind) = NodeKind::ALL.iter().find(|k| k.name() == name) else {
+    /// The environment giving node `name` its bus credentials: those of `bus_user` (a node
+    /// kind's name, or `admin` with the bus at `url`), by default of its own name when that is
+    /// a node kind; nothing otherwise (it brings its own).
+    pub fn node_env(&self, name: &str, bus_user: Option<&str>, url: &str) -> Vec<(String, String)> {
+        let who = bus_user.unwrap_or(name);
+        if who == ADMIN_USER {
+            return vec![("TETHER_NATS_URL".into(), self.admin_url(url))];
+        }
+        // An unknown `bus_user` was refused when the launch file was read.
+        let Some(kind) = NodeKind::ALL.iter().find(|k| k.name() == who) else {
             return vec![];
         };
         let path = |p: PathBuf| p.display().to_string();

@@ -7,7 +7,7 @@
 //!
 //! [bus]
 //! url = "nats://127.0.0.1:4222"
-//! server_config = "../nats/nats-server.conf"   # used when nothing answers at `url`
+//! server_config = "../nats/nats-server.conf"   # used (with authorization added) when nothing answers
 //!
 //! [parameters]                                 # given to every node as TETHER_<KEY>
 //! log = "info"
@@ -21,6 +21,8 @@
 //! restart = "on-failure"                       # never | on-failure | always
 //! depends_on = []
 //! ready_timeout_seconds = 30
+//! bus_user = "permission-node"                 # a node kind's bus credentials (default: its
+//!                                              # name's, if a kind), or "admin"
 //! ```
 //!
 //! Relative paths are resolved against the launch file's folder. Nodes start in dependency
@@ -29,6 +31,10 @@
 //! process group; output lines are prefixed `[name#replica]`. On SIGINT/SIGTERM everything
 //! stops in reverse order (SIGTERM, a grace period, then SIGKILL), the nats-server we
 //! started last of all.
+//!
+//! The bus authorizes every connection: the server `tether up` starts runs with the key
+//! bundle of [`crate::bus_access`], `tether up` itself talks to it as the bundle's admin, and
+//! each node gets only its own kind's credentials.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -105,6 +111,10 @@ pub struct NodeSpec {
     pub depends_on: Vec<String>,
     #[serde(default = "thirty")]
     pub ready_timeout_seconds: u64,
+    /// The bus credentials it gets: a node kind's name (default: its own name, when that is
+    /// one), or `admin` (every permission: for development nodes of your own).
+    #[serde(default)]
+    pub bus_user: Option<String>,
 }
 
 fn one() -> u32 {
@@ -140,6 +150,14 @@ impl LaunchFile {
             if n.replicas == 0 || n.replicas > 64 {
                 return Err(config_err(format!(
                     "node `{}`: replicas must be 1..=64",
+                    n.name
+                )));
+            }
+            if let Some(u) = n.bus_user.as_deref()
+                && !crate::bus_access::is_bus_user(u)
+            {
+                return Err(config_err(format!(
+                    "node `{}`: unknown bus_user {u:?} (a node kind's name, or admin)",
                     n.name
                 )));
             }
@@ -533,7 +551,7 @@ pub async fn up(
     for &i in &order {
         let n = &lf.nodes[i];
         let mut env = common.clone();
-        env.extend(access.node_env(&n.name));
+        env.extend(access.node_env(&n.name, n.bus_user.as_deref(), &url));
         env.extend(n.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let launch = Arc::new(Launch {
             program: resolve_command(&n.command, &base),
@@ -664,6 +682,7 @@ depends_on = ["a"]
             "[[nodes]]\nname = \"a b\"\ncommand = \"x\"",
             "[[nodes]]\nname = \"a\"\ncommand = \"x\"\nrestart = \"sometimes\"",
             "[[nodes]]\nname = \"a\"\ncommand = \"x\"\nreplicas = 0",
+            "[[nodes]]\nname = \"a\"\ncommand = \"x\"\nbus_user = \"root\"",
             "not toml [",
         ] {
             assert_eq!(parse(bad), Err(EXIT_CONFIG), "{bad}");
