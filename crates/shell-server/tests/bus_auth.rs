@@ -66,7 +66,11 @@ fn others_violations(log: &std::path::Path) -> Vec<String> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.contains("Violation") && !l.contains(":attacker\""))
+        // The attacker as 2.1x logs it (client name, then `TETHER/user:<id>`) and as 2.10 does
+        // (`User "<id>"`).
+        .filter(|l| {
+            l.contains("Violation") && !l.contains(":attacker\"") && !l.contains("User \"atk-b\"")
+        })
         .map(str::to_string)
         .collect()
 }
