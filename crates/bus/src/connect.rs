@@ -18,11 +18,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::BusConfig;
 
-/// Delay before reconnect attempt `n`: 50 ms doubling, capped at 2 s, so a restarted server
-/// is found again within a couple of seconds.
+/// Delay before connect attempt `n` (async-nats counts from 1 and waits this long before
+/// every attempt, the first included): none for the first, then 100 ms doubling, capped at
+/// 2 s, so a restarted server is found again within a couple of seconds and a first connect
+/// (or the reconnect after a token's expiry) costs no wait at all.
 pub fn reconnect_delay(attempt: usize) -> Duration {
-    let exp = u32::try_from(attempt.min(6)).unwrap_or(6);
-    Duration::from_millis(50 * 2u64.pow(exp)).min(Duration::from_secs(2))
+    if attempt <= 1 {
+        return Duration::ZERO;
+    }
+    let exp = u32::try_from(attempt.min(7)).unwrap_or(7);
+    Duration::from_millis(50 * 2u64.pow(exp - 1)).min(Duration::from_secs(2))
 }
 
 /// The connect options every bus client of tether uses: credentials, TLS, inbox, reconnects,
@@ -219,6 +224,15 @@ mod tests {
             display_url("nats://127.0.0.1:4222"),
             "nats://127.0.0.1:4222"
         );
+    }
+
+    #[test]
+    fn the_first_attempt_does_not_wait() {
+        assert_eq!(reconnect_delay(0), Duration::ZERO);
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        assert_eq!(reconnect_delay(2), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(3), Duration::from_millis(200));
+        assert_eq!(reconnect_delay(100), Duration::from_secs(2));
     }
 
     #[test]
