@@ -193,6 +193,10 @@ async fn chat_call(
     gw.admit(&caller.agent_id)?;
     let body = &req.body;
     check_chat(body, &gw.cfg.stream_subject_prefixes)?;
+    if body.stream && body.stream_subject.starts_with("_INBOX") {
+        // An inbox is someone's: chunks go only into the caller's own (or a node's).
+        tether_bus::subject::check_stream_subject(&body.stream_subject, caller)?;
+    }
     let deadline = gw.deadline(body.timeout_ms, &req.headers, started)?;
     let plan = gw.plan(Op::Chat, &body.model, gw.private(body.privacy, caller))?;
     let running = gw.register(&caller.agent_id, &body.request_id)?;

@@ -312,6 +312,8 @@ async fn streaming_chunks_arrive_in_order_and_concatenate() {
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": true, "stream_subject": "agents.register"}),
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": true, "stream_subject": "_INBOX.>"}),
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_subject": "_INBOX.x"}),
+        // Another agent's inbox: no spoofed chunks into someone else's replies.
+        json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": true, "stream_subject": "_INBOX.someone-else.x"}),
     ] {
         let e = f
             .call("model.chat", body.clone(), Some(&token))
