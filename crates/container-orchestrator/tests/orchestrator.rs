@@ -814,7 +814,12 @@ async fn host_addressed_twins_and_forwarding() {
 #[tokio::test]
 async fn sigkill_restart_keeps_bindings_and_leaves_no_orphans() {
     let f = fleet_with(false, |_| {}).await;
-    let mut node = spawn_node(&f.nats.url(), &f.host_id, None, &[]);
+    let mut node = spawn_node(
+        &f.nats.node_bus(tether_testkit::NodeKind::Orchestrator),
+        &f.host_id,
+        None,
+        &[],
+    );
     wait_up(&f, &f.host_id).await;
     let (s1, s2, s3) = (unique("keep"), unique("gone"), unique("adopt"));
     let t1 = f.agent(&unique("a"), &s1, SCOPES).await;
@@ -857,7 +862,12 @@ async fn sigkill_restart_keeps_bindings_and_leaves_no_orphans() {
         .await
         .expect("delete binding");
 
-    let _node = spawn_node(&f.nats.url(), &f.host_id, None, &[]);
+    let _node = spawn_node(
+        &f.nats.node_bus(tether_testkit::NodeKind::Orchestrator),
+        &f.host_id,
+        None,
+        &[],
+    );
     wait_up(&f, &f.host_id).await;
     // Every binding whose container lives is still (or again) there; the vanished one is not.
     let b1 = f.binding(&s1).await.expect("s1 still bound");

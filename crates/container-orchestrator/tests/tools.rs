@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures::StreamExt;
 use serde_json::{Value, json};
+use tether_testkit::NodeKind;
 
 pub const TOOL_SCOPES: &[&str] = &["tools:run", "relics:write", "containers:read"];
 
@@ -222,9 +223,9 @@ fn record(m: async_nats::Message, finished: &mut HashMap<String, usize>) {
 
 /// Orchestrator processes of the job tests: short ack wait (a dead worker is noticed in
 /// seconds), more workers than the default.
-fn spawn_worker(url: &str, host_id: &str, config: &std::path::Path) -> Child {
+fn spawn_worker(bus: &tether_bus::BusConfig, host_id: &str, config: &std::path::Path) -> Child {
     spawn_node(
-        url,
+        bus,
         host_id,
         Some(config),
         &[
@@ -259,8 +260,8 @@ async fn async_jobs_run_once_on_two_replicas_through_a_sigkill() {
         ),
     )
     .expect("config");
-    let mut a = spawn_worker(&f.nats.url(), &ha, &config);
-    let _b = spawn_worker(&f.nats.url(), &hb, &config);
+    let mut a = spawn_worker(&f.nats.node_bus(NodeKind::Orchestrator), &ha, &config);
+    let _b = spawn_worker(&f.nats.node_bus(NodeKind::Orchestrator), &hb, &config);
     wait_up(&f, &ha).await;
     wait_up(&f, &hb).await;
     let space = unique("s");
@@ -388,7 +389,7 @@ async fn async_jobs_run_once_on_two_replicas_through_a_sigkill() {
     );
 
     // A comes back; a running job is cancelled from whichever replica gets the request.
-    let _a = spawn_worker(&f.nats.url(), &ha, &config);
+    let _a = spawn_worker(&f.nats.node_bus(NodeKind::Orchestrator), &ha, &config);
     wait_up(&f, &ha).await;
     let r = f
         .call(
@@ -434,7 +435,7 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("tether.toml");
     std::fs::write(&config, "").expect("config");
-    let mut node = spawn_worker(&f.nats.url(), &h, &config);
+    let mut node = spawn_worker(&f.nats.node_bus(NodeKind::Orchestrator), &h, &config);
     wait_up(&f, &h).await;
     let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
 
@@ -489,7 +490,7 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
     // The node comes back (a new instance, the same host): its janitor adopts the container,
     // which its deadline stops, and records the run as timed out, with what the tool printed,
     // and removes the container.
-    let _node = spawn_worker(&f.nats.url(), &h, &config);
+    let _node = spawn_worker(&f.nats.node_bus(NodeKind::Orchestrator), &h, &config);
     wait_up(&f, &h).await;
     let r = eventually(
         Duration::from_secs(60),
@@ -580,7 +581,7 @@ async fn a_job_that_finished_while_its_worker_was_dead_is_adopted_by_its_outcome
     // deadline, and the tool must end well before it, even on a loaded engine.
     let worker = |h: &str| {
         spawn_node(
-            &f.nats.url(),
+            &f.nats.node_bus(NodeKind::Orchestrator),
             h,
             Some(&config),
             &[("TETHER_TOOL_JOB_ACK_WAIT_SECONDS", "6")],
@@ -682,7 +683,7 @@ async fn a_sync_run_whose_node_was_killed_is_adopted_by_the_restarted_node() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("tether.toml");
     std::fs::write(&config, "").expect("config");
-    let mut node = spawn_worker(&f.nats.url(), &h, &config);
+    let mut node = spawn_worker(&f.nats.node_bus(NodeKind::Orchestrator), &h, &config);
     wait_up(&f, &h).await;
     let t = f.agent(&unique("a"), &unique("s"), TOOL_SCOPES).await;
 
@@ -733,7 +734,7 @@ async fn a_sync_run_whose_node_was_killed_is_adopted_by_the_restarted_node() {
 
     // Restarted at once: the new instance adopts the container and records what the tool
     // did as soon as it ends — not `running` until the deadline, then `failed`.
-    let _node = spawn_worker(&f.nats.url(), &h, &config);
+    let _node = spawn_worker(&f.nats.node_bus(NodeKind::Orchestrator), &h, &config);
     wait_up(&f, &h).await;
     let r = eventually(
         Duration::from_secs(TOOL_SECONDS + 20),

@@ -70,10 +70,11 @@ impl Drop for Child {
     }
 }
 
-/// Starts the binary against `url` as `host_id` with a fast janitor, an optional config
-/// file and extra environment.
+/// Starts the binary on `bus` (its URL and, on an authorized bus, the orchestrator's own nkey:
+/// `f.nats.node_bus(NodeKind::Orchestrator)`) as `host_id` with a fast janitor, an optional
+/// config file and extra environment.
 pub fn spawn_node(
-    url: &str,
+    bus: &tether_bus::BusConfig,
     host_id: &str,
     config: Option<&std::path::Path>,
     env: &[(&str, &str)],
@@ -82,7 +83,10 @@ pub fn spawn_node(
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
-    cmd.env("TETHER_NATS_URL", url)
+    if let Some(seed) = &bus.nats_nkey_file {
+        cmd.env("TETHER_NATS_NKEY_FILE", seed);
+    }
+    cmd.env("TETHER_NATS_URL", &bus.nats_url)
         .env("TETHER_HOST_ID", host_id)
         .env("TETHER_JANITOR_INTERVAL_SECONDS", "1")
         .env("TETHER_RECONCILE_GRACE_SECONDS", "3")
