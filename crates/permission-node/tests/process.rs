@@ -1,4 +1,5 @@
-//! The `permission-node` binary: makes a dev key when asked, serves, and never logs secrets.
+//! The `permission-node` binary: makes a dev key when asked, serves on its own bus credentials,
+//! answers the bus's auth callout, and never logs secrets (nor the bus's keys).
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -12,8 +13,21 @@ async fn binary_serves_and_never_logs_secrets() {
     let nats = NatsServer::start().await.expect("nats");
     let dir = tempfile::tempdir().expect("tmp");
     let key_path = dir.path().join("keys/signing-key.pem");
+    let bus = nats.node_bus(tether_testkit::NodeKind::Permission);
+    let callout = nats.callout();
+    let path = |p: &Option<std::path::PathBuf>| p.clone().expect("authorized bus");
     let mut child = Command::new(env!("CARGO_BIN_EXE_permission-node"))
-        .env("TETHER_NATS_URL", nats.url())
+        .env("TETHER_NATS_URL", &bus.nats_url)
+        .env("TETHER_NATS_NKEY_FILE", path(&bus.nats_nkey_file))
+        .env(
+            "TETHER_CALLOUT__ISSUER_SEED_FILE",
+            path(&callout.issuer_seed_file),
+        )
+        .env("TETHER_CALLOUT__NKEY_FILE", path(&callout.nkey_file))
+        .env(
+            "TETHER_CALLOUT__SYSTEM_NKEY_FILE",
+            path(&callout.system_nkey_file),
+        )
         .env("TETHER_SIGNING_KEY_FILE", &key_path)
         .env("TETHER_CREATE_SIGNING_KEY", "true")
         .env("TETHER_LOG", "trace")
@@ -97,6 +111,24 @@ async fn binary_serves_and_never_logs_secrets() {
     let mut bad = async_nats::HeaderMap::new();
     bad.insert("Authorization", format!("Bearer {token}x").as_str());
     let _ = c.request_with_headers("agents.list", bad, "".into()).await;
+    // The agent connects with its token: the binary's callout lets it in.
+    let agent = tether_bus::connect::options(
+        &tether_bus::BusConfig {
+            nats_url: nats.plain_url(),
+            nats_token: Some(tether_bus::config::Secret::new(token.clone())),
+            ..Default::default()
+        },
+        "agent-a1",
+    )
+    .await
+    .expect("options")
+    .connect(nats.plain_url())
+    .await
+    .expect("the callout lets the agent in");
+    agent
+        .request("auth.keys", "{}".into())
+        .await
+        .expect("an agent's request");
     let info = c
         .request("$SRV.INFO.permission-node", "".into())
         .await
@@ -115,10 +147,22 @@ async fn binary_serves_and_never_logs_secrets() {
     let pem_body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     let sig = op.rsplit('.').next().expect("sig");
     let agent_sig = token.rsplit('.').next().expect("sig");
+    let seed = |p: &Option<std::path::PathBuf>| {
+        std::fs::read_to_string(path(p))
+            .expect("seed")
+            .trim()
+            .to_string()
+    };
+    let (node_seed, issuer_seed) = (seed(&bus.nats_nkey_file), seed(&callout.issuer_seed_file));
+    let (callout_seed, system_seed) = (seed(&callout.nkey_file), seed(&callout.system_nkey_file));
     for (what, secret) in [
         ("signing key", pem_body.as_str()),
         ("operator token", sig),
         ("agent token", agent_sig),
+        ("node nkey seed", node_seed.as_str()),
+        ("callout issuer seed", issuer_seed.as_str()),
+        ("callout user seed", callout_seed.as_str()),
+        ("system user seed", system_seed.as_str()),
     ] {
         if let Some(line) = logs.lines().find(|l| l.contains(secret)) {
             panic!(
