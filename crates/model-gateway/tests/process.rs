@@ -58,10 +58,16 @@ targets = [{{ provider = "file-keyed" }}]
     )
     .unwrap();
 
+    // On its own bus credentials, as a deployed gateway.
+    let bus = f.nats.node_bus(tether_testkit::NodeKind::Model);
     let mut child = Command::new(env!("CARGO_BIN_EXE_model-gateway"))
         .arg("--config")
         .arg(&conf)
-        .env("TETHER_NATS_URL", f.nats.url())
+        .env("TETHER_NATS_URL", &bus.nats_url)
+        .env(
+            "TETHER_NATS_NKEY_FILE",
+            bus.nats_nkey_file.clone().expect("an authorized bus"),
+        )
         .env("TETHER_LOG", "trace")
         .env("GATEWAY_TEST_PROVIDER_KEY", ENV_KEY)
         .stdout(Stdio::piped())
