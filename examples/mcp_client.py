@@ -40,7 +40,9 @@ async def main() -> None:
                 async with ClientSession(read, write) as s:
                     await run(s, a.command)
     else:
-        # The subprocess reads TETHER_TOKEN and the bus address from the environment.
+        # The subprocess reads TETHER_TOKEN and the bus address from the environment, and its
+        # own bus credentials (a shell-server's: TETHER_NATS_NKEY_FILE, e.g.
+        # ~/.local/share/tether/bus-keys/shell-server.nk from `tether up`).
         server = StdioServerParameters(command="shell-server", args=["mcp", "--stdio"], env=dict(os.environ))
         async with stdio_client(server) as (read, write):
             async with ClientSession(read, write) as s:
