@@ -229,7 +229,11 @@ async fn target_container_serves_tokens_without_a_bound_space() {
     shell.shutdown().await.unwrap();
 
     // Plain `TARGET_CONTAINER` in the environment of the binary (stdio MCP, Python client).
-    let server = stdio_server(&f.url(), Some(&t3), &[("TARGET_CONTAINER", &name)]);
+    let server = stdio_server(
+        &f.node_bus(tether_testkit::NodeKind::Shell),
+        Some(&t3),
+        &[("TARGET_CONTAINER", &name)],
+    );
     let v = python_mcp(json!({
         "transport": "stdio",
         "server": server,

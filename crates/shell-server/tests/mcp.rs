@@ -96,7 +96,7 @@ async fn python_client_over_stdio() {
     let t = f.agent("a1", "s1", AGENT).await;
     let wd = dir.path().to_str().unwrap();
     let server = stdio_server(
-        &f.url(),
+        &f.node_bus(tether_testkit::NodeKind::Shell),
         Some(&t),
         &[
             ("TETHER_ALLOW_LOCAL_EXEC", "true"),
@@ -126,7 +126,7 @@ async fn python_client_over_stdio_without_a_valid_token_runs_nothing() {
         (Some(no_scope.as_str()), "403"),
     ] {
         let server = stdio_server(
-            &f.url(),
+            &f.node_bus(tether_testkit::NodeKind::Shell),
             token,
             &[
                 ("TETHER_ALLOW_LOCAL_EXEC", "true"),

@@ -112,10 +112,18 @@ pub async fn python_mcp(plan: Value) -> Value {
         .unwrap_or_else(|e| panic!("python output is not JSON ({e}):\n{stdout}\n{stderr}"))
 }
 
-/// The `shell-server mcp --stdio` server block of a Python plan.
-pub fn stdio_server(nats_url: &str, token: Option<&str>, extra_env: &[(&str, &str)]) -> Value {
+/// The `shell-server mcp --stdio` server block of a Python plan: a shell server on `bus` (its
+/// own nkey: `f.node_bus(NodeKind::Shell)`), with the agent's `token` for its requests.
+pub fn stdio_server(
+    bus: &tether_bus::BusConfig,
+    token: Option<&str>,
+    extra_env: &[(&str, &str)],
+) -> Value {
     let mut env = serde_json::Map::new();
-    env.insert("TETHER_NATS_URL".into(), json!(nats_url));
+    env.insert("TETHER_NATS_URL".into(), json!(bus.nats_url));
+    if let Some(seed) = &bus.nats_nkey_file {
+        env.insert("TETHER_NATS_NKEY_FILE".into(), json!(seed));
+    }
     env.insert("TETHER_MCP_LISTEN".into(), json!(""));
     env.insert("TETHER_LOG".into(), json!("warn"));
     if let Some(t) = token {
