@@ -17,8 +17,11 @@
 //!
 //! Revocation: every connection we let in is remembered (server, connection id, agent, token
 //! id); when the revocation bucket names its agent or token, the connection is closed through
-//! the system account (`$SYS.REQ.SERVER.<id>.KICK`). A permission node remembers only the
-//! connections it let in itself; every replica follows the bucket, so together they close all.
+//! the system account (`$SYS.REQ.SERVER.<id>.KICK`). The callout subscription is not in a
+//! queue group: every replica answers every request (the server takes the first answer and
+//! drops the rest), so every running replica remembers every connection, and each follows the
+//! bucket. Only a connection let in while no replica now running was up is left to its token's
+//! expiry.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
