@@ -17,11 +17,10 @@
 //!
 //! Revocation: every connection we let in is remembered (server, connection id, agent, token
 //! id); when the revocation bucket names its agent or token, the connection is closed through
-//! the system account (`$SYS.REQ.SERVER.<id>.KICK`). The callout subscription is not in a
-//! queue group: every replica answers every request (the server takes the first answer and
-//! drops the rest), so every running replica remembers every connection, and each follows the
-//! bucket. Only a connection let in while no replica now running was up is left to its token's
-//! expiry.
+//! the system account (`$SYS.REQ.SERVER.<id>.KICK`). Replicas answer in a queue group (one
+//! answer per request: the server waits for exactly one), so the replica that let a connection
+//! in is the one that closes it; every replica follows the bucket. A connection let in by a
+//! replica that has since restarted is left to its token's expiry.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -167,7 +166,9 @@ pub async fn start(
         prefix: bus.subject_prefix.clone().filter(|p| !p.is_empty()),
         conns: Mutex::new(Conns::default()),
     });
-    let mut requests = auth.subscribe(AUTH_SUBJECT).await?;
+    let mut requests = auth
+        .queue_subscribe(AUTH_SUBJECT, "tether-callout".to_string())
+        .await?;
     auth.flush().await?;
     tracing::info!(issuer = %c.issuer.public_key(), "auth callout serving");
     let serving = c.clone();
