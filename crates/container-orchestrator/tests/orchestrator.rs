@@ -275,12 +275,23 @@ async fn memory_hog_is_oom_killed_and_reported() {
     assert_eq!(r["timed_out"], false);
     let ev = next_event(&mut events, "tether.container.oom").await;
     assert_eq!(ev["data"]["space"], space.as_str());
-    // The container and the node carry on.
+    // The node carries on, and so does the container, unless the kernel chose its main
+    // process as the OOM victim (the kernel's choice, seen once in many runs): then the node
+    // reports it as no longer running.
     let r = f
         .exec(&t, json!({"command": "echo alive"}))
         .await
         .expect("exec");
-    assert_eq!(r["stdout"], "alive\n");
+    if r["stdout"] != "alive\n" {
+        let info = f
+            .call("containers.inspect", json!({}), Some(&t))
+            .await
+            .expect("inspect");
+        assert_ne!(
+            info["state"], "running",
+            "exec answered {r} in a running container"
+        );
+    }
 
     // A container whose main process is the hog: exited, OOM-killed, and said so.
     let tool = f
