@@ -133,8 +133,8 @@ pub fn read_token(path: &Path) -> Result<String, String> {
 }
 
 /// The nkey seed in a seed file: its first line starting with `S` (comments and blank lines,
-/// as in a `.creds` file, are fine).
-fn read_seed(path: &Path) -> anyhow::Result<String> {
+/// as in a `.creds` file, are fine). The one reader of seed files, nodes' and the callout's.
+pub fn read_seed(path: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read nkey seed file {}: {e}", path.display()))?;
     text.lines()

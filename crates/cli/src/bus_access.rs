@@ -124,14 +124,6 @@ impl LocalBus {
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), CliError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .map_err(|e| CliError::new(1, format!("cannot write {}: {e}", path.display())))
+    tether_permission_node::server_conf::write_secret(path, text)
+        .map_err(|e| CliError::new(1, format!("{e:#}")))
 }

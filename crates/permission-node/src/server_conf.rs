@@ -172,16 +172,10 @@ fn seed(kp: &KeyPair) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("nkey without a seed: {e}"))
 }
 
-/// Reads an nkey seed file (the first line starting with `S`, so `.creds`-style comments and
-/// blank lines are fine).
+/// The key pair of an nkey seed file ([`tether_bus::connect::read_seed`] reads it).
 pub fn read_seed(path: &Path) -> anyhow::Result<KeyPair> {
-    let text = read_secret(path)?;
-    let line = text
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with('S'))
-        .with_context(|| format!("{} holds no nkey seed", path.display()))?;
-    KeyPair::from_seed(line)
+    let seed = tether_bus::connect::read_seed(path)?;
+    KeyPair::from_seed(&seed)
         .map_err(|e| anyhow::anyhow!("{}: not an nkey seed: {e}", path.display()))
 }
 
@@ -192,7 +186,8 @@ fn read_secret(path: &Path) -> anyhow::Result<String> {
         .to_string())
 }
 
-fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+/// Writes `text` (and a newline) to `path`, replacing it, readable by its owner alone (0600).
+pub fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(path);
