@@ -4,6 +4,7 @@
 //! and `Nats-Service-Error-Code` (the status), plus an RFC 9457 Problem+JSON body — always
 //! JSON, whatever the request's encoding, so `nats req` users can read it.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use bytes::Bytes;
@@ -21,6 +22,9 @@ pub struct Problem {
     pub status: u16,
     pub title: String,
     pub detail: String,
+    /// RFC 9457 extension members, added to the body beside the standard ones (e.g. the
+    /// A2A gateway's `a2aError` and `a2aCode`); empty for most problems.
+    pub extensions: BTreeMap<String, serde_json::Value>,
 }
 
 impl Problem {
@@ -29,7 +33,16 @@ impl Problem {
             status,
             title: title_of(status).to_string(),
             detail: detail.into(),
+            extensions: BTreeMap::new(),
         }
+    }
+
+    /// Adds an extension member to the body (a standard member's name is ignored).
+    pub fn with_extension(mut self, name: &str, value: impl Into<serde_json::Value>) -> Self {
+        if !STANDARD_MEMBERS.contains(&name) {
+            self.extensions.insert(name.to_string(), value.into());
+        }
+        self
     }
     pub fn bad_request(d: impl Into<String>) -> Self {
         Self::new(400, d)
@@ -84,9 +97,20 @@ impl Problem {
     /// The Problem+JSON body.
     pub fn to_body(&self, instance: &str) -> Bytes {
         // Serializing a struct of strings and an integer cannot fail.
-        serde_json::to_vec(&self.to_proto(instance))
-            .map(Bytes::from)
-            .unwrap_or_default()
+        let proto = self.to_proto(instance);
+        if self.extensions.is_empty() {
+            return serde_json::to_vec(&proto)
+                .map(Bytes::from)
+                .unwrap_or_default();
+        }
+        let mut doc = match serde_json::to_value(&proto) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        for (k, v) in &self.extensions {
+            doc.insert(k.clone(), v.clone());
+        }
+        serde_json::to_vec(&doc).map(Bytes::from).unwrap_or_default()
     }
 
     /// Reads a problem back from an error reply (headers and body), as a client does.
@@ -100,13 +124,25 @@ impl Problem {
             .and_then(|h| h.get(SERVICE_ERROR))
             .map(|v| v.as_str().to_string())
             .unwrap_or_else(|| title_of(code).to_string());
-        let detail = serde_json::from_slice::<tether_proto::Problem>(body)
-            .map(|p| p.detail)
-            .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
+        let doc = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body).ok();
+        let detail = match &doc {
+            Some(d) => d
+                .get("detail")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string(),
+            None => String::from_utf8_lossy(body).into_owned(),
+        };
+        let extensions = doc
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| !STANDARD_MEMBERS.contains(&k.as_str()))
+            .collect();
         Some(Problem {
             status: code,
             title,
             detail,
+            extensions,
         })
     }
 }
@@ -118,6 +154,9 @@ impl fmt::Display for Problem {
 }
 
 impl std::error::Error for Problem {}
+
+/// The members RFC 9457 defines (never overwritten by an extension).
+const STANDARD_MEMBERS: &[&str] = &["type", "title", "status", "detail", "instance"];
 
 /// Short, stable titles per status.
 pub fn title_of(status: u16) -> &'static str {
@@ -167,5 +206,21 @@ mod tests {
         h.insert(SERVICE_ERROR_CODE, "409");
         assert_eq!(Problem::from_reply(Some(&h), &p.to_body("s")), Some(p));
         assert_eq!(Problem::from_reply(None, b"{}"), None);
+    }
+
+    #[test]
+    fn extensions_travel_in_the_body() {
+        let p = Problem::not_found("no task t1")
+            .with_extension("a2aError", "TaskNotFound")
+            .with_extension("a2aCode", -32001)
+            .with_extension("status", 200);
+        let v: serde_json::Value = serde_json::from_slice(&p.to_body("a2a.x.get")).expect("json");
+        assert_eq!(v["status"], 404, "a standard member is never overwritten");
+        assert_eq!(v["a2aError"], "TaskNotFound");
+        assert_eq!(v["a2aCode"], -32001);
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(SERVICE_ERROR, p.title.as_str());
+        h.insert(SERVICE_ERROR_CODE, "404");
+        assert_eq!(Problem::from_reply(Some(&h), &p.to_body("s")), Some(p));
     }
 }
