@@ -40,6 +40,9 @@ pub struct A2aConfig {
     /// (`Tether-Timeout-Ms`), and the most it waits whatever the caller asks.
     pub a2a_default_wait_ms: u64,
     pub a2a_max_wait_ms: u64,
+    /// The longest a streamed answer (`stream`, `subscribe`) follows a task; the caller
+    /// subscribes again to follow it further.
+    pub a2a_max_stream_ms: u64,
     /// How long `cancel` of a running task waits for its worker to record CANCELED before
     /// the gateway records it.
     pub a2a_cancel_grace_ms: u64,
@@ -67,6 +70,7 @@ impl Default for A2aConfig {
             a2a_max_deliver: 5,
             a2a_default_wait_ms: 25_000,
             a2a_max_wait_ms: 300_000,
+            a2a_max_stream_ms: 3_600_000,
             a2a_cancel_grace_ms: 5_000,
             a2a_max_message_bytes: 512 * 1024,
             a2a_card_fresh_seconds: 90,

@@ -23,7 +23,7 @@ async fn main() -> ExitCode {
         NAME,
         args.config.config.as_deref(),
         |layers| Ok(A2aConfig::load(layers)?),
-        |bus, cfg, shutdown| tether_a2a_gateway::run(bus, cfg, shutdown),
+        tether_a2a_gateway::run,
     )
     .await
 }

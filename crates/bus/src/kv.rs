@@ -96,6 +96,32 @@ pub struct Stored<T> {
 /// How many times [`Bucket::modify`] reads and decides again after losing a race.
 pub const MODIFY_ATTEMPTS: usize = 16;
 
+/// What a [`Bucket`] can hold: every record reads and writes as JSON; a proto message also as
+/// protobuf (a bucket opened with [`Encoding::Protobuf`]). Proto messages are records by the
+/// blanket impl; a JSON-only type (e.g. one holding A2A's own types) says `impl Record for X {}`.
+pub trait Record: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
+    /// The protobuf form, when the type has one.
+    fn to_protobuf(&self) -> Option<Vec<u8>> {
+        None
+    }
+    /// Reads the protobuf form (`None`: the type has none).
+    fn from_protobuf(_raw: &[u8]) -> Option<Result<Self, String>> {
+        None
+    }
+}
+
+impl<T> Record for T
+where
+    T: prost::Message + Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static,
+{
+    fn to_protobuf(&self) -> Option<Vec<u8>> {
+        Some(self.encode_to_vec())
+    }
+    fn from_protobuf(raw: &[u8]) -> Option<Result<Self, String>> {
+        Some(T::decode(raw).map_err(|e| e.to_string()))
+    }
+}
+
 /// Typed records of one KV bucket. Cheap to clone.
 pub struct Bucket<T> {
     store: kv::Store,
@@ -126,10 +152,7 @@ impl<T> fmt::Debug for Bucket<T> {
     }
 }
 
-impl<T> Bucket<T>
-where
-    T: prost::Message + Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static,
-{
+impl<T: Record> Bucket<T> {
     /// Opens (or creates, see [`open_or_create_bucket`]) the bucket of `config`, whose records
     /// are `encoding`-encoded. Errors are named after the bucket until [`Bucket::named`].
     pub async fn open(
@@ -192,13 +215,22 @@ where
     }
 
     fn encode(&self, value: &T) -> Result<Bytes, Problem> {
-        self.encoding.encode(value)
+        match self.encoding {
+            Encoding::Json => serde_json::to_vec(value).map(Bytes::from).map_err(|e| {
+                Problem::internal(format!("cannot encode a record of {}: {e}", self.what))
+            }),
+            Encoding::Protobuf => value
+                .to_protobuf()
+                .map(Bytes::from)
+                .ok_or_else(|| Problem::internal(format!("{} holds JSON-only records", self.what))),
+        }
     }
 
     fn decode(&self, key: &str, raw: &[u8]) -> Result<T, Problem> {
         let r = match self.encoding {
             Encoding::Json => serde_json::from_slice(raw).map_err(|e| e.to_string()),
-            Encoding::Protobuf => T::decode(raw).map_err(|e| e.to_string()),
+            Encoding::Protobuf => T::from_protobuf(raw)
+                .unwrap_or_else(|| Err("JSON-only records cannot be read as protobuf".into())),
         };
         r.map_err(|e| Problem::internal(format!("unreadable record `{key}` in {}: {e}", self.what)))
     }

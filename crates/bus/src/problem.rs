@@ -110,7 +110,9 @@ impl Problem {
         for (k, v) in &self.extensions {
             doc.insert(k.clone(), v.clone());
         }
-        serde_json::to_vec(&doc).map(Bytes::from).unwrap_or_default()
+        serde_json::to_vec(&doc)
+            .map(Bytes::from)
+            .unwrap_or_default()
     }
 
     /// Reads a problem back from an error reply (headers and body), as a client does.

@@ -8,9 +8,11 @@
 //!   discovery) and subscribes only to its own inbox `_INBOX.<agent_id>.>` and, with
 //!   `events:read`, to its own space's container events. No JetStream API, no `$SRV`
 //!   subscription, no queue group of a node: it can neither read nor steal another's requests;
-//! - a **worker** of agent X (a token of X with `a2a:serve`) has X's rights plus the requests
-//!   of the A2A gateway's work endpoints for X (`a2a.X.work.>`): workers pull their work
-//!   through the gateway, so a worker never touches a stream, nor another agent's work;
+//! - a **worker** of agent X (a token of X with `a2a:serve`) has X's rights plus: pulling and
+//!   acknowledging the items of X's own durable work consumer (`work_X` on `A2A_WORK`: the
+//!   JetStream API of that one consumer, nothing else of any stream), the requests of the A2A
+//!   gateway's work endpoints for X (`a2a.X.work.>`: events and card), and X's cancel signals
+//!   (`a2a.X.signal.>`). A worker never writes a task or a stream, nor sees another agent's work;
 //! - an **operator** may do everything (it is audited: every operator connection is logged);
 //! - a **node kind** serves its own subject families (in queue groups), answers into any inbox,
 //!   publishes events, makes the requests its work needs, and reaches only its own KV buckets
@@ -68,6 +70,7 @@ pub enum NodeKind {
     Orchestrator,
     Shell,
     Model,
+    A2a,
 }
 
 impl NodeKind {
@@ -76,6 +79,7 @@ impl NodeKind {
         NodeKind::Orchestrator,
         NodeKind::Shell,
         NodeKind::Model,
+        NodeKind::A2a,
     ];
 
     /// The node's name: its binary, its `$SRV` name and its inbox (`_INBOX_NODES.<name>`).
@@ -85,6 +89,7 @@ impl NodeKind {
             NodeKind::Orchestrator => "container-orchestrator",
             NodeKind::Shell => "shell-server",
             NodeKind::Model => "model-gateway",
+            NodeKind::A2a => "a2a-gateway",
         }
     }
 
@@ -103,6 +108,7 @@ impl NodeKind {
             ],
             NodeKind::Shell => &["shell"],
             NodeKind::Model => &["model"],
+            NodeKind::A2a => &["a2a"],
         }
     }
 
@@ -127,6 +133,7 @@ impl NodeKind {
             ],
             NodeKind::Shell => &["tether_shell_sessions"],
             NodeKind::Model => &[],
+            NodeKind::A2a => &["a2a_tasks", "a2a_cards"],
         }
     }
 
@@ -144,6 +151,16 @@ impl NodeKind {
     fn owns_streams(self) -> &'static [&'static str] {
         match self {
             NodeKind::Orchestrator => &["TETHER_TOOL_JOBS"],
+            NodeKind::A2a => &["A2A_WORK", "A2A_EVENTS"],
+            _ => &[],
+        }
+    }
+
+    /// Subjects of its own streams that are not in its subject families (never prefixed:
+    /// streams are the deployment's, not a service path).
+    fn stream_subjects(self) -> &'static [&'static str] {
+        match self {
+            NodeKind::A2a => &["a2a_work.>", "a2a_events.>"],
             _ => &[],
         }
     }
@@ -177,6 +194,7 @@ impl NodeKind {
         for s in self.owns_streams() {
             publish.extend(stream_admin(s));
         }
+        publish.extend(self.stream_subjects().iter().map(|s| s.to_string()));
         for b in self.reads_buckets() {
             publish.extend(stream_read(&format!("KV_{b}")));
         }
@@ -282,6 +300,9 @@ fn scope_subjects(s: Scope) -> &'static [&'static str] {
     }
 }
 
+/// The A2A gateway's work stream (its default name).
+const A2A_WORK_STREAM: &str = "A2A_WORK";
+
 /// What every agent may call whatever its scopes: its own record, its own token refresh,
 /// the public keys.
 const ANY_AGENT: &[&str] = &["agents.get", "tokens.issue", "auth.keys"];
@@ -307,12 +328,17 @@ pub fn for_claims(c: &Claims, prefix: Option<&str>) -> Permissions {
     for s in c.scopes.iter() {
         publish.extend(scope_subjects(*s).iter().map(|s| p(s)));
     }
-    if c.scopes.allows(Scope::A2aServe) {
-        // A worker pulls its agent's work through the gateway's work endpoints: requests,
-        // never a subscription to the work itself nor any JetStream access.
-        publish.push(p(&format!("a2a.{}.work.>", c.sub)));
-    }
     let mut subscribe = vec![format!("{}.>", agent_inbox_prefix(&c.sub))];
+    if c.scopes.allows(Scope::A2aServe) {
+        // A worker pulls and settles the items of its agent's own work consumer (that
+        // consumer's API alone), reports to the gateway's work endpoints, hears cancels.
+        let consumer = format!("{A2A_WORK_STREAM}.work_{}", c.sub);
+        publish.push(format!("$JS.API.CONSUMER.MSG.NEXT.{consumer}"));
+        publish.push(format!("$JS.API.CONSUMER.INFO.{consumer}"));
+        publish.push(format!("$JS.ACK.{consumer}.>"));
+        publish.push(p(&format!("a2a.{}.work.>", c.sub)));
+        subscribe.push(p(&format!("a2a.{}.signal.>", c.sub)));
+    }
     if c.scopes.allows(Scope::EventsRead) && !c.space.is_empty() {
         subscribe.push(p(&format!("events.containers.{}", c.space)));
     }

@@ -1,0 +1,61 @@
+//! Streamed answers on the bus (`stream`, `subscribe`): one A2A `StreamResponse` per message
+//! to the caller's stream subject, numbered gap-free by `Tether-Stream-Seq`, then one end
+//! marker — the same headers `containers.exec` streams with.
+
+use a2a::StreamResponse;
+use bytes::Bytes;
+use tether_bus::Problem;
+
+pub const STREAM_SEQ: &str = "Tether-Stream-Seq";
+pub const STREAM_KIND: &str = "Tether-Stream";
+/// Header naming where a caller wants a stream's chunks.
+pub const STREAM_SUBJECT: &str = "Tether-Stream-Subject";
+
+/// Publishes one stream's chunks.
+pub struct Chunks {
+    client: async_nats::Client,
+    subject: String,
+    seq: u64,
+}
+
+impl Chunks {
+    pub fn new(client: async_nats::Client, subject: String) -> Self {
+        Self {
+            client,
+            subject,
+            seq: 0,
+        }
+    }
+
+    async fn send(&mut self, kind: &str, body: Bytes) -> Result<(), Problem> {
+        self.seq += 1;
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(STREAM_SEQ, self.seq.to_string().as_str());
+        h.insert(STREAM_KIND, kind);
+        self.client
+            .publish_with_headers(self.subject.clone(), h, body)
+            .await
+            .map_err(|e| Problem::unavailable(format!("cannot stream to {}: {e}", self.subject)))
+    }
+
+    pub async fn event(&mut self, e: &StreamResponse) -> Result<(), Problem> {
+        let body = serde_json::to_vec(e)
+            .map_err(|e| Problem::internal(format!("cannot encode a stream event: {e}")))?;
+        self.send("event", Bytes::from(body)).await
+    }
+
+    pub async fn end(mut self) {
+        if let Err(e) = self.send("end", Bytes::new()).await {
+            tracing::debug!(error = %e, "stream end not delivered");
+        }
+        let _ = self.client.flush().await;
+    }
+
+    pub async fn error(mut self, p: &Problem) {
+        let body = p.to_body(&self.subject);
+        if let Err(e) = self.send("error", body).await {
+            tracing::debug!(error = %e, "stream error not delivered");
+        }
+        let _ = self.client.flush().await;
+    }
+}

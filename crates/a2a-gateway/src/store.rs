@@ -1,0 +1,348 @@
+//! Tasks, durable in JetStream: one KV record per task (key `<space>.<task_id>`, every change
+//! a compare-and-set on its revision through [`Bucket::modify`]) and a stream of task events
+//! (`a2a_events.<space>.<task_id>`, each event numbered by the task's `seq`).
+//!
+//! The one design decision to know: the KV record is the truth and the stream announces it.
+//! A change is written to KV first and then published with `Nats-Msg-Id: <space>.<task>.<seq>`,
+//! and every writer first re-publishes the record's last event (a duplicate the stream drops)
+//! before it writes the next one — so if a gateway dies between its write and its publish, the
+//! next change, or a follower that sees the record ahead of the stream ([`Follow`]), puts the
+//! missing event on the stream in order. At most the last event can be missing, and a follower
+//! never sees a gap or a double: it forwards event `n` only after `n - 1`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use a2a::StreamResponse;
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use tether_bus::kv::{Bucket, Change, Record};
+use tether_bus::{Encoding, Problem};
+
+use crate::config::A2aConfig;
+use crate::error;
+use crate::record::{TaskRecord, key};
+
+/// Header numbering a task event.
+pub const EVENT_SEQ: &str = "A2A-Event-Seq";
+
+impl Record for TaskRecord {}
+
+/// The task store of one gateway replica.
+pub struct Tasks {
+    bucket: Bucket<TaskRecord>,
+    js: jetstream::Context,
+    events: stream::Stream,
+    /// The tasks bucket's own stream (`KV_<bucket>`), for listing a space.
+    kv_stream: stream::Stream,
+    /// Highest event this replica has seen on the stream, per task key: spares a re-publish.
+    published: Mutex<HashMap<String, u64>>,
+}
+
+const PUBLISHED_CAP: usize = 16_384;
+
+impl Tasks {
+    pub async fn open(js: &jetstream::Context, cfg: &A2aConfig) -> anyhow::Result<Self> {
+        let bucket = Bucket::open(
+            js,
+            kv::Config {
+                bucket: cfg.a2a_tasks_bucket.clone(),
+                description: "A2A tasks (a2a-gateway)".into(),
+                history: 1,
+                max_age: cfg.retention(),
+                num_replicas: cfg.a2a_kv_replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            },
+            Encoding::Json,
+        )
+        .await?
+        .named("A2A task store")
+        .timeout(Duration::from_secs(10));
+        let events = tether_bus::jobs::ensure_stream(
+            js,
+            stream::Config {
+                name: cfg.a2a_events_stream.clone(),
+                description: Some("A2A task events (a2a-gateway)".into()),
+                subjects: vec!["a2a_events.>".into()],
+                max_age: cfg.retention(),
+                num_replicas: cfg.a2a_kv_replicas,
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let kv_stream = js
+            .get_stream(format!("KV_{}", cfg.a2a_tasks_bucket))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the task bucket's stream: {e}"))?;
+        Ok(Self {
+            bucket,
+            js: js.clone(),
+            events,
+            kv_stream,
+            published: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The task of a space, or `None` (another space's task is simply not there).
+    pub async fn get(&self, space: &str, task_id: &str) -> Result<Option<TaskRecord>, Problem> {
+        if !tether_bus::subject::is_valid_token(task_id) {
+            return Ok(None);
+        }
+        Ok(self.bucket.get(&key(space, task_id)).await?.map(|(r, _)| r))
+    }
+
+    /// Stores a new task and announces it (event 1).
+    pub async fn create(&self, rec: TaskRecord) -> Result<TaskRecord, Problem> {
+        let k = key(&rec.space, &rec.task.id);
+        if self.bucket.create(&k, &rec).await?.is_none() {
+            return Err(Problem::conflict(format!(
+                "task {} exists already",
+                rec.task.id
+            )));
+        }
+        self.publish(&rec).await?;
+        Ok(rec)
+    }
+
+    /// Changes a task by `f` (compare-and-set; `f` may run again on a newer record) and
+    /// announces the change. `f` returns whether it changed anything; an error of `f` is
+    /// returned and nothing is written. A missing task is TaskNotFound.
+    pub async fn change<F>(
+        &self,
+        space: &str,
+        task_id: &str,
+        mut f: F,
+    ) -> Result<TaskRecord, Problem>
+    where
+        F: FnMut(&mut TaskRecord) -> Result<bool, Problem>,
+    {
+        if !tether_bus::subject::is_valid_token(task_id) {
+            return Err(error::not_found(task_id));
+        }
+        let k = key(space, task_id);
+        if let Some((current, _)) = self.bucket.get(&k).await? {
+            self.ensure_published(&current).await?;
+        }
+        let stored = self
+            .bucket
+            .modify(&k, |seen| {
+                let Some(mut rec) = seen else {
+                    return Err(error::not_found(task_id));
+                };
+                Ok(if f(&mut rec)? {
+                    Change::Write(rec)
+                } else {
+                    Change::Keep
+                })
+            })
+            .await?
+            .ok_or_else(|| error::not_found(task_id))?;
+        if stored.written {
+            self.publish(&stored.value).await?;
+        }
+        Ok(stored.value)
+    }
+
+    /// The tasks of `space` (every agent's; the caller filters): the last value of each of
+    /// the space's keys, read through an ordered consumer of the bucket's stream.
+    pub async fn list(&self, space: &str) -> Result<Vec<TaskRecord>, Problem> {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            Problem::unavailable(format!("A2A task store unavailable: {e}"))
+        };
+        let consumer = self
+            .kv_stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: self.js.client().new_inbox(),
+                filter_subject: format!("$KV.{}.{space}.*", self.bucket.store().name),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut left = consumer.cached_info().num_pending;
+        let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+        let mut out = Vec::new();
+        while left > 0 {
+            let m = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+                Err(_) => return Err(unavailable(&"timed out listing tasks")),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(unavailable(&e)),
+                Ok(Some(Ok(m))) => m,
+            };
+            left -= 1;
+            // Deletes and purges carry an operation header and no record.
+            let deleted = m
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get("KV-Operation").is_some());
+            if !deleted && let Ok(r) = serde_json::from_slice::<TaskRecord>(&m.payload) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn subject(space: &str, task_id: &str) -> String {
+        format!("a2a_events.{space}.{task_id}")
+    }
+
+    async fn publish(&self, rec: &TaskRecord) -> Result<(), Problem> {
+        let body = serde_json::to_vec(&rec.last_event)
+            .map_err(|e| Problem::internal(format!("cannot encode a task event: {e}")))?;
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(EVENT_SEQ, rec.seq.to_string().as_str());
+        let id = format!("{}.{}.{}", rec.space, rec.task.id, rec.seq);
+        tether_bus::jobs::publish_dedup(
+            &self.js,
+            Self::subject(&rec.space, &rec.task.id),
+            &id,
+            Bytes::from(body),
+            Some(h),
+        )
+        .await
+        .map_err(|e| Problem::unavailable(format!("A2A task events unavailable: {e}")))?;
+        self.seen(&key(&rec.space, &rec.task.id), rec.seq);
+        Ok(())
+    }
+
+    fn seen(&self, k: &str, seq: u64) {
+        let mut p = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        if p.len() >= PUBLISHED_CAP {
+            p.clear();
+        }
+        let e = p.entry(k.to_string()).or_insert(0);
+        *e = (*e).max(seq);
+    }
+
+    /// Re-publishes the record's last event unless this replica knows it is on the stream.
+    async fn ensure_published(&self, rec: &TaskRecord) -> Result<(), Problem> {
+        let known = {
+            let p = self.published.lock().unwrap_or_else(|e| e.into_inner());
+            p.get(&key(&rec.space, &rec.task.id)).copied().unwrap_or(0)
+        };
+        if known >= rec.seq {
+            return Ok(());
+        }
+        self.publish(rec).await
+    }
+
+    /// Follows a task's events after `after` (its snapshot's `seq`), in order.
+    pub async fn follow(
+        &self,
+        space: &str,
+        task_id: &str,
+        after: u64,
+    ) -> Result<Follow<'_>, Problem> {
+        let consumer = self
+            .events
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: self.js_inbox(),
+                filter_subject: Self::subject(space, task_id),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Problem::unavailable(format!("A2A task events unavailable: {e}")))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| Problem::unavailable(format!("A2A task events unavailable: {e}")))?;
+        Ok(Follow {
+            tasks: self,
+            space: space.to_string(),
+            task_id: task_id.to_string(),
+            next: after + 1,
+            pending: BTreeMap::new(),
+            messages,
+        })
+    }
+
+    fn js_inbox(&self) -> String {
+        // The node's own inbox prefix (`_INBOX_NODES.<node>`), which its permissions allow.
+        self.js_client().new_inbox()
+    }
+
+    fn js_client(&self) -> async_nats::Client {
+        self.js.client()
+    }
+}
+
+/// A task's events in order, from one after a snapshot on.
+pub struct Follow<'a> {
+    tasks: &'a Tasks,
+    space: String,
+    task_id: String,
+    next: u64,
+    pending: BTreeMap<u64, StreamResponse>,
+    messages: consumer::push::Ordered,
+}
+
+/// How long a follower waits on the stream before it checks the record itself.
+const RECHECK: Duration = Duration::from_secs(1);
+
+impl Follow<'_> {
+    /// The next event, waiting at most until `deadline` (`Ok(None)`: the deadline passed).
+    pub async fn next(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<StreamResponse>, Problem> {
+        loop {
+            if let Some(e) = self.pending.remove(&self.next) {
+                self.next += 1;
+                return Ok(Some(e));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let wait = (deadline - now).min(RECHECK);
+            match tokio::time::timeout(wait, self.messages.next()).await {
+                Ok(Some(Ok(m))) => self.take(&m),
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "task event stream hiccup; the ordered consumer resets");
+                }
+                Ok(None) => {
+                    return Err(Problem::unavailable("A2A task event stream ended"));
+                }
+                Err(_) => self.recheck().await?,
+            }
+        }
+    }
+
+    fn take(&mut self, m: &jetstream::Message) {
+        let seq = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(EVENT_SEQ))
+            .and_then(|v| v.as_str().parse::<u64>().ok());
+        let Some(seq) = seq.filter(|s| *s >= self.next) else {
+            return;
+        };
+        match serde_json::from_slice::<StreamResponse>(&m.payload) {
+            Ok(e) => {
+                self.pending.insert(seq, e);
+            }
+            Err(e) => tracing::warn!(seq, error = %e, "unreadable task event skipped"),
+        }
+    }
+
+    /// The stream is quiet: when the record is ahead, its last event is re-published (a
+    /// gateway may have died between its write and its publish).
+    async fn recheck(&mut self) -> Result<(), Problem> {
+        let Some(rec) = self.tasks.get(&self.space, &self.task_id).await? else {
+            return Ok(());
+        };
+        if rec.seq >= self.next {
+            if rec.seq == self.next {
+                self.pending.insert(rec.seq, rec.last_event.clone());
+            }
+            self.tasks.publish(&rec).await?;
+        }
+        Ok(())
+    }
+}

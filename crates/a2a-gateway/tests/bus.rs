@@ -1,0 +1,238 @@
+//! The gateway on the bus, end to end on a real nats-server with the auth callout: callers
+//! and a worker on their own bus identities. The worker here is a few lines of async-nats
+//! speaking the work contract (pull from `work_echo`, report to `a2a.echo.work.event`, ack),
+//! so these tests pin the gateway's side alone; `tether-a2a-worker` and the Python worker have
+//! their own end-to-end tests.
+
+mod common;
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::*;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+/// Serves `n` work items as the agent's worker: WORKING, an artifact echoing the text,
+/// COMPLETED; then acks.
+async fn serve_items(fleet: &A2aFleet, n: usize) {
+    let c = fleet
+        .f
+        .connect_as(&fleet.worker)
+        .await
+        .expect("worker connects");
+    let js = jetstream::new(c.clone());
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream("work_echo", "A2A_WORK")
+        .await
+        .expect("bind the work consumer");
+    let mut msgs = consumer.messages().await.expect("pull");
+    for _ in 0..n {
+        let m = msgs.next().await.expect("an item").expect("item");
+        let item: Value = serde_json::from_slice(&m.payload).expect("item json");
+        let attempt = m.info().expect("info").delivered;
+        let (space, task) = (item["space"].clone(), item["task"]["id"].clone());
+        let text = item["message"]["parts"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        for event in [
+            json!({"statusUpdate": {"taskId": task, "contextId": "", "status": {"state": "TASK_STATE_WORKING"}}}),
+            json!({"artifactUpdate": {"taskId": task, "contextId": "", "artifact": {"artifactId": "a1", "parts": [{"text": format!("echo: {text}")}]}}}),
+            json!({"statusUpdate": {"taskId": task, "contextId": "", "status": {"state": "TASK_STATE_COMPLETED"}}}),
+        ] {
+            fleet
+                .f
+                .call(
+                    "a2a.echo.work.event",
+                    json!({"space": space, "taskId": task, "attempt": attempt, "event": event}),
+                    Some(&fleet.worker),
+                )
+                .await
+                .expect("event accepted");
+        }
+        m.double_ack().await.expect("ack");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_send_get_list_and_spaces() {
+    let fleet = A2aFleet::start().await;
+    fleet.publish_card().await;
+    let card = fleet
+        .a2a(AGENT, "card", json!({}), &fleet.alice)
+        .await
+        .expect("card");
+    assert_eq!(card["name"], "echo");
+    assert_eq!(card["capabilities"]["pushNotifications"], false);
+
+    let worker = serve_items(&fleet, 1);
+    let send = fleet.a2a(AGENT, "send", message("hello"), &fleet.alice);
+    let (_, sent) = tokio::join!(worker, send);
+    let task = sent.expect("send")["task"].clone();
+    assert_eq!(state(&task), "TASK_STATE_COMPLETED", "{task}");
+    assert_eq!(task["artifacts"][0]["parts"][0]["text"], "echo: hello");
+    assert_eq!(task["metadata"]["tether"]["callerAgentId"], "alice");
+    assert_eq!(task["metadata"]["tether"]["space"], "s1");
+    let id = task["id"].as_str().expect("id").to_string();
+
+    let got = fleet
+        .a2a(AGENT, "get", json!({"id": id}), &fleet.alice)
+        .await
+        .expect("get");
+    assert_eq!(got, task);
+    let listed = fleet
+        .a2a(AGENT, "list", json!({}), &fleet.alice)
+        .await
+        .expect("list");
+    assert_eq!(listed["tasks"][0]["id"], id.as_str());
+    assert_eq!(listed["totalSize"], 1);
+
+    // Another space: not found, never the content.
+    let p = fleet
+        .a2a(AGENT, "get", json!({"id": id}), &fleet.mallory)
+        .await
+        .expect_err("other space");
+    assert_eq!((p.status, a2a_error(&p).as_str()), (404, "TaskNotFound"));
+    assert!(!format!("{p:?}").contains("echo: hello"));
+    let none = fleet
+        .a2a(AGENT, "list", json!({}), &fleet.mallory)
+        .await
+        .expect("list");
+    assert_eq!(none["totalSize"], 0);
+    let p = fleet
+        .a2a(AGENT, "cancel", json!({"id": id}), &fleet.mallory)
+        .await
+        .expect_err("other space");
+    assert_eq!(a2a_error(&p), "TaskNotFound");
+    // A terminal task cannot be canceled.
+    let p = fleet
+        .a2a(AGENT, "cancel", json!({"id": id}), &fleet.alice)
+        .await
+        .expect_err("terminal");
+    assert_eq!(
+        (p.status, a2a_error(&p).as_str()),
+        (409, "TaskNotCancelable")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_work_waits_for_a_worker_and_queued_tasks_cancel_here() {
+    let fleet = A2aFleet::start().await;
+    fleet.publish_card().await;
+    let mut body = message("later");
+    body["configuration"] = json!({"returnImmediately": true});
+    let queued = fleet
+        .a2a(AGENT, "send", body, &fleet.alice)
+        .await
+        .expect("send")["task"]
+        .clone();
+    assert_eq!(state(&queued), "TASK_STATE_SUBMITTED");
+    let id = queued["id"].as_str().expect("id").to_string();
+
+    let mut body = message("never");
+    body["configuration"] = json!({"returnImmediately": true});
+    let doomed = fleet
+        .a2a(AGENT, "send", body, &fleet.alice)
+        .await
+        .expect("send")["task"]
+        .clone();
+    let canceled = fleet
+        .a2a(AGENT, "cancel", json!({"id": doomed["id"]}), &fleet.alice)
+        .await
+        .expect("cancel a queued task");
+    assert_eq!(state(&canceled), "TASK_STATE_CANCELED");
+
+    // A worker starts: the first task runs; the canceled one's item is refused as terminal.
+    serve_items(&fleet, 1).await;
+    let done = tether_testkit::eventually(
+        Duration::from_secs(20),
+        "the queued task completes",
+        || async {
+            let t = fleet
+                .a2a(AGENT, "get", json!({"id": id}), &fleet.alice)
+                .await
+                .ok()?;
+            (state(&t) == "TASK_STATE_COMPLETED").then_some(t)
+        },
+    )
+    .await;
+    assert_eq!(done["artifacts"][0]["parts"][0]["text"], "echo: later");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_nothing_is_stored() {
+    let fleet = A2aFleet::start().await;
+    fleet.publish_card().await;
+    let c = &fleet.f.c;
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Vec<u8>,
+        Vec<(&'a str, &'a str)>,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        ("malformed JSON", "send", b"{oops".to_vec(), vec![], 400, "ParseError"),
+        ("not a send request", "send", br#"{"message": 3}"#.to_vec(), vec![], 400, "InvalidParams"),
+        ("no parts", "send", br#"{"message": {"messageId": "m", "role": "ROLE_USER", "parts": []}}"#.to_vec(), vec![], 400, "InvalidParams"),
+        ("unknown agent", "send", serde_json::to_vec(&message("x")).expect("json"), vec![], 404, "InvalidParams"),
+        ("no version", "send", serde_json::to_vec(&message("x")).expect("json"), vec![("A2A-Version", "")], 400, "VersionNotSupported"),
+        ("old version", "send", serde_json::to_vec(&message("x")).expect("json"), vec![("A2A-Version", "0.3")], 400, "VersionNotSupported"),
+        ("protobuf", "send", b"\x0a\x00".to_vec(), vec![("Content-Type", "application/protobuf")], 415, "ContentTypeNotSupported"),
+        ("oversize", "send", vec![b' '; 600 * 1024], vec![], 413, "InvalidRequest"),
+        ("stream without a subject", "stream", serde_json::to_vec(&message("x")).expect("json"), vec![], 400, "InvalidParams"),
+        ("stream into another's inbox", "stream", serde_json::to_vec(&message("x")).expect("json"), vec![("Tether-Stream-Subject", "_INBOX.mallory.x")], 400, ""),
+        ("unknown task", "get", br#"{"id": "nope"}"#.to_vec(), vec![], 404, "TaskNotFound"),
+        ("wildcard task id", "get", br#"{"id": "*"}"#.to_vec(), vec![], 404, "TaskNotFound"),
+        ("push config", "send", serde_json::to_vec(&json!({"message": {"messageId": "m", "role": "ROLE_USER", "parts": [{"text": "x"}]}, "configuration": {"taskPushNotificationConfig": {"url": "http://x"}}})).expect("json"), vec![], 400, "PushNotificationNotSupported"),
+    ];
+    for (what, op, body, extra, status, err) in cases {
+        let agent = if what == "unknown agent" {
+            "nobody"
+        } else {
+            AGENT
+        };
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("A2A-Version", "1.0");
+        for (k, v) in &extra {
+            h.insert(*k, *v);
+        }
+        let p = tether_testkit::request(
+            c,
+            &format!("a2a.{agent}.{op}"),
+            body,
+            Some(&fleet.alice),
+            h,
+            Duration::from_secs(30),
+        )
+        .await
+        .expect_err(what);
+        assert_eq!(p.status, status, "{what}: {p:?}");
+        if !err.is_empty() {
+            assert_eq!(a2a_error(&p), err, "{what}: {p:?}");
+        }
+    }
+    // A card published with a token of another agent (or a caller's) is refused.
+    let other = fleet.f.agent("other", "workers", &["a2a:serve"]).await;
+    for t in [&other, &fleet.alice] {
+        let p = fleet
+            .f
+            .call("a2a.echo.work.card", json!({"name": "evil"}), Some(t))
+            .await
+            .expect_err("someone else's card");
+        assert_eq!(p.status, 403, "{p:?}");
+    }
+    let card = fleet
+        .a2a(AGENT, "card", json!({}), &fleet.alice)
+        .await
+        .expect("card");
+    assert_eq!(card["name"], "echo", "the card is unchanged");
+    // Nothing was stored: alice has no task.
+    let none = fleet
+        .a2a(AGENT, "list", json!({}), &fleet.alice)
+        .await
+        .expect("list");
+    assert_eq!(none["totalSize"], 0, "{none}");
+}
