@@ -403,7 +403,19 @@ mod tests {
         let p = for_claims(&claims(&[Scope::A2aServe]), None);
         assert!(p.publish.allow.contains(&"a2a.alice.work.>".to_string()));
         assert!(!p.publish.allow.iter().any(|s| s.starts_with("a2a.*")));
-        assert_eq!(p.subscribe.allow, vec!["_INBOX.alice.>".to_string()]);
+        // Its own consumer's API and acks, nothing else of JetStream.
+        let js: Vec<&String> = p.publish.allow.iter().filter(|s| s.starts_with('$')).collect();
+        assert!(!js.is_empty());
+        for s in js {
+            let own = s.starts_with("$SRV.")
+                || s.ends_with(".A2A_WORK.work_alice")
+                || s == "$JS.ACK.A2A_WORK.work_alice.>";
+            assert!(own, "{s}");
+        }
+        assert_eq!(
+            p.subscribe.allow,
+            vec!["_INBOX.alice.>".to_string(), "a2a.alice.signal.>".to_string()]
+        );
     }
 
     #[test]
