@@ -80,6 +80,10 @@ fn up_default_launch_file_then_ps_then_ctrl_c_leaves_nothing() {
         table.contains("shell-server") && table.contains("shell.exec"),
         "{table}"
     );
+    assert!(
+        table.contains("a2a-gateway") && table.contains("a2a.*.send"),
+        "{table}"
+    );
 
     // A call through the fleet with an operator token made offline from the dev key.
     let token = Command::new(&tether)

@@ -16,6 +16,7 @@ fn binaries() -> Vec<(String, std::path::PathBuf)> {
         "model-gateway",
         "shell-server",
         "container-orchestrator",
+        "a2a-gateway",
     ] {
         v.push((
             name.to_string(),
