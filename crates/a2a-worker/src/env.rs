@@ -71,11 +71,12 @@ impl WorkerSettings {
         Ok(agent)
     }
 
-    /// The worker config for `agent`, drain time from the bus settings.
+    /// The worker config for `agent`; drain time and subject prefix from the bus settings.
     pub fn worker_config(&self, bus: &BusConfig, agent: &str) -> WorkerConfig {
         let mut cfg = WorkerConfig::new(agent);
         cfg.max_concurrency = self.worker_concurrency.unwrap_or(cfg.max_concurrency);
         cfg.drain_timeout = Duration::from_secs(bus.drain_timeout_seconds);
+        cfg.subject_prefix = bus.subject_prefix.clone();
         cfg
     }
 }

@@ -39,6 +39,8 @@ pub enum EventError {
 pub(crate) struct Sender {
     pub client: async_nats::Client,
     pub agent: String,
+    /// The deployment's subject prefix (see [`wire::prefixed`]).
+    pub subject_prefix: Option<String>,
     pub token: TokenSource,
     /// Timeout of one request.
     pub request_timeout: Duration,
@@ -271,7 +273,10 @@ impl Events {
             .timeout(Some(s.request_timeout));
         match s
             .client
-            .send_request(wire::event_subject(&s.agent), req)
+            .send_request(
+                wire::prefixed(s.subject_prefix.as_deref(), wire::event_subject(&s.agent)),
+                req,
+            )
             .await
         {
             Ok(m) => wire::verdict(m.headers.as_ref(), &m.payload),

@@ -40,6 +40,15 @@ pub fn cancel_subject(agent: &str) -> String {
     format!("a2a.{agent}.signal.cancel")
 }
 
+/// `subject` under the deployment's subject prefix (`prod` → `prod.a2a.x.work.event`), as
+/// the gateway serves it; the JetStream subjects (`a2a_work.*`, `$JS.*`) are never prefixed.
+pub fn prefixed(prefix: Option<&str>, subject: String) -> String {
+    match prefix.filter(|p| !p.is_empty()) {
+        Some(p) => format!("{p}.{subject}"),
+        None => subject,
+    }
+}
+
 /// Whether `agent` can stand in a subject token and a consumer name: not empty, no dots,
 /// wildcards or whitespace (the gateway's agent ids are of this kind).
 pub fn valid_agent_id(agent: &str) -> bool {
@@ -249,6 +258,11 @@ mod tests {
         assert_eq!(consumer_name("echo"), "work_echo");
         assert_eq!(event_subject("echo"), "a2a.echo.work.event");
         assert_eq!(cancel_subject("echo"), "a2a.echo.signal.cancel");
+        assert_eq!(
+            prefixed(Some("prod"), card_subject("echo")),
+            "prod.a2a.echo.work.card"
+        );
+        assert_eq!(prefixed(None, card_subject("echo")), "a2a.echo.work.card");
         assert!(valid_agent_id("echo-1_a"));
         assert!(!valid_agent_id("a.b") && !valid_agent_id("") && !valid_agent_id("a*"));
     }

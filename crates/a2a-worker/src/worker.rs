@@ -32,6 +32,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct WorkerConfig {
     /// The agent this worker serves (its token's `sub`).
     pub agent_id: String,
+    /// The deployment's subject prefix, as the gateway's (`BusConfig::subject_prefix`): put in
+    /// front of `a2a.<agent>.…` subjects, never of JetStream's.
+    pub subject_prefix: Option<String>,
     /// Runs at once (work is pulled only for free slots).
     pub max_concurrency: usize,
     /// The card published on `a2a.<agent>.work.card`; `None` publishes a minimal one
@@ -52,6 +55,7 @@ impl WorkerConfig {
     pub fn new(agent_id: impl Into<String>) -> Self {
         Self {
             agent_id: agent_id.into(),
+            subject_prefix: None,
             max_concurrency: 4,
             card: None,
             card_every: Duration::from_secs(30),
@@ -106,6 +110,7 @@ pub async fn run<E: Executor>(
     let sender = Sender {
         client: client.clone(),
         agent: agent.clone(),
+        subject_prefix: cfg.subject_prefix.clone(),
         token: token.clone(),
         request_timeout: cfg.request_timeout,
         retry_for: cfg.event_retry_for,
@@ -114,7 +119,10 @@ pub async fn run<E: Executor>(
     // Cancel signals must reach runs while they drain, so this stops only at the very end.
     let stopped = CancellationToken::new();
     let signals = client
-        .subscribe(wire::cancel_subject(&agent))
+        .subscribe(wire::prefixed(
+            cfg.subject_prefix.as_deref(),
+            wire::cancel_subject(&agent),
+        ))
         .await
         .map_err(|e| anyhow::anyhow!("cannot subscribe to cancel signals: {e}"))?;
     let signal_task = tokio::spawn(follow_cancels(signals, running.clone(), stopped.clone()));
@@ -288,7 +296,10 @@ async fn publish_card(
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let subject = wire::card_subject(&sender.agent);
+    let subject = wire::prefixed(
+        sender.subject_prefix.as_deref(),
+        wire::card_subject(&sender.agent),
+    );
     let body = match serde_json::to_vec(&card) {
         Ok(b) => bytes::Bytes::from(b),
         Err(e) => {
