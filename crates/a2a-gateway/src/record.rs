@@ -175,6 +175,9 @@ impl TaskRecord {
             .get_or_insert_with(Vec::new)
             .push(message.clone());
         self.task.status = now_status(TaskState::Submitted, Some(message));
+        // A new work item: its deliveries count from 1 again.
+        self.attempt = 0;
+        self.cancel_requested = false;
         let e = status_event(&self.task);
         Ok(self.record(e))
     }
@@ -444,7 +447,7 @@ mod tests {
     #[test]
     fn a_reply_message_completes_and_follow_up_resumes() {
         let mut r = rec();
-        r.apply_worker(1, status(TaskState::InputRequired))
+        r.apply_worker(2, status(TaskState::InputRequired))
             .expect("input");
         assert!(settles(r.state()));
         let m = Message::new(Role::User, vec![Part::text("more")]);
