@@ -404,7 +404,12 @@ mod tests {
         assert!(p.publish.allow.contains(&"a2a.alice.work.>".to_string()));
         assert!(!p.publish.allow.iter().any(|s| s.starts_with("a2a.*")));
         // Its own consumer's API and acks, nothing else of JetStream.
-        let js: Vec<&String> = p.publish.allow.iter().filter(|s| s.starts_with('$')).collect();
+        let js: Vec<&String> = p
+            .publish
+            .allow
+            .iter()
+            .filter(|s| s.starts_with('$'))
+            .collect();
         assert!(!js.is_empty());
         for s in js {
             let own = s.starts_with("$SRV.")
@@ -414,7 +419,10 @@ mod tests {
         }
         assert_eq!(
             p.subscribe.allow,
-            vec!["_INBOX.alice.>".to_string(), "a2a.alice.signal.>".to_string()]
+            vec![
+                "_INBOX.alice.>".to_string(),
+                "a2a.alice.signal.>".to_string()
+            ]
         );
     }
 
