@@ -122,6 +122,9 @@ pub fn node(gw: Arc<Gateway>, verifier: Arc<dyn Verify>) -> Node {
     n = n.endpoint(endpoint(&gw, "a2a.*.card", "a2a-card", |g, r| {
         g.card(r).boxed()
     }));
+    n = n.endpoint(
+        endpoint(&gw, "a2a.agents", "a2a-agents", |g, r| g.agents(r).boxed()).scope(Scope::A2aCall),
+    );
     let worker_ops: [(&str, Op); 2] = [
         ("event", |g, r| g.work_event(r).boxed()),
         ("card", |g, r| g.work_card(r).boxed()),

@@ -471,6 +471,60 @@ impl Gateway {
     }
 }
 
+/// One agent in `a2a.agents`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSummary {
+    pub agent_id: String,
+    pub name: String,
+    pub description: String,
+    pub skills: Vec<String>,
+    /// A worker re-published the card recently.
+    pub live: bool,
+    /// When the card was last published (RFC 3339).
+    pub card_updated_at: String,
+    /// Work items no worker has taken yet.
+    pub backlog: Option<u64>,
+}
+
+impl Gateway {
+    /// `a2a.agents`: every agent with a card, and whether a worker of it is alive.
+    pub async fn agents(self: Arc<Self>, _r: RawRequest) -> Result<Reply, Problem> {
+        let mut out = Vec::new();
+        for (agent, stored) in self.cards.all().await? {
+            let card = &stored.card;
+            let text = |k: &str| {
+                card.get(k)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let skills = card
+                .get("skills")
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.get("id").and_then(|i| i.as_str()).map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(AgentSummary {
+                live: self.cards.is_live(&stored),
+                card_updated_at: chrono::DateTime::from_timestamp_millis(stored.updated_ms)
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default(),
+                backlog: self.work.backlog(&agent).await,
+                name: text("name"),
+                description: text("description"),
+                skills,
+                agent_id: agent,
+            });
+        }
+        out.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        json(&serde_json::json!({ "agents": out }))
+    }
+}
+
 /// A worker's event (`a2a.<agent>.work.event`).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]

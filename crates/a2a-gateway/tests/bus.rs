@@ -65,6 +65,10 @@ async fn blocking_send_get_list_and_spaces() {
         .expect("card");
     assert_eq!(card["name"], "echo");
     assert_eq!(card["capabilities"]["pushNotifications"], false);
+    let agents = fleet.a2a("agents", "", json!({}), &fleet.alice).await;
+    let agents = agents.expect("a2a.agents");
+    assert_eq!(agents["agents"][0]["agentId"], AGENT, "{agents}");
+    assert_eq!(agents["agents"][0]["live"], true, "{agents}");
 
     let worker = serve_items(&fleet, 1);
     let send = fleet.a2a(AGENT, "send", message("hello"), &fleet.alice);

@@ -118,6 +118,15 @@ pub async fn call(client: &async_nats::Client, a: &CallArgs) -> Result<CallOutpu
     if let Some(t) = a.token.as_deref().filter(|t| !t.is_empty()) {
         headers.insert("Authorization", format!("Bearer {t}").as_str());
     }
+    // A2A requests name their protocol version; `tether call` speaks the one tether serves.
+    if subject.split('.').any(|t| t == "a2a")
+        && !a
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("A2A-Version"))
+    {
+        headers.insert("A2A-Version", "1.0");
+    }
     for (k, v) in &a.headers {
         headers.insert(k.as_str(), v.as_str());
     }

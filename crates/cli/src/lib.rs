@@ -8,6 +8,7 @@
 //! Exit codes: 0 ok, 1 the service answered with an error, 2 usage, 3 nothing answered
 //! (no responders or timed out), 64 bad launch file or configuration.
 
+pub mod a2a;
 pub mod bus_access;
 pub mod call;
 pub mod identity;

@@ -62,6 +62,24 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AgentCmd,
     },
+    /// A2A agents, through the A2A gateway (a token with a2a:call from --token or TETHER_TOKEN).
+    A2a {
+        #[command(subcommand)]
+        cmd: A2aCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum A2aCmd {
+    /// The agents whose workers are alive (`--all`: every agent with a card).
+    Ls {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        auth: TokenArg,
+    },
 }
 
 #[derive(Args)]
@@ -210,6 +228,20 @@ async fn request(
     Ok(call::call(&client, &args).await?.stdout)
 }
 
+/// The request's token, else an operator token signed here from the signing key (local
+/// development), else none.
+fn token_or_operator(token: Option<String>, bus: &tether_bus::BusConfig) -> Option<String> {
+    token.filter(|t| !t.is_empty()).or_else(|| {
+        tether_cli::identity::operator_token(
+            &tether_cli::identity::key_path(None, None),
+            600,
+            &bus.auth,
+        )
+        .ok()
+        .map(|(t, _)| t)
+    })
+}
+
 async fn run(cli: Cli) -> Result<(), CliError> {
     let (bus, layers) =
         tether_cli::load_config(cli.config.config.as_deref(), cli.server.as_deref())?;
@@ -260,6 +292,18 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 );
             } else {
                 print!("{}", ps::render(&list));
+            }
+        }
+        Cmd::A2a {
+            cmd: A2aCmd::Ls { all, json, auth },
+        } => {
+            let token = token_or_operator(auth.token, server);
+            let answer = request(server, "a2a.agents", serde_json::json!({}), token).await?;
+            let agents = tether_cli::a2a::parse(&answer, all).map_err(|e| CliError::new(1, e))?;
+            if json {
+                println!("{answer}");
+            } else {
+                print!("{}", tether_cli::a2a::render(&agents));
             }
         }
         Cmd::Up { launch } => {

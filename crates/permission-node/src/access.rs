@@ -294,6 +294,7 @@ fn scope_subjects(s: Scope) -> &'static [&'static str] {
             "a2a.*.cancel",
             "a2a.*.subscribe",
             "a2a.*.card",
+            "a2a.agents",
         ],
         // Its own agent's work only: see `for_claims`.
         Scope::A2aServe => &[],

@@ -86,7 +86,11 @@ impl A2aFleet {
         }
         tether_testkit::request(
             &self.f.c,
-            &format!("a2a.{agent}.{op}"),
+            &[&format!("a2a.{agent}"), op]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join("."),
             body,
             Some(token),
             h,
