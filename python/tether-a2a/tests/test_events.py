@@ -154,6 +154,7 @@ class CardTest(unittest.TestCase):
         self.assertEqual(card["name"], "bob")
         self.assertEqual(card["capabilities"], {"streaming": True, "pushNotifications": False})
         self.assertEqual(card["supportedInterfaces"], [])
+        self.assertEqual([s["id"] for s in card["skills"]], ["default"])
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump({"name": "x", "version": "1", "skills": [{"id": "s", "name": "S"}]}, f)
         try:

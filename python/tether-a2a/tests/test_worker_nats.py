@@ -62,19 +62,30 @@ def work_item(text, task_id=None):
 
 @unittest.skipUnless(nats_server_bin(), "no nats-server binary")
 class WorkerOnNatsTest(unittest.IsolatedAsyncioTestCase):
+    SERVER_TOKEN = None  # the server's --auth token (None: no auth)
+
+    def start_server(self, token=None):
+        args = [nats_server_bin(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.tmp]
+        if token:
+            args += ["--auth", token]
+        self.server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     async def asyncSetUp(self):
         self.tmp = tempfile.mkdtemp(prefix="tether-a2a-test-")
         self.port = free_port()
-        self.server = subprocess.Popen(
-            [nats_server_bin(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.tmp],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.current_token = self.SERVER_TOKEN
+        self.start_server(self.SERVER_TOKEN)
         self.url = f"nats://127.0.0.1:{self.port}"
 
         async def connected():
+            async def quiet(_err):
+                pass
+
+            opts = {"token": lambda: self.current_token} if self.SERVER_TOKEN else {}
+            opts["error_cb"] = quiet
             try:
-                return await nats.connect(self.url, max_reconnect_attempts=0, connect_timeout=0.5)
+                return await nats.connect(self.url, max_reconnect_attempts=-1, connect_timeout=0.5,
+                                          reconnect_time_wait=0.2, allow_reconnect=True, **opts)
             except Exception:
                 return None
 
@@ -100,7 +111,8 @@ class WorkerOnNatsTest(unittest.IsolatedAsyncioTestCase):
         await self.nc.subscribe(f"a2a.{AGENT}.work.card", cb=self._on_card)
         self.token_file = os.path.join(self.tmp, "token")
         with open(self.token_file, "w") as f:
-            f.write("tok-1\n")
+            f.write(f"{self.SERVER_TOKEN or 'tok-1'}\n")
+        self.worker_log = open(os.path.join(self.tmp, "worker.log"), "w")
         env = dict(os.environ, TETHER_NATS_URL=self.url, TETHER_TOKEN_FILE=self.token_file, PYTHONPATH=PKG_ROOT)
         self.worker = subprocess.Popen(
             [sys.executable, "-m", "tether_a2a.worker", "--agent", AGENT,
@@ -108,7 +120,7 @@ class WorkerOnNatsTest(unittest.IsolatedAsyncioTestCase):
              "--shutdown-grace", "10"],
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(self.tmp, "worker.log"), "w"),
+            stderr=self.worker_log,
         )
         self.card = await asyncio.wait_for(self.cards.get(), 15)
 
@@ -116,9 +128,11 @@ class WorkerOnNatsTest(unittest.IsolatedAsyncioTestCase):
         if self.worker.poll() is None:
             self.worker.kill()
         self.worker.wait()
+        self.worker_log.close()
         await self.nc.close()
         self.server.terminate()
         self.server.wait()
+        await asyncio.sleep(0)
         if os.environ.get("TETHER_KEEP_TMP"):
             print("kept", self.tmp)
         else:
@@ -252,6 +266,42 @@ class WorkerOnNatsTest(unittest.IsolatedAsyncioTestCase):
         loop = asyncio.get_running_loop()
         rc = await asyncio.wait_for(loop.run_in_executor(None, self.worker.wait), 15)
         self.assertEqual(rc, 0)
+
+
+@unittest.skipUnless(nats_server_bin(), "no nats-server binary")
+class WorkerTokenRotationTest(WorkerOnNatsTest):
+    """The token file is re-read on reconnect: the server restarts requiring a new token."""
+
+    SERVER_TOKEN = "tok-1"
+
+    async def test_reconnects_with_the_rotated_token(self):
+        self.assertEqual(self.card[0].get("Authorization"), "Bearer tok-1")
+        with open(self.token_file + ".new", "w") as f:
+            f.write("tok-2\n")
+        os.replace(self.token_file + ".new", self.token_file)
+        self.current_token = "tok-2"
+        self.server.terminate()
+        self.server.wait()
+        self.start_server("tok-2")  # the same store dir: stream and consumer survive
+
+        async def reconnected():
+            return self.nc.is_connected
+        await eventually(reconnected, timeout=20, what="the test client to reconnect")
+        task_id, data = work_item("after rotation")
+        await eventually(lambda: self._publish(data), timeout=20, what="JetStream to come back")
+        got = await self.events_until_final(timeout=30)
+        self.assertEqual(got[-1][1]["event"]["statusUpdate"]["status"]["state"], "TASK_STATE_COMPLETED")
+        self.assertEqual({h.get("Authorization") for h, _ in got}, {"Bearer tok-2"})
+        await self.all_acked()
+
+    async def _publish(self, data):
+        try:
+            await self.js.publish(f"a2a_work.{AGENT}", data, timeout=1)
+            return True
+        except Exception:
+            return False
+
+    # The inherited tests run with auth on as well.
 
 
 if __name__ == "__main__":

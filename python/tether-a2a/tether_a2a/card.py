@@ -28,7 +28,15 @@ def default_card(agent_id: str) -> dict[str, Any]:
         "capabilities": {"streaming": True, "pushNotifications": False},
         "defaultInputModes": ["text/plain"],
         "defaultOutputModes": ["text/plain"],
-        "skills": [],
+        # A2A 1.0 requires at least one skill (the SDK warns on a card without).
+        "skills": [
+            {
+                "id": "default",
+                "name": agent_id,
+                "description": f"whatever {agent_id} does with a message",
+                "tags": ["tether"],
+            }
+        ],
     }
 
 
