@@ -98,20 +98,38 @@ class Worker:
         self._slots = asyncio.Semaphore(max_concurrency)
         self.nc: NATS | None = None
         self.gateway: Gateway | None = None
+        self._last_bus_error = ""
 
     async def connect(self) -> NATS:
         opts: dict[str, Any] = {
             "servers": self.nats_url,
             "name": f"tether-a2a {self.agent_id}",
             "inbox_prefix": f"_INBOX.{self.agent_id}",
+            # Retry forever, the first connect too: a worker may start before the bus.
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 1,
+            "error_cb": self._on_bus_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
         }
         if self.token is not None:
             opts["token"] = self.token  # a callable: nats-py re-reads it on every (re)connect
         self.nc = await nats.connect(**opts)
         self.gateway = Gateway(self.nc, self.agent_id, self.token)
         return self.nc
+
+    async def _on_bus_error(self, err: Exception) -> None:
+        text = f"{type(err).__name__}: {err}"
+        if text != self._last_bus_error:  # one line per distinct error, not one per retry
+            log.warning("bus: %s", text)
+            self._last_bus_error = text
+
+    async def _on_disconnected(self) -> None:
+        log.warning("bus: disconnected; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self._last_bus_error = ""
+        log.info("bus: reconnected")
 
     async def run(self, shutdown: Awaitable[Any]) -> None:
         """Serve until ``shutdown`` resolves, then drain (up to ``shutdown_grace``)."""
@@ -297,7 +315,13 @@ async def _amain(worker: Worker) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    await worker.connect()
+    connecting = asyncio.ensure_future(worker.connect())
+    await asyncio.wait({connecting, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():  # stopped before the bus was ever reached
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        return
+    connecting.result()
     await worker.run(stop)
 
 
