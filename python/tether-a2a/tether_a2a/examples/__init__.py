@@ -1,0 +1,1 @@
+"""Example a2a-sdk executors (plain SDK code, nothing tether-specific)."""
