@@ -130,3 +130,22 @@ asyncio.run(main())
     assert_eq!(texts.concat(), bridge_texts.concat(), "{got:#} vs {summary:#}");
     let _ = worker.kill().await;
 }
+
+/// The Python worker package's own tests (event translation, and the worker process against a
+/// real nats-server with a stand-in for the gateway), run by `python3 -m unittest`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_package_tests() {
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.args(["-m", "unittest", "discover", "-s", "tests", "-t", "."])
+        .current_dir(python_dir())
+        .env("PYTHONPATH", python_dir())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+        .await
+        .expect("python unittest within 300 s")
+        .expect("run python3");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python unittest failed:\n{err}");
+    assert!(!err.contains("skipped"), "a Python test was skipped:\n{err}");
+}
