@@ -14,6 +14,7 @@
 //! - [`store`]: the task KV bucket and the task-event stream; following a task.
 //! - [`work`]: work items, the agents' consumers, the cancel signal.
 //! - [`cards`]: agent cards, stored and served.
+//! - [`deliveries`]: a work item out of deliveries fails its task.
 //! - [`ops`]: the bus endpoints; [`chunks`]: streamed answers.
 //! - [`http`]: the HTTP JSON-RPC bridge, which forwards every call to [`ops`] over the bus.
 //!
@@ -24,6 +25,7 @@
 pub mod cards;
 pub mod chunks;
 pub mod config;
+pub mod deliveries;
 pub mod error;
 pub mod http;
 pub mod ops;
@@ -100,9 +102,13 @@ fn endpoint(gw: &Arc<Gateway>, path: &str, name: &str, op: Op) -> Endpoint {
 /// The node (not started) around an opened gateway.
 pub fn node(gw: Arc<Gateway>, verifier: Arc<dyn Verify>) -> Node {
     use futures::FutureExt;
+    let g = gw.clone();
     let mut n = Node::new(NAME, env!("CARGO_PKG_VERSION"))
         .description("A2A 1.0 on the bus: tasks durable in JetStream, served by worker fleets")
-        .verifier(verifier);
+        .verifier(verifier)
+        .task("a2a-max-deliveries", move |ctx| {
+            deliveries::follow(g, ctx.client.clone(), ctx.shutdown.clone())
+        });
     if let Some(u) = &gw.bridge_url {
         n = n.metadata("a2a_url", u.clone());
     }

@@ -196,6 +196,34 @@ impl TaskRecord {
         Ok(self.record(e))
     }
 
+    /// The work item of message `message_id` ran out of deliveries: the task ends FAILED,
+    /// unless it has settled or moved on to a later message meanwhile (`None`: unchanged).
+    pub fn give_up(
+        &mut self,
+        message_id: &str,
+        deliveries: u64,
+    ) -> Result<Option<StreamResponse>, Problem> {
+        if settles(self.state()) {
+            return Ok(None);
+        }
+        let history = self.task.history.as_deref().unwrap_or_default();
+        let Some(at) = history.iter().position(|m| m.message_id == message_id) else {
+            return Ok(None);
+        };
+        if history[at + 1..].iter().any(|m| m.role == Role::User) {
+            return Ok(None);
+        }
+        let note = Message::new(
+            Role::Agent,
+            vec![a2a::Part::text(format!(
+                "no worker finished the task: its work item was delivered {deliveries} times"
+            ))],
+        );
+        self.task.status = now_status(TaskState::Failed, Some(note));
+        let e = status_event(&self.task);
+        Ok(Some(self.record(e)))
+    }
+
     /// Whether a worker holds the task now (a worker has reported, and it is not waiting
     /// for the caller).
     pub fn is_running(&self) -> bool {
@@ -461,6 +489,23 @@ mod tests {
         let m = Message::new(Role::User, vec![Part::text("again")]);
         let e = r.follow_up(m).expect_err("terminal");
         assert_eq!(e.extensions["a2aError"], "UnsupportedOperation");
+    }
+
+    #[test]
+    fn a_work_item_out_of_deliveries_fails_its_task_once() {
+        let mut r = rec();
+        let first = r.task.history.as_ref().expect("history")[0]
+            .message_id
+            .clone();
+        assert!(r.give_up("another", 5).expect("other").is_none());
+        r.apply_worker(5, status(TaskState::Working))
+            .expect("working");
+        assert!(r.give_up(&first, 5).expect("give up").is_some());
+        assert_eq!(r.state(), &TaskState::Failed);
+        assert!(
+            r.give_up(&first, 5).expect("again").is_none(),
+            "a settled task is left"
+        );
     }
 
     #[test]

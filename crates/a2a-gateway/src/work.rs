@@ -167,6 +167,19 @@ impl Work {
             .map_err(|e| Problem::unavailable(format!("cannot signal the workers: {e}")))
     }
 
+    /// The work item at a stream sequence (`None`: gone, or not a work item).
+    pub async fn item_at(&self, seq: u64) -> Result<Option<WorkItem>, Problem> {
+        match self.stream.get_raw_message(seq).await {
+            Ok(m) => Ok(serde_json::from_slice(&m.payload).ok()),
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(Problem::unavailable(format!(
+                "A2A work queue unavailable: {e}"
+            ))),
+        }
+    }
+
     /// Work items waiting for the agent's workers (not yet delivered), when its consumer exists.
     pub async fn backlog(&self, agent: &str) -> Option<u64> {
         let mut c: consumer::PullConsumer =

@@ -240,3 +240,49 @@ async fn bad_input_is_refused_and_nothing_is_stored() {
         .expect("list");
     assert_eq!(none["totalSize"], 0, "{none}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_item_out_of_deliveries_fails_its_task() {
+    let fleet = A2aFleet::start_with(tether_a2a_gateway::A2aConfig {
+        a2a_ack_wait_ms: 1_000,
+        a2a_max_deliver: 2,
+        ..config()
+    })
+    .await;
+    fleet.publish_card().await;
+    let mut body = message("crash me");
+    body["configuration"] = json!({"returnImmediately": true});
+    let task = fleet
+        .a2a(AGENT, "send", body, &fleet.alice)
+        .await
+        .expect("send")["task"]
+        .clone();
+    let id = task["id"].as_str().expect("id").to_string();
+    // A worker that takes the item and dies on it, twice: nothing is ever settled.
+    let c = fleet
+        .f
+        .connect_as(&fleet.worker)
+        .await
+        .expect("worker connects");
+    let consumer: jetstream::consumer::PullConsumer = jetstream::new(c)
+        .get_consumer_from_stream("work_echo", "A2A_WORK")
+        .await
+        .expect("bind");
+    let mut msgs = consumer.messages().await.expect("pull");
+    for n in 1..=2 {
+        let m = msgs.next().await.expect("an item").expect("item");
+        assert_eq!(m.info().expect("info").delivered, n);
+    }
+    let failed = tether_testkit::eventually(Duration::from_secs(20), "the task fails", || async {
+        let t = fleet
+            .a2a(AGENT, "get", json!({"id": id}), &fleet.alice)
+            .await
+            .ok()?;
+        (state(&t) == "TASK_STATE_FAILED").then_some(t)
+    })
+    .await;
+    let note = failed["status"]["message"]["parts"][0]["text"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(note.contains("delivered 2 times"), "{failed}");
+}

@@ -13,7 +13,10 @@ use common::*;
 use serde_json::Value;
 
 fn python_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../python/tether-a2a"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../python/tether-a2a"
+    ))
 }
 
 /// Runs a Python script to the end (within `within`); its last stdout line as JSON.
@@ -67,9 +70,16 @@ async fn official_a2a_client_through_the_bridge_to_a_python_a2a_sdk_worker() {
         .spawn()
         .expect("start the python worker");
     // The worker is up once its card is published.
-    tether_testkit::eventually(Duration::from_secs(60), "the python worker publishes its card", || async {
-        fleet.a2a(AGENT, "card", serde_json::json!({}), &fleet.alice).await.ok()
-    })
+    tether_testkit::eventually(
+        Duration::from_secs(60),
+        "the python worker publishes its card",
+        || async {
+            fleet
+                .a2a(AGENT, "card", serde_json::json!({}), &fleet.alice)
+                .await
+                .ok()
+        },
+    )
     .await;
 
     let script = python_dir().join("tests/e2e_client.py");
@@ -87,12 +97,21 @@ async fn official_a2a_client_through_the_bridge_to_a_python_a2a_sdk_worker() {
     )
     .await;
     assert_eq!(summary["ok"], true, "{summary:#}");
-    assert_eq!(summary["blocking"]["state"], "TASK_STATE_COMPLETED", "{summary:#}");
-    assert_eq!(summary["cancel"]["state"], "TASK_STATE_CANCELED", "{summary:#}");
+    assert_eq!(
+        summary["blocking"]["state"], "TASK_STATE_COMPLETED",
+        "{summary:#}"
+    );
+    assert_eq!(
+        summary["cancel"]["state"], "TASK_STATE_CANCELED",
+        "{summary:#}"
+    );
     assert_eq!(summary["other_space"], "TaskNotFound", "{summary:#}");
 
     // The same task over NATS, by nats-py as alice: what the bridge client saw.
-    let id = summary["blocking"]["taskId"].as_str().expect("task id").to_string();
+    let id = summary["blocking"]["taskId"]
+        .as_str()
+        .expect("task id")
+        .to_string();
     let read = format!(
         r#"
 import asyncio, json, sys
@@ -127,7 +146,11 @@ asyncio.run(main())
         .flatten()
         .filter_map(|t| t.as_str())
         .collect();
-    assert_eq!(texts.concat(), bridge_texts.concat(), "{got:#} vs {summary:#}");
+    assert_eq!(
+        texts.concat(),
+        bridge_texts.concat(),
+        "{got:#} vs {summary:#}"
+    );
     let _ = worker.kill().await;
 }
 
@@ -147,5 +170,8 @@ async fn python_worker_package_tests() {
         .expect("run python3");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "python unittest failed:\n{err}");
-    assert!(!err.contains("skipped"), "a Python test was skipped:\n{err}");
+    assert!(
+        !err.contains("skipped"),
+        "a Python test was skipped:\n{err}"
+    );
 }

@@ -156,6 +156,14 @@ impl NodeKind {
         }
     }
 
+    /// JetStream advisories about its own streams it follows.
+    fn advisories(self) -> &'static [&'static str] {
+        match self {
+            NodeKind::A2a => &["$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.A2A_WORK.*"],
+            _ => &[],
+        }
+    }
+
     /// Subjects of its own streams that are not in its subject families (never prefixed:
     /// streams are the deployment's, not a service path).
     fn stream_subjects(self) -> &'static [&'static str] {
@@ -184,6 +192,7 @@ impl NodeKind {
             publish.push(p(&format!("{f}.>")));
             subscribe.push(p(&format!("{f}.>")));
         }
+        subscribe.extend(self.advisories().iter().map(|s| s.to_string()));
         for s in self.calls() {
             publish.push(p(s));
         }
