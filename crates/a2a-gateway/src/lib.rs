@@ -15,6 +15,7 @@
 //! - [`work`]: work items, the agents' consumers, the cancel signal.
 //! - [`cards`]: agent cards, stored and served.
 //! - [`deliveries`]: a work item out of deliveries fails its task.
+//! - [`lenient`]: what ProtoJSON peers may leave out, filled in before reading.
 //! - [`ops`]: the bus endpoints; [`chunks`]: streamed answers.
 //! - [`http`]: the HTTP JSON-RPC bridge, which forwards every call to [`ops`] over the bus.
 //!
@@ -28,6 +29,7 @@ pub mod config;
 pub mod deliveries;
 pub mod error;
 pub mod http;
+pub mod lenient;
 pub mod ops;
 pub mod record;
 pub mod store;

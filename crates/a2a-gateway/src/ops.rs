@@ -16,6 +16,7 @@ use a2a::{
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tether_bus::{Caller, Encoding, Problem, RawRequest, Reply};
 use tokio::time::Instant;
 
@@ -84,17 +85,24 @@ fn check_request(r: &RawRequest, max_bytes: usize) -> Result<(), Problem> {
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    parse_with(body, |_| {})
+}
+
+/// Reads a request's JSON, first filling in with `fill` what ProtoJSON may leave out.
+fn parse_with<T: DeserializeOwned>(
+    body: &[u8],
+    fill: impl FnOnce(&mut Value),
+) -> Result<T, Problem> {
     let body = if body.iter().all(u8::is_ascii_whitespace) {
         &b"{}"[..]
     } else {
         body
     };
-    serde_json::from_slice(body).map_err(|e| {
-        if e.is_syntax() || e.is_eof() {
-            A2aError::ParseError.problem(format!("malformed JSON: {e}"))
-        } else {
-            A2aError::InvalidParams.problem(format!("not the operation's A2A request: {e}"))
-        }
+    let mut v: Value = serde_json::from_slice(body)
+        .map_err(|e| A2aError::ParseError.problem(format!("malformed JSON: {e}")))?;
+    fill(&mut v);
+    serde_json::from_value(v).map_err(|e| {
+        A2aError::InvalidParams.problem(format!("not the operation's A2A request: {e}"))
     })
 }
 
@@ -191,7 +199,7 @@ impl Gateway {
         check_request(&r, self.cfg.a2a_max_message_bytes)?;
         let agent = agent_of(&r.subject, 2)?;
         let c = caller(&r)?;
-        let req: SendMessageRequest = parse(&r.payload)?;
+        let req: SendMessageRequest = parse_with(&r.payload, crate::lenient::send_request)?;
         let immediate = req
             .configuration
             .as_ref()
@@ -282,7 +290,7 @@ impl Gateway {
         let agent = agent_of(&r.subject, 2)?;
         let c = caller(&r)?;
         let out = self.stream_to(&r, c)?;
-        let req: SendMessageRequest = parse(&r.payload)?;
+        let req: SendMessageRequest = parse_with(&r.payload, crate::lenient::send_request)?;
         let rec = self.accept(&agent, c, req).await?;
         let answer = json(&task_answer(&rec, None))?;
         self.spawn_stream(rec, out, r.ctx.shutdown.clone());
@@ -571,7 +579,11 @@ impl Gateway {
     /// `a2a.<agent>.work.event`: a worker reports what happened to a task it holds.
     pub async fn work_event(self: Arc<Self>, r: RawRequest) -> Result<Reply, Problem> {
         let (agent, _) = self.worker_of(&r)?;
-        let ev: WorkEvent = parse(&r.payload)?;
+        let ev: WorkEvent = parse_with(&r.payload, |v| {
+            if let Some(e) = v.get_mut("event") {
+                crate::lenient::stream_response(e);
+            }
+        })?;
         if !tether_bus::subject::is_valid_token(&ev.space) {
             return Err(error::not_found(&ev.task_id));
         }
