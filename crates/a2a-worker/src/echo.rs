@@ -5,7 +5,8 @@
 //! parts, COMPLETED. `sleep <ms> …` first sleeps that long (a cancel ends it early: the
 //! library records CANCELED). `ask` goes INPUT_REQUIRED; the follow-up message completes the
 //! task with an artifact naming both messages. `fail` returns an error (FAILED), `panic`
-//! panics (FAILED too).
+//! panics (FAILED too). With a worker name set (`TETHER_WORKER_NAME` in the binary), each
+//! artifact's metadata says which worker made it and on which attempt: `{"worker", "attempt"}`.
 
 use std::time::Duration;
 
@@ -16,7 +17,10 @@ use crate::executor::{Executor, TaskContext};
 
 /// The echo executor.
 #[derive(Clone, Debug, Default)]
-pub struct Echo;
+pub struct Echo {
+    /// Names this worker in the artifacts' metadata (tests tell workers apart by it).
+    pub worker: Option<String>,
+}
 
 /// The echo agent's card.
 pub fn card(agent_id: &str) -> AgentCard {
@@ -59,14 +63,24 @@ fn previous_user_text(ctx: &TaskContext) -> Option<String> {
         })
 }
 
-fn artifact(name: &str, parts: Vec<Part>) -> Artifact {
-    Artifact {
-        artifact_id: a2a::new_artifact_id(),
-        name: Some(name.into()),
-        description: None,
-        parts,
-        metadata: None,
-        extensions: None,
+impl Echo {
+    fn artifact(&self, ctx: &TaskContext, name: &str, parts: Vec<Part>) -> Artifact {
+        let metadata = self.worker.as_ref().map(|w| {
+            [
+                ("worker".to_string(), serde_json::json!(w)),
+                ("attempt".to_string(), serde_json::json!(ctx.attempt)),
+            ]
+            .into_iter()
+            .collect()
+        });
+        Artifact {
+            artifact_id: a2a::new_artifact_id(),
+            name: Some(name.into()),
+            description: None,
+            parts,
+            metadata,
+            extensions: None,
+        }
     }
 }
 
@@ -75,7 +89,8 @@ impl Executor for Echo {
         let text = ctx.text();
         events.working().await?;
         if let Some(prev) = previous_user_text(&ctx).filter(|p| p.trim() == "ask") {
-            let a = artifact(
+            let a = self.artifact(
+                &ctx,
                 "answer",
                 vec![Part::text(format!("asked: {prev}; answered: {text}"))],
             );
@@ -111,7 +126,7 @@ impl Executor for Echo {
             .cloned()
             .collect();
         events
-            .artifact(artifact("echo", parts), false, true)
+            .artifact(self.artifact(&ctx, "echo", parts), false, true)
             .await?;
         events.status(TaskState::Completed, None).await?;
         Ok(())

@@ -3,8 +3,8 @@
 //! Design decision: the settings come from the same layers as every tether node
 //! (`tether.toml`, then `TETHER_*`): `TETHER_NATS_URL`, `TETHER_TOKEN` or `TETHER_TOKEN_FILE`
 //! (the file wins; it is re-read when it changes), `TETHER_AGENT_ID` (default: the token's
-//! `sub`), `TETHER_WORKER_CONCURRENCY`. The connection authenticates with the token and listens
-//! on `_INBOX.<agent>`.
+//! `sub`), `TETHER_WORKER_CONCURRENCY`, `TETHER_WORKER_NAME`. The connection authenticates
+//! with the token and listens on `_INBOX.<agent>`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +31,9 @@ pub struct WorkerSettings {
     pub token_file: Option<PathBuf>,
     /// `TETHER_WORKER_CONCURRENCY` (default 4).
     pub worker_concurrency: Option<usize>,
+    /// `TETHER_WORKER_NAME`: names this worker instance (the echo agent puts it in its
+    /// artifacts' metadata).
+    pub worker_name: Option<String>,
 }
 
 impl WorkerSettings {

@@ -244,7 +244,7 @@ async fn events_arrive_in_order_with_body_and_token_and_the_ack_follows_the_last
         .await
         .expect("subscribe");
     let (stop, h) = b
-        .worker(Echo, |c| {
+        .worker(Echo::default(), |c| {
             c.card = Some(tether_a2a_worker::echo::card("echo"))
         })
         .await;
@@ -301,7 +301,7 @@ async fn progress_notes_keep_a_long_task_from_redelivery() {
     let mut b = Bench::start(Duration::from_secs(1)).await;
     let stats = Arc::new(tether_a2a_worker::WorkerStats::default());
     let st = stats.clone();
-    let (_stop, _h) = b.worker(Echo, move |c| c.stats = st).await;
+    let (_stop, _h) = b.worker(Echo::default(), move |c| c.stats = st).await;
     let task = b.send("s", "sleep 3500 long").await;
     let seen = b.accept_until_settled(&task).await;
     assert!(seen.iter().all(|r| r.attempt() == 1 && r.task() == task));
@@ -332,7 +332,7 @@ async fn a_worker_dropped_mid_task_leaves_it_to_the_next_as_attempt_2() {
             client,
             TokenSource::fixed(TOKEN),
             WorkerConfig::new(agent),
-            Arc::new(Echo),
+            Arc::new(Echo::default()),
             CancellationToken::new(),
         )
         .await;
@@ -343,7 +343,7 @@ async fn a_worker_dropped_mid_task_leaves_it_to_the_next_as_attempt_2() {
     b.accept(&w, false).await;
     rt.shutdown_background();
 
-    let (_stop, _h) = b.worker(Echo, |_| {}).await;
+    let (_stop, _h) = b.worker(Echo::default(), |_| {}).await;
     let seen = b.accept_until_settled(&task).await;
     assert!(seen.iter().all(|r| r.attempt() == 2), "second delivery");
     assert_eq!(seen[0].state(), Some("TASK_STATE_WORKING"));
@@ -357,7 +357,7 @@ async fn a_worker_dropped_mid_task_leaves_it_to_the_next_as_attempt_2() {
 #[tokio::test]
 async fn a_cancel_signal_cancels_the_right_task() {
     let mut b = Bench::start(Duration::from_secs(30)).await;
-    let (_stop, _h) = b.worker(Echo, |c| c.max_concurrency = 2).await;
+    let (_stop, _h) = b.worker(Echo::default(), |c| c.max_concurrency = 2).await;
     let t1 = b.send("s1", "sleep 60000 one").await;
     let t2 = b.send("s1", "sleep 60000 two").await;
     for _ in 0..2 {
@@ -400,7 +400,7 @@ async fn a_cancel_signal_cancels_the_right_task() {
 #[tokio::test]
 async fn a_reply_asking_for_cancel_or_refusing_the_attempt_ends_the_run() {
     let mut b = Bench::start(Duration::from_secs(30)).await;
-    let (_stop, _h) = b.worker(Echo, |_| {}).await;
+    let (_stop, _h) = b.worker(Echo::default(), |_| {}).await;
     // cancelRequested in the reply to WORKING: the run records CANCELED.
     let t1 = b.send("s", "sleep 60000 x").await;
     let w = b.next().await;
@@ -428,7 +428,7 @@ async fn a_reply_asking_for_cancel_or_refusing_the_attempt_ends_the_run() {
 #[tokio::test]
 async fn executor_errors_and_panics_become_failed_and_the_worker_lives_on() {
     let mut b = Bench::start(Duration::from_secs(30)).await;
-    let (_stop, h) = b.worker(Echo, |_| {}).await;
+    let (_stop, h) = b.worker(Echo::default(), |_| {}).await;
     for (text, needle) in [("fail", "asked to fail"), ("panic", "asked to panic")] {
         let t = b.send("s", text).await;
         let seen = b.accept_until_settled(&t).await;
@@ -446,7 +446,7 @@ async fn executor_errors_and_panics_become_failed_and_the_worker_lives_on() {
 #[tokio::test]
 async fn input_required_then_the_follow_up_completes() {
     let mut b = Bench::start(Duration::from_secs(30)).await;
-    let (_stop, _h) = b.worker(Echo, |_| {}).await;
+    let (_stop, _h) = b.worker(Echo::default(), |_| {}).await;
     let t = b.send("s", "ask").await;
     let seen = b.accept_until_settled(&t).await;
     let last = seen.last().expect("events");
@@ -472,7 +472,7 @@ async fn input_required_then_the_follow_up_completes() {
 #[tokio::test]
 async fn no_more_runs_at_once_than_max_concurrency() {
     let mut b = Bench::start(Duration::from_secs(30)).await;
-    let (_stop, _h) = b.worker(Echo, |c| c.max_concurrency = 2).await;
+    let (_stop, _h) = b.worker(Echo::default(), |c| c.max_concurrency = 2).await;
     let mut tasks = Vec::new();
     for i in 0..5 {
         tasks.push(b.send("s", &format!("sleep 300 n{i}")).await);
@@ -506,7 +506,9 @@ async fn no_more_runs_at_once_than_max_concurrency() {
 async fn shutdown_drains_and_gives_back_what_did_not_finish() {
     let mut b = Bench::start(Duration::from_secs(30)).await;
     let (stop, h) = b
-        .worker(Echo, |c| c.drain_timeout = Duration::from_millis(500))
+        .worker(Echo::default(), |c| {
+            c.drain_timeout = Duration::from_millis(500)
+        })
         .await;
     let t = b.send("s", "sleep 60000 never").await;
     let w = b.next().await;
@@ -518,7 +520,7 @@ async fn shutdown_drains_and_gives_back_what_did_not_finish() {
         .expect("join")
         .expect("ran");
     // Given back (nak), not acked: the next worker gets it at once as attempt 2.
-    let (_stop, _h) = b.worker(Echo, |_| {}).await;
+    let (_stop, _h) = b.worker(Echo::default(), |_| {}).await;
     let w = b.next().await;
     assert_eq!((w.task(), w.attempt()), (t.as_str(), 2));
     b.accept(&w, false).await;
@@ -541,7 +543,7 @@ async fn a_worker_waits_for_its_consumer() {
         client,
         TokenSource::fixed(TOKEN),
         WorkerConfig::new("nobody"),
-        Arc::new(Echo),
+        Arc::new(Echo::default()),
         stop.clone(),
     ));
     for _ in 0..3 {

@@ -1,7 +1,8 @@
 //! `a2a-echo-worker`: the example tether A2A worker (see `tether_a2a_worker::echo`).
 //!
 //! Env: `TETHER_NATS_URL`, `TETHER_TOKEN` or `TETHER_TOKEN_FILE` (a token with scope
-//! `a2a:serve`), `TETHER_AGENT_ID` (default: the token's `sub`), `TETHER_WORKER_CONCURRENCY`.
+//! `a2a:serve`), `TETHER_AGENT_ID` (default: the token's `sub`), `TETHER_WORKER_CONCURRENCY`,
+//! `TETHER_WORKER_NAME` (put in each artifact's metadata, with the attempt).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,6 +21,9 @@ async fn main() -> ExitCode {
         WorkerSettings::load,
         |bus, (settings, token, agent), shutdown| async move {
             let cfg = settings.worker_config(&bus, &agent);
+            let executor = echo::Echo {
+                worker: settings.worker_name.clone().filter(|n| !n.is_empty()),
+            };
             let stop = CancellationToken::new();
             let s = stop.clone();
             tokio::spawn(async move {
@@ -31,7 +35,7 @@ async fn main() -> ExitCode {
                 token,
                 cfg,
                 Some(echo::card(&agent)),
-                Arc::new(echo::Echo),
+                Arc::new(executor),
                 stop,
             )
             .await
