@@ -1,6 +1,9 @@
 //! Streamed answers on the bus (`stream`, `subscribe`): one A2A `StreamResponse` per message
 //! to the caller's stream subject, numbered gap-free by `Tether-Stream-Seq`, then one end
-//! marker — the same headers `containers.exec` streams with.
+//! marker — the same headers `containers.exec` streams with. Each event also carries the
+//! task's own event number (`A2A-Event-Seq`; the first chunk, the snapshot, carries the
+//! number of the last event it includes), so a caller who subscribes again after losing a
+//! gateway can tell what it already has.
 
 use a2a::StreamResponse;
 use bytes::Bytes;
@@ -28,8 +31,17 @@ impl Chunks {
     }
 
     async fn send(&mut self, kind: &str, body: Bytes) -> Result<(), Problem> {
+        self.send_with(kind, body, async_nats::HeaderMap::new())
+            .await
+    }
+
+    async fn send_with(
+        &mut self,
+        kind: &str,
+        body: Bytes,
+        mut h: async_nats::HeaderMap,
+    ) -> Result<(), Problem> {
         self.seq += 1;
-        let mut h = async_nats::HeaderMap::new();
         h.insert(STREAM_SEQ, self.seq.to_string().as_str());
         h.insert(STREAM_KIND, kind);
         self.client
@@ -38,10 +50,13 @@ impl Chunks {
             .map_err(|e| Problem::unavailable(format!("cannot stream to {}: {e}", self.subject)))
     }
 
-    pub async fn event(&mut self, e: &StreamResponse) -> Result<(), Problem> {
+    /// Event number `task_seq` of the task.
+    pub async fn event(&mut self, task_seq: u64, e: &StreamResponse) -> Result<(), Problem> {
         let body = serde_json::to_vec(e)
             .map_err(|e| Problem::internal(format!("cannot encode a stream event: {e}")))?;
-        self.send("event", Bytes::from(body)).await
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(crate::store::EVENT_SEQ, task_seq.to_string().as_str());
+        self.send_with("event", Bytes::from(body), h).await
     }
 
     pub async fn end(mut self) {

@@ -220,8 +220,8 @@ impl Gateway {
         loop {
             match follow.next(deadline).await? {
                 None => break,
-                Some(StreamResponse::StatusUpdate(s)) if settles(&s.status.state) => break,
-                Some(StreamResponse::Task(t)) if settles(&t.status.state) => break,
+                Some((_, StreamResponse::StatusUpdate(s))) if settles(&s.status.state) => break,
+                Some((_, StreamResponse::Task(t))) if settles(&t.status.state) => break,
                 Some(_) => {}
             }
         }
@@ -249,7 +249,8 @@ impl Gateway {
         let gw = self.clone();
         tokio::spawn(async move {
             let result: Result<(), Problem> = async {
-                out.event(&StreamResponse::Task(rec.task.clone())).await?;
+                out.event(rec.seq, &StreamResponse::Task(rec.task.clone()))
+                    .await?;
                 if settles(rec.state()) && rec.state().is_terminal() {
                     return Ok(());
                 }
@@ -262,10 +263,10 @@ impl Gateway {
                             return Err(Problem::unavailable("the gateway is shutting down; subscribe again to follow the task"));
                         }
                     };
-                    let Some(e) = next else {
+                    let Some((seq, e)) = next else {
                         return Err(Problem::timeout("the stream reached its time limit; subscribe again to follow the task"));
                     };
-                    out.event(&e).await?;
+                    out.event(seq, &e).await?;
                     let done = match &e {
                         StreamResponse::StatusUpdate(s) => settles(&s.status.state),
                         StreamResponse::Task(t) => settles(&t.status.state),

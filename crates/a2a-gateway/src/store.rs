@@ -286,15 +286,16 @@ pub struct Follow<'a> {
 const RECHECK: Duration = Duration::from_secs(1);
 
 impl Follow<'_> {
-    /// The next event, waiting at most until `deadline` (`Ok(None)`: the deadline passed).
+    /// The next event and its number, waiting at most until `deadline` (`Ok(None)`: the
+    /// deadline passed).
     pub async fn next(
         &mut self,
         deadline: tokio::time::Instant,
-    ) -> Result<Option<StreamResponse>, Problem> {
+    ) -> Result<Option<(u64, StreamResponse)>, Problem> {
         loop {
             if let Some(e) = self.pending.remove(&self.next) {
                 self.next += 1;
-                return Ok(Some(e));
+                return Ok(Some((self.next - 1, e)));
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {

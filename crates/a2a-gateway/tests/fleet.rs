@@ -224,6 +224,14 @@ async fn a_stream_through_a_killed_gateway_resumes_on_another_without_loss() {
     let before: Vec<Value> = first[1..].iter().map(|c| c.body.clone()).collect();
     assert_eq!(before, all[1..=before.len()], "the first stream's events");
     let snap_seq = all.len() - later.len();
+    // What a caller can check itself: the snapshot's event number is at most one past the
+    // last event the first stream delivered.
+    let last_seen = first.last().and_then(|c| c.event_seq).expect("numbered");
+    assert_eq!(chunks[0].event_seq, Some(snap_seq as u64), "{chunks:?}");
+    assert!(
+        last_seen + 1 >= snap_seq as u64,
+        "{first:?} then {chunks:?}"
+    );
     assert!(
         before.len() + 1 >= snap_seq,
         "no event between the two streams is missing: first up to {}, snapshot at {snap_seq}",

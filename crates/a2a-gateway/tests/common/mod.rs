@@ -393,6 +393,8 @@ pub struct Chunk {
     /// `event`, `end` or `error`.
     pub kind: String,
     pub body: Value,
+    /// The task's event number (`A2A-Event-Seq`) an event chunk carries.
+    pub event_seq: Option<u64>,
 }
 
 /// The chunks on `sub` until the end (or error) chunk; panics when it is not there within
@@ -424,6 +426,7 @@ pub async fn next_chunk(
         seq: get("Tether-Stream-Seq").parse().expect("Tether-Stream-Seq"),
         kind: get("Tether-Stream"),
         body: serde_json::from_slice(&m.payload).unwrap_or(Value::Null),
+        event_seq: get("A2A-Event-Seq").parse().ok(),
     })
 }
 
@@ -438,6 +441,17 @@ pub fn check_stream(chunks: &[Chunk]) -> Vec<Value> {
     );
     let (end, events) = chunks.split_last().expect("chunks");
     assert_eq!(end.kind, "end", "{chunks:?}");
+    // The task's own numbers follow on from the snapshot's, one by one.
+    let numbers: Vec<u64> = events
+        .iter()
+        .map(|c| c.event_seq.expect("A2A-Event-Seq on every event"))
+        .collect();
+    let from = numbers[0];
+    assert_eq!(
+        numbers,
+        (from..from + numbers.len() as u64).collect::<Vec<_>>(),
+        "{chunks:?}"
+    );
     assert!(events.iter().all(|c| c.kind == "event"), "{chunks:?}");
     let events: Vec<Value> = events.iter().map(|c| c.body.clone()).collect();
     assert!(
