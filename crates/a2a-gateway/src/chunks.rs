@@ -7,7 +7,9 @@
 
 use a2a::StreamResponse;
 use bytes::Bytes;
-use tether_bus::Problem;
+use tether_bus::{Encoding, Problem};
+
+use crate::protobuf::Answer;
 
 pub const STREAM_SEQ: &str = "Tether-Stream-Seq";
 pub const STREAM_KIND: &str = "Tether-Stream";
@@ -18,14 +20,17 @@ pub const STREAM_SUBJECT: &str = "Tether-Stream-Subject";
 pub struct Chunks {
     client: async_nats::Client,
     subject: String,
+    /// The request's encoding: events go out in it.
+    encoding: Encoding,
     seq: u64,
 }
 
 impl Chunks {
-    pub fn new(client: async_nats::Client, subject: String) -> Self {
+    pub fn new(client: async_nats::Client, subject: String, encoding: Encoding) -> Self {
         Self {
             client,
             subject,
+            encoding,
             seq: 0,
         }
     }
@@ -52,10 +57,12 @@ impl Chunks {
 
     /// Event number `task_seq` of the task.
     pub async fn event(&mut self, task_seq: u64, e: &StreamResponse) -> Result<(), Problem> {
-        let body = serde_json::to_vec(e)
-            .map_err(|e| Problem::internal(format!("cannot encode a stream event: {e}")))?;
+        let body = crate::protobuf::encode(self.encoding, Answer::StreamResponse, e)?;
         let mut h = async_nats::HeaderMap::new();
         h.insert(crate::store::EVENT_SEQ, task_seq.to_string().as_str());
+        if self.encoding == Encoding::Protobuf {
+            h.insert("Content-Type", self.encoding.content_type());
+        }
         self.send_with("event", Bytes::from(body), h).await
     }
 

@@ -16,6 +16,7 @@
 //! - [`cards`]: agent cards, stored and served.
 //! - [`deliveries`]: a work item out of deliveries fails its task.
 //! - [`lenient`]: what ProtoJSON peers may leave out, filled in before reading.
+//! - [`protobuf`]: A2A's protobuf form, read into and written from the JSON one.
 //! - [`ops`]: the bus endpoints; [`chunks`]: streamed answers.
 //! - [`http`]: the HTTP JSON-RPC bridge, which forwards every call to [`ops`] over the bus.
 //!
@@ -31,6 +32,7 @@ pub mod error;
 pub mod http;
 pub mod lenient;
 pub mod ops;
+pub mod protobuf;
 pub mod record;
 pub mod store;
 pub mod work;

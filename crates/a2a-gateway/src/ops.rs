@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use crate::Gateway;
 use crate::chunks::{Chunks, STREAM_SUBJECT};
 use crate::error::{self, A2aError};
+use crate::protobuf::{Answer, Request as PbRequest, reply, request_json};
 use crate::record::{self, Asker, TaskRecord, settles};
 use crate::work::WorkItem;
 
@@ -67,10 +68,6 @@ fn check_request(r: &RawRequest, max_bytes: usize) -> Result<(), Problem> {
                 "missing A2A-Version header (a missing version means 0.3, which is not served; send `A2A-Version: {VERSION}`)"
             )));
         }
-    }
-    if r.encoding == Encoding::Protobuf {
-        return Err(A2aError::ContentTypeNotSupported
-            .problem("this gateway takes A2A JSON only (application/protobuf is not served)"));
     }
     if r.payload.len() > max_bytes {
         return Err(A2aError::InvalidRequest.with_status(
@@ -199,7 +196,10 @@ impl Gateway {
         check_request(&r, self.cfg.a2a_max_message_bytes)?;
         let agent = agent_of(&r.subject, 2)?;
         let c = caller(&r)?;
-        let req: SendMessageRequest = parse_with(&r.payload, crate::lenient::send_request)?;
+        let req: SendMessageRequest = parse_with(
+            &request_json(r.encoding, PbRequest::SendMessage, &r.payload)?,
+            crate::lenient::send_request,
+        )?;
         let immediate = req
             .configuration
             .as_ref()
@@ -212,7 +212,7 @@ impl Gateway {
             .min(self.cfg.a2a_max_wait_ms);
         let rec = self.accept(&agent, c, req).await?;
         if immediate {
-            return json(&task_answer(&rec, history));
+            return reply(r.encoding, Answer::SendMessage, &task_answer(&rec, history));
         }
         let deadline = Instant::now() + Duration::from_millis(wait);
         let space = rec.space.clone();
@@ -226,7 +226,7 @@ impl Gateway {
             }
         }
         let now = self.tasks.get(&space, &rec.task.id).await?.unwrap_or(rec);
-        json(&task_answer(&now, history))
+        reply(r.encoding, Answer::SendMessage, &task_answer(&now, history))
     }
 
     fn stream_to(&self, r: &RawRequest, c: &Caller) -> Result<Chunks, Problem> {
@@ -236,7 +236,7 @@ impl Gateway {
             ))
         })?;
         let to = tether_bus::subject::check_stream_subject(to, c)?;
-        Ok(Chunks::new(r.ctx.client.clone(), to))
+        Ok(Chunks::new(r.ctx.client.clone(), to, r.encoding))
     }
 
     /// Streams a task's events after `rec` (whose snapshot goes first) until it settles.
@@ -291,9 +291,12 @@ impl Gateway {
         let agent = agent_of(&r.subject, 2)?;
         let c = caller(&r)?;
         let out = self.stream_to(&r, c)?;
-        let req: SendMessageRequest = parse_with(&r.payload, crate::lenient::send_request)?;
+        let req: SendMessageRequest = parse_with(
+            &request_json(r.encoding, PbRequest::SendMessage, &r.payload)?,
+            crate::lenient::send_request,
+        )?;
         let rec = self.accept(&agent, c, req).await?;
-        let answer = json(&task_answer(&rec, None))?;
+        let answer = reply(r.encoding, Answer::SendMessage, &task_answer(&rec, None))?;
         self.spawn_stream(rec, out, r.ctx.shutdown.clone());
         Ok(answer)
     }
@@ -303,7 +306,11 @@ impl Gateway {
         check_request(&r, self.cfg.a2a_max_message_bytes)?;
         let agent = agent_of(&r.subject, 2)?;
         let c = caller(&r)?;
-        let req: SubscribeToTaskRequest = parse(&r.payload)?;
+        let req: SubscribeToTaskRequest = parse(&request_json(
+            r.encoding,
+            PbRequest::SubscribeToTask,
+            &r.payload,
+        )?)?;
         let rec = self.mine(
             self.tasks.get(&space_of(c), &req.id).await?,
             &agent,
@@ -317,7 +324,7 @@ impl Gateway {
             )));
         }
         let out = self.stream_to(&r, c)?;
-        let answer = json(&task_answer(&rec, None))?;
+        let answer = reply(r.encoding, Answer::StreamResponse, &task_answer(&rec, None))?;
         self.spawn_stream(rec, out, r.ctx.shutdown.clone());
         Ok(answer)
     }
@@ -327,13 +334,18 @@ impl Gateway {
         check_request(&r, self.cfg.a2a_max_message_bytes)?;
         let agent = agent_of(&r.subject, 2)?;
         let c = caller(&r)?;
-        let req: GetTaskRequest = parse(&r.payload)?;
+        let req: GetTaskRequest =
+            parse(&request_json(r.encoding, PbRequest::GetTask, &r.payload)?)?;
         let rec = self.mine(
             self.tasks.get(&space_of(c), &req.id).await?,
             &agent,
             &req.id,
         )?;
-        json(&record::view(&rec.task, req.history_length))
+        reply(
+            r.encoding,
+            Answer::Task,
+            &record::view(&rec.task, req.history_length),
+        )
     }
 
     /// `a2a.<agent>.list`: the caller's space's tasks of this agent, newest first.
@@ -341,7 +353,8 @@ impl Gateway {
         check_request(&r, self.cfg.a2a_max_message_bytes)?;
         let agent = agent_of(&r.subject, 2)?;
         let c = caller(&r)?;
-        let req: ListTasksRequest = parse(&r.payload)?;
+        let req: ListTasksRequest =
+            parse(&request_json(r.encoding, PbRequest::ListTasks, &r.payload)?)?;
         let page_size = req.page_size.unwrap_or(50);
         if !(1..=100).contains(&page_size) {
             return Err(A2aError::InvalidParams.problem("pageSize must be between 1 and 100"));
@@ -393,12 +406,16 @@ impl Gateway {
         } else {
             String::new()
         };
-        json(&ListTasksResponse {
-            tasks,
-            next_page_token: next,
-            page_size,
-            total_size: i32::try_from(total).unwrap_or(i32::MAX),
-        })
+        reply(
+            r.encoding,
+            Answer::ListTasks,
+            &ListTasksResponse {
+                tasks,
+                next_page_token: next,
+                page_size,
+                total_size: i32::try_from(total).unwrap_or(i32::MAX),
+            },
+        )
     }
 
     /// `a2a.<agent>.cancel`: a queued or waiting task is canceled here; a running one by its
@@ -407,7 +424,11 @@ impl Gateway {
         check_request(&r, self.cfg.a2a_max_message_bytes)?;
         let agent = agent_of(&r.subject, 2)?;
         let c = caller(&r)?;
-        let req: CancelTaskRequest = parse(&r.payload)?;
+        let req: CancelTaskRequest = parse(&request_json(
+            r.encoding,
+            PbRequest::CancelTask,
+            &r.payload,
+        )?)?;
         let space = space_of(c);
         let rec = self.mine(self.tasks.get(&space, &req.id).await?, &agent, &req.id)?;
         if rec.state().is_terminal() {
@@ -439,7 +460,7 @@ impl Gateway {
                 now = self.mine(self.tasks.get(&space, &req.id).await?, &agent, &req.id)?;
             }
             if now.state().is_terminal() {
-                return json(&now.task);
+                return reply(r.encoding, Answer::Task, &now.task);
             }
         }
         let done = self
@@ -458,12 +479,17 @@ impl Gateway {
                 done.state()
             )));
         }
-        json(&done.task)
+        reply(r.encoding, Answer::Task, &done.task)
     }
 
     /// `a2a.<agent>.card` (public): the agent's card as served.
     pub async fn card(self: Arc<Self>, r: RawRequest) -> Result<Reply, Problem> {
         let agent = agent_of(&r.subject, 2)?;
+        if r.encoding == Encoding::Protobuf {
+            return Err(
+                A2aError::ContentTypeNotSupported.problem("agent cards are served as JSON only")
+            );
+        }
         let stored = self.cards.get(&agent).await?.ok_or_else(|| {
             A2aError::InvalidParams.with_status(
                 404,

@@ -175,3 +175,82 @@ async fn python_worker_package_tests() {
         "a Python test was skipped:\n{err}"
     );
 }
+
+/// A2A's protobuf form on the bus, with the official SDK's own messages (`a2a_pb2`) over
+/// nats-py: send, get and a streamed send, each answered in protobuf — so the gateway's
+/// messages are the official wire format, field for field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_a2a_protobuf_messages_over_nats_py() {
+    let fleet = A2aFleet::start().await;
+    fleet.publish_card().await;
+    let _worker = fleet.worker_process("w1", 2);
+    let script = r#"
+import asyncio, json, sys, uuid
+import nats
+from a2a.types import a2a_pb2 as pb
+
+async def main(url, token, agent):
+    nc = await nats.connect(url, token=token, inbox_prefix=b"_INBOX.alice")
+    h = {"A2A-Version": "1.0", "Authorization": "Bearer " + token, "Content-Type": "application/protobuf"}
+    def msg(text):
+        return pb.Message(message_id=str(uuid.uuid4()), role=pb.ROLE_USER, parts=[pb.Part(text=text)])
+    out = {}
+    m = await nc.request(f"a2a.{agent}.send", pb.SendMessageRequest(message=msg("proto hi")).SerializeToString(), timeout=30, headers=h)
+    assert not (m.headers or {}).get("Nats-Service-Error-Code"), m.data
+    resp = pb.SendMessageResponse()
+    resp.ParseFromString(m.data)
+    t = resp.task
+    out.update(id=t.id, state=pb.TaskState.Name(t.status.state), artifact=t.artifacts[0].parts[0].text,
+               content_type=(m.headers or {}).get("Content-Type"), asker=t.metadata["tether"]["callerAgentId"])
+    g = await nc.request(f"a2a.{agent}.get", pb.GetTaskRequest(id=t.id).SerializeToString(), timeout=10, headers=h)
+    task = pb.Task()
+    task.ParseFromString(g.data)
+    out["get_state"] = pb.TaskState.Name(task.status.state)
+    inbox = "_INBOX.alice.pbstream"
+    sub = await nc.subscribe(inbox)
+    hs = dict(h, **{"Tether-Stream-Subject": inbox})
+    await nc.request(f"a2a.{agent}.stream", pb.SendMessageRequest(message=msg("stream me")).SerializeToString(), timeout=10, headers=hs)
+    kinds = []
+    while True:
+        c = await sub.next_msg(timeout=30)
+        if c.headers.get("Tether-Stream") != "event":
+            break
+        sr = pb.StreamResponse()
+        sr.ParseFromString(c.data)
+        k = sr.WhichOneof("payload")
+        if k == "status_update":
+            k += ":" + pb.TaskState.Name(sr.status_update.status.state)
+        kinds.append(k)
+    out["stream"] = kinds
+    await nc.close()
+    print(json.dumps(out))
+
+asyncio.run(main(*sys.argv[1:4]))
+"#;
+    let out = run_python(
+        &["-c", script, &fleet.f.nats.plain_url(), &fleet.alice, AGENT],
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(out["state"], "TASK_STATE_COMPLETED", "{out:#}");
+    assert_eq!(out["get_state"], "TASK_STATE_COMPLETED", "{out:#}");
+    assert_eq!(out["content_type"], "application/protobuf", "{out:#}");
+    assert_eq!(out["asker"], "alice", "{out:#}");
+    assert!(
+        out["artifact"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("proto hi"),
+        "{out:#}"
+    );
+    assert_eq!(
+        out["stream"],
+        serde_json::json!([
+            "task",
+            "status_update:TASK_STATE_WORKING",
+            "artifact_update",
+            "status_update:TASK_STATE_COMPLETED"
+        ]),
+        "{out:#}"
+    );
+}

@@ -18,6 +18,14 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/tether.v1.serde.rs"));
 }
 
+/// A2A 1.0's protobuf messages (package `lf.a2a.v1`, the subset the A2A gateway serves),
+/// with A2A's ProtoJSON: camelCase, enum names, defaults left out, unknown fields ignored.
+#[allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
+pub mod a2a {
+    include!(concat!(env!("OUT_DIR"), "/lf.a2a.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/lf.a2a.v1.serde.rs"));
+}
+
 pub use pbjson_types;
 pub use v1::*;
 
