@@ -63,7 +63,7 @@ impl Chunks {
         if self.encoding == Encoding::Protobuf {
             h.insert("Content-Type", self.encoding.content_type());
         }
-        self.send_with("event", Bytes::from(body), h).await
+        self.send_with("event", body, h).await
     }
 
     pub async fn end(mut self) {
