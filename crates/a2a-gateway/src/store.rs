@@ -125,8 +125,18 @@ impl Tasks {
             return Err(error::not_found(task_id));
         }
         let k = key(space, task_id);
-        if let Some((current, _)) = self.bucket.get(&k).await? {
-            self.ensure_published(&current).await?;
+        let Some((mut rec, revision)) = self.bucket.get(&k).await? else {
+            return Err(error::not_found(task_id));
+        };
+        self.ensure_published(&rec).await?;
+        // Decide on this read first (the usual case: nobody else writes the task meanwhile);
+        // only a lost compare-and-set reads again, through `modify`.
+        if !f(&mut rec)? {
+            return Ok(rec);
+        }
+        if self.bucket.update(&k, &rec, revision).await?.is_some() {
+            self.publish(&rec).await?;
+            return Ok(rec);
         }
         let stored = self
             .bucket
