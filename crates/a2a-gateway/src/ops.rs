@@ -614,15 +614,14 @@ impl Gateway {
         if !tether_bus::subject::is_valid_token(&ev.space) {
             return Err(error::not_found(&ev.task_id));
         }
-        self.mine(
-            self.tasks.get(&ev.space, &ev.task_id).await?,
-            &agent,
-            &ev.task_id,
-        )?;
         let event = ev.event;
         let rec = self
             .tasks
             .change(&ev.space, &ev.task_id, |t| {
+                // Another agent's task is not found, and nothing is written.
+                if t.agent != agent {
+                    return Err(error::not_found(&ev.task_id));
+                }
                 let before = t.seq;
                 t.apply_worker(ev.attempt, event.clone())?;
                 Ok(t.seq != before)

@@ -125,8 +125,18 @@ impl Tasks {
             return Err(error::not_found(task_id));
         }
         let k = key(space, task_id);
-        if let Some((current, _)) = self.bucket.get(&k).await? {
-            self.ensure_published(&current).await?;
+        let Some((mut rec, revision)) = self.bucket.get(&k).await? else {
+            return Err(error::not_found(task_id));
+        };
+        self.ensure_published(&rec).await?;
+        // Decide on this read first (the usual case: nobody else writes the task meanwhile);
+        // only a lost compare-and-set reads again, through `modify`.
+        if !f(&mut rec)? {
+            return Ok(rec);
+        }
+        if self.bucket.update(&k, &rec, revision).await?.is_some() {
+            self.publish(&rec).await?;
+            return Ok(rec);
         }
         let stored = self
             .bucket
@@ -248,6 +258,7 @@ impl Tasks {
             })
             .await
             .map_err(|e| Problem::unavailable(format!("A2A task events unavailable: {e}")))?;
+        let consumer_name = consumer.cached_info().name.clone();
         let messages = consumer
             .messages()
             .await
@@ -259,6 +270,7 @@ impl Tasks {
             next: after + 1,
             pending: BTreeMap::new(),
             messages,
+            consumer_name,
         })
     }
 
@@ -280,6 +292,26 @@ pub struct Follow<'a> {
     next: u64,
     pending: BTreeMap<u64, StreamResponse>,
     messages: consumer::push::Ordered,
+    /// The ordered consumer as created (a reset makes a new one, left to expire).
+    consumer_name: String,
+}
+
+impl Drop for Follow<'_> {
+    /// Deletes the follower's consumer in the background: every blocking send, stream and
+    /// cancel follows a task, and an ordered consumer left to expire lives 30 s after its
+    /// follower is gone — on a busy gateway they pile up until the server refuses new ones.
+    fn drop(&mut self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let events = self.tasks.events.clone();
+        let name = std::mem::take(&mut self.consumer_name);
+        rt.spawn(async move {
+            if let Err(e) = events.delete_consumer(&name).await {
+                tracing::debug!(consumer = %name, error = %e, "follower consumer not deleted; it expires");
+            }
+        });
+    }
 }
 
 /// How long a follower waits on the stream before it checks the record itself.
