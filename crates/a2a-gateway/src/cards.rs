@@ -8,7 +8,8 @@
 //! `nats:<subject prefix>a2a.<agent>` — the subjects `a2a.<agent>.<op>` of DESIGN.md.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use a2a::{AgentCard, AgentInterface, HttpAuthSecurityScheme, SecurityRequirement, SecurityScheme};
 use async_nats::jetstream::{self, kv};
@@ -38,7 +39,13 @@ impl Record for StoredCard {}
 pub struct Cards {
     bucket: Bucket<StoredCard>,
     fresh: Duration,
+    /// Agents seen with a card lately, and when: a send need not read the card each time.
+    known: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a card seen stays known without reading it again (cards are only replaced,
+/// never deleted before their retention ends).
+const KNOWN_FOR: Duration = Duration::from_secs(10);
 
 impl Cards {
     pub async fn open(js: &jetstream::Context, cfg: &A2aConfig) -> anyhow::Result<Self> {
@@ -61,6 +68,7 @@ impl Cards {
         Ok(Self {
             bucket,
             fresh: Duration::from_secs(cfg.a2a_card_fresh_seconds),
+            known: Mutex::new(HashMap::new()),
         })
     }
 
@@ -77,6 +85,28 @@ impl Cards {
             )
             .await?;
         Ok(())
+    }
+
+    /// Whether the agent has a card (a positive answer is remembered for a few seconds).
+    pub async fn known(&self, agent: &str) -> Result<bool, Problem> {
+        let seen = self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(agent)
+            .is_some_and(|t| t.elapsed() < KNOWN_FOR);
+        if seen {
+            return Ok(true);
+        }
+        let found = self.get(agent).await?.is_some();
+        if found {
+            let mut k = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            if k.len() > 4096 {
+                k.clear();
+            }
+            k.insert(agent.to_string(), Instant::now());
+        }
+        Ok(found)
     }
 
     pub async fn get(&self, agent: &str) -> Result<Option<StoredCard>, Problem> {

@@ -52,7 +52,7 @@ pub const NAME: &str = "a2a-gateway";
 /// One replica's handles on the shared task state.
 pub struct Gateway {
     pub cfg: A2aConfig,
-    pub tasks: store::Tasks,
+    pub tasks: Arc<store::Tasks>,
     pub work: work::Work,
     pub cards: cards::Cards,
     /// Base URL of the HTTP bridge named in served cards.
@@ -70,7 +70,7 @@ impl Gateway {
     ) -> anyhow::Result<Self> {
         cfg.validate()?;
         let js = async_nats::jetstream::new(client.clone());
-        let tasks = store::Tasks::open(&js, &cfg).await?;
+        let tasks = Arc::new(store::Tasks::open(&js, &cfg).await?);
         let work = work::Work::open(&js, client, &cfg, bus).await?;
         let cards = cards::Cards::open(&js, &cfg).await?;
         let subject_prefix = bus

@@ -25,6 +25,7 @@ use crate::chunks::{Chunks, STREAM_SUBJECT};
 use crate::error::{self, A2aError};
 use crate::protobuf::{Answer, Request as PbRequest, reply, request_json};
 use crate::record::{self, Asker, TaskRecord, settles};
+use crate::store::Follow;
 use crate::work::WorkItem;
 
 /// The A2A protocol version header, and the one version served.
@@ -136,12 +137,15 @@ impl Gateway {
 
     /// Accepts a caller's message: a new task, or the next turn of an interrupted one; the
     /// work item is queued either way.
+    /// With `follow`, the task's events are followed from before its work is queued (so none
+    /// can be missed, without replaying the stream).
     async fn accept(
         &self,
         agent: &str,
         c: &Caller,
         req: SendMessageRequest,
-    ) -> Result<TaskRecord, Problem> {
+        follow: bool,
+    ) -> Result<(TaskRecord, Option<Follow>), Problem> {
         record::check_message(&req.message)?;
         if req
             .configuration
@@ -152,7 +156,7 @@ impl Gateway {
             return Err(A2aError::PushNotificationNotSupported
                 .problem("push notifications are not supported"));
         }
-        if self.cards.get(agent).await?.is_none() {
+        if !self.cards.known(agent).await? {
             return Err(A2aError::InvalidParams.with_status(
                 404,
                 format!("no agent {agent:?}: none of its workers has published a card"),
@@ -187,8 +191,16 @@ impl Gateway {
             task: rec.task.clone(),
             message: m,
         };
+        let follower = match follow {
+            true => Some(
+                self.tasks
+                    .follow_live(&space, &rec.task.id, rec.seq)
+                    .await?,
+            ),
+            false => None,
+        };
         self.work.submit(agent, &item).await?;
-        Ok(rec)
+        Ok((rec, follower))
     }
 
     /// `a2a.<agent>.send`: blocks until the task settles, the caller's deadline, or at once.
@@ -210,13 +222,12 @@ impl Gateway {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(self.cfg.a2a_default_wait_ms)
             .min(self.cfg.a2a_max_wait_ms);
-        let rec = self.accept(&agent, c, req).await?;
-        if immediate {
+        let (rec, follow) = self.accept(&agent, c, req, !immediate).await?;
+        let Some(mut follow) = follow else {
             return reply(r.encoding, Answer::SendMessage, &task_answer(&rec, history));
-        }
+        };
         let deadline = Instant::now() + Duration::from_millis(wait);
         let space = rec.space.clone();
-        let mut follow = self.tasks.follow(&space, &rec.task.id, rec.seq).await?;
         loop {
             match follow.next(deadline).await? {
                 None => break,
@@ -239,10 +250,12 @@ impl Gateway {
         Ok(Chunks::new(r.ctx.client.clone(), to, r.encoding))
     }
 
-    /// Streams a task's events after `rec` (whose snapshot goes first) until it settles.
+    /// Streams a task's events after `rec` (whose snapshot goes first) until it settles,
+    /// with `follow` (already following from `rec`) or a follower made here.
     fn spawn_stream(
         self: &Arc<Self>,
         rec: TaskRecord,
+        follow: Option<Follow>,
         mut out: Chunks,
         shutdown: tokio_util::sync::CancellationToken,
     ) {
@@ -254,7 +267,10 @@ impl Gateway {
                 if settles(rec.state()) && rec.state().is_terminal() {
                     return Ok(());
                 }
-                let mut follow = gw.tasks.follow(&rec.space, &rec.task.id, rec.seq).await?;
+                let mut follow = match follow {
+                    Some(f) => f,
+                    None => gw.tasks.follow(&rec.space, &rec.task.id, rec.seq).await?,
+                };
                 let deadline = Instant::now() + Duration::from_millis(gw.cfg.a2a_max_stream_ms);
                 loop {
                     let next = tokio::select! {
@@ -295,9 +311,9 @@ impl Gateway {
             &request_json(r.encoding, PbRequest::SendMessage, &r.payload)?,
             crate::lenient::send_request,
         )?;
-        let rec = self.accept(&agent, c, req).await?;
+        let (rec, follow) = self.accept(&agent, c, req, true).await?;
         let answer = reply(r.encoding, Answer::SendMessage, &task_answer(&rec, None))?;
-        self.spawn_stream(rec, out, r.ctx.shutdown.clone());
+        self.spawn_stream(rec, follow, out, r.ctx.shutdown.clone());
         Ok(answer)
     }
 
@@ -325,7 +341,7 @@ impl Gateway {
         }
         let out = self.stream_to(&r, c)?;
         let answer = reply(r.encoding, Answer::StreamResponse, &task_answer(&rec, None))?;
-        self.spawn_stream(rec, out, r.ctx.shutdown.clone());
+        self.spawn_stream(rec, None, out, r.ctx.shutdown.clone());
         Ok(answer)
     }
 

@@ -11,7 +11,7 @@
 //! never sees a gap or a double: it forwards event `n` only after `n - 1`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use a2a::StreamResponse;
@@ -241,13 +241,14 @@ impl Tasks {
         self.publish(rec).await
     }
 
-    /// Follows a task's events after `after` (its snapshot's `seq`), in order.
+    /// Follows a task's events after `after` (its snapshot's `seq`), in order, replaying them
+    /// from the stream: for a task that may have changed since the snapshot was read.
     pub async fn follow(
-        &self,
+        self: &Arc<Self>,
         space: &str,
         task_id: &str,
         after: u64,
-    ) -> Result<Follow<'_>, Problem> {
+    ) -> Result<Follow, Problem> {
         let consumer = self
             .events
             .create_consumer(consumer::push::OrderedConfig {
@@ -263,15 +264,50 @@ impl Tasks {
             .messages()
             .await
             .map_err(|e| Problem::unavailable(format!("A2A task events unavailable: {e}")))?;
-        Ok(Follow {
-            tasks: self,
+        Ok(self.follower(
+            space,
+            task_id,
+            after,
+            Source::Replay {
+                messages: Box::new(messages),
+                consumer_name,
+            },
+        ))
+    }
+
+    /// Follows a task's events after `after` as they are published, with a plain
+    /// subscription: for a task nobody else can change before the caller goes on (it is
+    /// about to queue the task's work). Cheaper than [`Tasks::follow`]: no consumer to make.
+    pub async fn follow_live(
+        self: &Arc<Self>,
+        space: &str,
+        task_id: &str,
+        after: u64,
+    ) -> Result<Follow, Problem> {
+        let sub = self
+            .js
+            .client()
+            .subscribe(Self::subject(space, task_id))
+            .await
+            .map_err(|e| Problem::unavailable(format!("A2A task events unavailable: {e}")))?;
+        Ok(self.follower(space, task_id, after, Source::Live(sub)))
+    }
+
+    fn follower(
+        self: &Arc<Self>,
+        space: &str,
+        task_id: &str,
+        after: u64,
+        source: Source,
+    ) -> Follow {
+        Follow {
+            tasks: self.clone(),
             space: space.to_string(),
             task_id: task_id.to_string(),
             next: after + 1,
             pending: BTreeMap::new(),
-            messages,
-            consumer_name,
-        })
+            source,
+        }
     }
 
     fn js_inbox(&self) -> String {
@@ -285,27 +321,40 @@ impl Tasks {
 }
 
 /// A task's events in order, from one after a snapshot on.
-pub struct Follow<'a> {
-    tasks: &'a Tasks,
+pub struct Follow {
+    tasks: Arc<Tasks>,
     space: String,
     task_id: String,
     next: u64,
     pending: BTreeMap<u64, StreamResponse>,
-    messages: consumer::push::Ordered,
-    /// The ordered consumer as created (a reset makes a new one, left to expire).
-    consumer_name: String,
+    source: Source,
 }
 
-impl Drop for Follow<'_> {
-    /// Deletes the follower's consumer in the background: every blocking send, stream and
-    /// cancel follows a task, and an ordered consumer left to expire lives 30 s after its
-    /// follower is gone — on a busy gateway they pile up until the server refuses new ones.
+/// Where a follower reads events from.
+enum Source {
+    /// An ordered consumer of the event stream, replaying from the start (its name as
+    /// created; a reset makes a new one, left to expire).
+    Replay {
+        messages: Box<consumer::push::Ordered>,
+        consumer_name: String,
+    },
+    /// A plain subscription to the task's event subject: what is published from now on.
+    Live(async_nats::Subscriber),
+}
+
+impl Drop for Follow {
+    /// Deletes a replaying follower's consumer in the background: an ordered consumer left
+    /// to expire lives 30 s after its follower is gone — on a busy gateway they pile up
+    /// until the server refuses new ones.
     fn drop(&mut self) {
+        let Source::Replay { consumer_name, .. } = &mut self.source else {
+            return;
+        };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let events = self.tasks.events.clone();
-        let name = std::mem::take(&mut self.consumer_name);
+        let name = std::mem::take(consumer_name);
         rt.spawn(async move {
             if let Err(e) = events.delete_consumer(&name).await {
                 tracing::debug!(consumer = %name, error = %e, "follower consumer not deleted; it expires");
@@ -314,10 +363,18 @@ impl Drop for Follow<'_> {
     }
 }
 
+/// What a follower's wait brought.
+enum Got {
+    Event(Option<async_nats::HeaderMap>, bytes::Bytes),
+    /// Nothing for a while: time to check the record itself.
+    Quiet,
+    Ended,
+}
+
 /// How long a follower waits on the stream before it checks the record itself.
 const RECHECK: Duration = Duration::from_secs(1);
 
-impl Follow<'_> {
+impl Follow {
     /// The next event and its number, waiting at most until `deadline` (`Ok(None)`: the
     /// deadline passed).
     pub async fn next(
@@ -334,29 +391,40 @@ impl Follow<'_> {
                 return Ok(None);
             }
             let wait = (deadline - now).min(RECHECK);
-            match tokio::time::timeout(wait, self.messages.next()).await {
-                Ok(Some(Ok(m))) => self.take(&m),
-                Ok(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "task event stream hiccup; the ordered consumer resets");
+            let got = match &mut self.source {
+                Source::Replay { messages, .. } => {
+                    match tokio::time::timeout(wait, messages.next()).await {
+                        Ok(Some(Ok(m))) => Got::Event(m.message.headers, m.message.payload),
+                        Ok(Some(Err(e))) => {
+                            tracing::debug!(error = %e, "task event stream hiccup; the ordered consumer resets");
+                            continue;
+                        }
+                        Ok(None) => Got::Ended,
+                        Err(_) => Got::Quiet,
+                    }
                 }
-                Ok(None) => {
-                    return Err(Problem::unavailable("A2A task event stream ended"));
-                }
-                Err(_) => self.recheck().await?,
+                Source::Live(sub) => match tokio::time::timeout(wait, sub.next()).await {
+                    Ok(Some(m)) => Got::Event(m.headers, m.payload),
+                    Ok(None) => Got::Ended,
+                    Err(_) => Got::Quiet,
+                },
+            };
+            match got {
+                Got::Event(headers, payload) => self.take(headers.as_ref(), &payload),
+                Got::Quiet => self.recheck().await?,
+                Got::Ended => return Err(Problem::unavailable("A2A task event stream ended")),
             }
         }
     }
 
-    fn take(&mut self, m: &jetstream::Message) {
-        let seq = m
-            .headers
-            .as_ref()
+    fn take(&mut self, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) {
+        let seq = headers
             .and_then(|h| h.get(EVENT_SEQ))
             .and_then(|v| v.as_str().parse::<u64>().ok());
         let Some(seq) = seq.filter(|s| *s >= self.next) else {
             return;
         };
-        match serde_json::from_slice::<StreamResponse>(&m.payload) {
+        match serde_json::from_slice::<StreamResponse>(payload) {
             Ok(e) => {
                 self.pending.insert(seq, e);
             }

@@ -156,10 +156,14 @@ impl NodeKind {
         }
     }
 
-    /// JetStream advisories about its own streams it follows.
-    fn advisories(self) -> &'static [&'static str] {
+    /// What it follows besides its families and inbox: JetStream advisories about its own
+    /// streams, and (the A2A gateway) its own task events as they are published.
+    fn follows(self) -> &'static [&'static str] {
         match self {
-            NodeKind::A2a => &["$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.A2A_WORK.*"],
+            NodeKind::A2a => &[
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.A2A_WORK.*",
+                "a2a_events.>",
+            ],
             _ => &[],
         }
     }
@@ -192,7 +196,7 @@ impl NodeKind {
             publish.push(p(&format!("{f}.>")));
             subscribe.push(p(&format!("{f}.>")));
         }
-        subscribe.extend(self.advisories().iter().map(|s| s.to_string()));
+        subscribe.extend(self.follows().iter().map(|s| s.to_string()));
         for s in self.calls() {
             publish.push(p(s));
         }
