@@ -37,6 +37,8 @@ pub struct Tasks {
     events: stream::Stream,
     /// The tasks bucket's own stream (`KV_<bucket>`), for listing a space.
     kv_stream: stream::Stream,
+    /// The record this replica last wrote per task key, with its revision.
+    recent: Mutex<HashMap<String, (TaskRecord, u64)>>,
     /// Highest event this replica has seen on the stream, per task key: spares a re-publish.
     published: Mutex<HashMap<String, u64>>,
 }
@@ -85,6 +87,7 @@ impl Tasks {
             events,
             kv_stream,
             published: Mutex::new(HashMap::new()),
+            recent: Mutex::new(HashMap::new()),
         })
     }
 
@@ -99,14 +102,33 @@ impl Tasks {
     /// Stores a new task and announces it (event 1).
     pub async fn create(&self, rec: TaskRecord) -> Result<TaskRecord, Problem> {
         let k = key(&rec.space, &rec.task.id);
-        if self.bucket.create(&k, &rec).await?.is_none() {
+        let Some(revision) = self.bucket.create(&k, &rec).await? else {
             return Err(Problem::conflict(format!(
                 "task {} exists already",
                 rec.task.id
             )));
-        }
+        };
+        self.remember(&k, &rec, revision);
         self.publish(&rec).await?;
         Ok(rec)
+    }
+
+    /// Keeps the record this replica last wrote for a task, with its revision: its next
+    /// change starts from it instead of reading (the compare-and-set still checks it).
+    fn remember(&self, k: &str, rec: &TaskRecord, revision: u64) {
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if r.len() >= PUBLISHED_CAP {
+            r.clear();
+        }
+        r.insert(k.to_string(), (rec.clone(), revision));
+    }
+
+    fn recalled(&self, k: &str) -> Option<(TaskRecord, u64)> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(k)
+            .cloned()
     }
 
     /// Changes a task by `f` (compare-and-set; `f` may run again on a newer record) and
@@ -125,18 +147,34 @@ impl Tasks {
             return Err(error::not_found(task_id));
         }
         let k = key(space, task_id);
-        let Some((mut rec, revision)) = self.bucket.get(&k).await? else {
+        // Decide on what this replica last wrote, else on one read (the usual case: nobody
+        // else writes the task meanwhile); only a lost compare-and-set reads again, through
+        // `modify`.
+        let (first, remembered) = match self.recalled(&k) {
+            Some(r) => (Some(r), true),
+            None => (self.bucket.get(&k).await?, false),
+        };
+        let Some((mut rec, revision)) = first else {
             return Err(error::not_found(task_id));
         };
         self.ensure_published(&rec).await?;
-        // Decide on this read first (the usual case: nobody else writes the task meanwhile);
-        // only a lost compare-and-set reads again, through `modify`.
-        if !f(&mut rec)? {
-            return Ok(rec);
+        match f(&mut rec) {
+            Ok(true) => {
+                if let Some(rev) = self.bucket.update(&k, &rec, revision).await? {
+                    self.remember(&k, &rec, rev);
+                    self.publish(&rec).await?;
+                    return Ok(rec);
+                }
+            }
+            Ok(false) if !remembered => return Ok(rec),
+            Err(e) if !remembered => return Err(e),
+            // A remembered record may be behind: only a write it wins counts.
+            _ => {}
         }
-        if self.bucket.update(&k, &rec, revision).await?.is_some() {
-            self.publish(&rec).await?;
-            return Ok(rec);
+        // Lost the race, or decided on a remembered record that may be behind: decide again
+        // on the stored one (re-publishing its last event first, as every writer does).
+        if let Some((fresh, _)) = self.bucket.get(&k).await? {
+            self.ensure_published(&fresh).await?;
         }
         let stored = self
             .bucket
@@ -153,6 +191,7 @@ impl Tasks {
             .await?
             .ok_or_else(|| error::not_found(task_id))?;
         if stored.written {
+            self.remember(&k, &stored.value, stored.revision);
             self.publish(&stored.value).await?;
         }
         Ok(stored.value)
