@@ -137,6 +137,19 @@ impl Gateway {
 
     /// Accepts a caller's message: a new task, or the next turn of an interrupted one; the
     /// work item is queued either way.
+    async fn follower(
+        &self,
+        follow: bool,
+        space: &str,
+        id: &str,
+        seq: u64,
+    ) -> Result<Option<Follow>, Problem> {
+        match follow {
+            true => self.tasks.follow_live(space, id, seq).await.map(Some),
+            false => Ok(None),
+        }
+    }
+
     /// With `follow`, the task's events are followed from before its work is queued (so none
     /// can be missed, without replaying the stream).
     async fn accept(
@@ -164,43 +177,45 @@ impl Gateway {
         }
         let space = space_of(c);
         let message = req.message.clone();
-        let rec = match message.task_id.clone().filter(|t| !t.is_empty()) {
+        let item = |task: &a2a::Task| {
+            let mut m = message.clone();
+            m.task_id = Some(task.id.clone());
+            m.context_id = Some(task.context_id.clone());
+            WorkItem {
+                space: space.clone(),
+                task: task.clone(),
+                message: m,
+            }
+        };
+        match message.task_id.clone().filter(|t| !t.is_empty()) {
             None => {
                 let who = Asker {
                     agent,
                     space: &space,
                     caller: &c.agent_id,
                 };
-                self.tasks
-                    .create(record::new_task(&who, message.clone(), req.metadata))
-                    .await?
+                let rec = record::new_task(&who, message.clone(), req.metadata);
+                // Following starts before the work is queued, so no event can be missed.
+                let f = self.follower(follow, &space, &rec.task.id, rec.seq).await?;
+                let work = item(&rec.task);
+                let rec = self
+                    .tasks
+                    .create_with(rec, self.work.submit(agent, &work))
+                    .await?;
+                Ok((rec, f))
             }
             Some(id) => {
                 self.mine(self.tasks.get(&space, &id).await?, agent, &id)?;
                 let m = message.clone();
-                self.tasks
+                let rec = self
+                    .tasks
                     .change(&space, &id, |r| r.follow_up(m.clone()).map(|_| true))
-                    .await?
+                    .await?;
+                let f = self.follower(follow, &space, &rec.task.id, rec.seq).await?;
+                self.work.submit(agent, &item(&rec.task)).await?;
+                Ok((rec, f))
             }
-        };
-        let mut m = message;
-        m.task_id = Some(rec.task.id.clone());
-        m.context_id = Some(rec.task.context_id.clone());
-        let item = WorkItem {
-            space: space.clone(),
-            task: rec.task.clone(),
-            message: m,
-        };
-        let follower = match follow {
-            true => Some(
-                self.tasks
-                    .follow_live(&space, &rec.task.id, rec.seq)
-                    .await?,
-            ),
-            false => None,
-        };
-        self.work.submit(agent, &item).await?;
-        Ok((rec, follower))
+        }
     }
 
     /// `a2a.<agent>.send`: blocks until the task settles, the caller's deadline, or at once.
@@ -236,7 +251,12 @@ impl Gateway {
                 Some(_) => {}
             }
         }
-        let now = self.tasks.get(&space, &rec.task.id).await?.unwrap_or(rec);
+        // The record as of the last event followed: this replica's own write when it made
+        // it, else read.
+        let now = match self.tasks.written_at(&space, &rec.task.id, follow.last()) {
+            Some(w) => w,
+            None => self.tasks.get(&space, &rec.task.id).await?.unwrap_or(rec),
+        };
         reply(r.encoding, Answer::SendMessage, &task_answer(&now, history))
     }
 

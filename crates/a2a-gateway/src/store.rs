@@ -101,6 +101,16 @@ impl Tasks {
 
     /// Stores a new task and announces it (event 1).
     pub async fn create(&self, rec: TaskRecord) -> Result<TaskRecord, Problem> {
+        self.create_with(rec, async { Ok(()) }).await
+    }
+
+    /// Stores a new task, then announces it while `alongside` runs (e.g. queueing its work:
+    /// the two publishes share one round trip).
+    pub async fn create_with(
+        &self,
+        rec: TaskRecord,
+        alongside: impl Future<Output = Result<(), Problem>>,
+    ) -> Result<TaskRecord, Problem> {
         let k = key(&rec.space, &rec.task.id);
         let Some(revision) = self.bucket.create(&k, &rec).await? else {
             return Err(Problem::conflict(format!(
@@ -109,8 +119,16 @@ impl Tasks {
             )));
         };
         self.remember(&k, &rec, revision);
-        self.publish(&rec).await?;
+        tokio::try_join!(self.publish(&rec), alongside)?;
         Ok(rec)
+    }
+
+    /// The record this replica last wrote, if it is the one whose last event is `seq`
+    /// (event numbers are unique per write, so it is the stored record as of that event).
+    pub fn written_at(&self, space: &str, task_id: &str, seq: u64) -> Option<TaskRecord> {
+        self.recalled(&key(space, task_id))
+            .map(|(r, _)| r)
+            .filter(|r| r.seq == seq)
     }
 
     /// Keeps the record this replica last wrote for a task, with its revision: its next
@@ -414,6 +432,11 @@ enum Got {
 const RECHECK: Duration = Duration::from_secs(1);
 
 impl Follow {
+    /// The number of the last event handed out (the snapshot's before any).
+    pub fn last(&self) -> u64 {
+        self.next - 1
+    }
+
     /// The next event and its number, waiting at most until `deadline` (`Ok(None)`: the
     /// deadline passed).
     pub async fn next(
