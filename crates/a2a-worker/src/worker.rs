@@ -194,7 +194,10 @@ async fn serve<E: Executor>(
         };
         loop {
             let next = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => {
+                    give_back(&mut batch).await;
+                    break;
+                }
                 n = batch.next() => n,
             };
             let msg = match next {
@@ -228,6 +231,19 @@ async fn serve<E: Executor>(
         tracker.wait().await;
     }
     Ok(())
+}
+
+/// Shutdown with a pull still open at the server: whatever it brings until it expires is
+/// handed back at once (nak), instead of sitting unread until `ack_wait` sends it elsewhere.
+async fn give_back(batch: &mut pull::Batch) {
+    let until = tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_millis(500);
+    while let Ok(Some(m)) = tokio::time::timeout_at(until, batch.next()).await {
+        if let Ok(m) = m
+            && let Err(e) = m.ack_with(jetstream::AckKind::Nak(None)).await
+        {
+            tracing::debug!(error = %e, "a work item pulled at shutdown was not handed back; it returns after ack_wait");
+        }
+    }
 }
 
 /// Binds to `work_<agent>` (CONSUMER.INFO only), retrying until it exists; `None` on shutdown.

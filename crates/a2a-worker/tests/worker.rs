@@ -560,3 +560,32 @@ async fn a_worker_waits_for_its_consumer() {
         .expect("join")
         .expect("ran");
 }
+
+#[tokio::test]
+async fn a_stopped_idle_worker_leaves_no_pull_to_swallow_work() {
+    let mut b = Bench::start(Duration::from_secs(30)).await;
+    let (stop, h) = b.worker(Echo::default(), |_| {}).await;
+    // It sits in a pull at the server.
+    let until = tokio::time::Instant::now() + WAIT;
+    while b.consumer_info().await.num_waiting == 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the worker never pulled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    tokio::time::timeout(WAIT, h)
+        .await
+        .expect("stops")
+        .expect("join")
+        .expect("ran");
+    // Work queued right after the stop reaches the next worker long before ack_wait (30 s).
+    let t = b.send("s", "after the stop").await;
+    let (_stop, _h) = b.worker(Echo::default(), |_| {}).await;
+    let w = tokio::time::timeout(Duration::from_secs(10), b.next())
+        .await
+        .expect("served well before the item's ack_wait");
+    assert_eq!(w.task(), t.as_str());
+    b.accept(&w, false).await;
+}
