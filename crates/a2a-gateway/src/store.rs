@@ -153,7 +153,7 @@ impl Tasks {
     /// announces the change. `f` returns whether it changed anything; an error of `f` is
     /// returned and nothing is written. A missing task is TaskNotFound.
     pub async fn change<F>(
-        &self,
+        self: &Arc<Self>,
         space: &str,
         task_id: &str,
         mut f: F,
@@ -180,7 +180,7 @@ impl Tasks {
             Ok(true) => {
                 if let Some(rev) = self.bucket.update(&k, &rec, revision).await? {
                     self.remember(&k, &rec, rev);
-                    self.publish(&rec).await?;
+                    self.announce(&rec).await?;
                     return Ok(rec);
                 }
             }
@@ -210,7 +210,7 @@ impl Tasks {
             .ok_or_else(|| error::not_found(task_id))?;
         if stored.written {
             self.remember(&k, &stored.value, stored.revision);
-            self.publish(&stored.value).await?;
+            self.announce(&stored.value).await?;
         }
         Ok(stored.value)
     }
@@ -258,22 +258,61 @@ impl Tasks {
         format!("a2a_events.{space}.{task_id}")
     }
 
-    async fn publish(&self, rec: &TaskRecord) -> Result<(), Problem> {
+    /// The stream message announcing the record's last event: its subject, headers (event
+    /// number, de-duplication id) and body.
+    fn event_message(rec: &TaskRecord) -> Result<(String, async_nats::HeaderMap, Bytes), Problem> {
         let body = serde_json::to_vec(&rec.last_event)
             .map_err(|e| Problem::internal(format!("cannot encode a task event: {e}")))?;
         let mut h = async_nats::HeaderMap::new();
         h.insert(EVENT_SEQ, rec.seq.to_string().as_str());
-        let id = format!("{}.{}.{}", rec.space, rec.task.id, rec.seq);
-        tether_bus::jobs::publish_dedup(
-            &self.js,
+        h.insert(
+            tether_bus::jobs::MSG_ID,
+            format!("{}.{}.{}", rec.space, rec.task.id, rec.seq).as_str(),
+        );
+        Ok((
             Self::subject(&rec.space, &rec.task.id),
-            &id,
+            h,
             Bytes::from(body),
-            Some(h),
-        )
-        .await
-        .map_err(|e| Problem::unavailable(format!("A2A task events unavailable: {e}")))?;
+        ))
+    }
+
+    /// Publishes the record's last event and waits for the stream to store it.
+    async fn publish(&self, rec: &TaskRecord) -> Result<(), Problem> {
+        let (subject, h, body) = Self::event_message(rec)?;
+        let unavailable = |e: &dyn std::fmt::Display| {
+            Problem::unavailable(format!("A2A task events unavailable: {e}"))
+        };
+        self.js
+            .publish_with_headers(subject, h, body)
+            .await
+            .map_err(|e| unavailable(&e))?
+            .await
+            .map_err(|e| unavailable(&e))?;
         self.seen(&key(&rec.space, &rec.task.id), rec.seq);
+        Ok(())
+    }
+
+    /// Publishes the record's last event without waiting for the stream's acknowledgement
+    /// (a change answers one round trip sooner). Events of one replica reach the stream in
+    /// the order they were written; one the stream did not take is put there again by the
+    /// task's next writer or by a follower that finds the record ahead.
+    async fn announce(self: &Arc<Self>, rec: &TaskRecord) -> Result<(), Problem> {
+        let (subject, h, body) = Self::event_message(rec)?;
+        let ack = self
+            .js
+            .publish_with_headers(subject, h, body)
+            .await
+            .map_err(|e| Problem::unavailable(format!("A2A task events unavailable: {e}")))?;
+        let (me, k, seq) = (self.clone(), key(&rec.space, &rec.task.id), rec.seq);
+        // Counted as published from now on (this replica's next change of the task does not
+        // publish it again), unless the stream refuses it.
+        self.seen(&k, seq);
+        tokio::spawn(async move {
+            if let Err(e) = ack.await {
+                me.unseen(&k, seq);
+                tracing::warn!(task = %k, seq, error = %e, "task event not stored; its next writer or follower publishes it again");
+            }
+        });
         Ok(())
     }
 
@@ -284,6 +323,13 @@ impl Tasks {
         }
         let e = p.entry(k.to_string()).or_insert(0);
         *e = (*e).max(seq);
+    }
+
+    fn unseen(&self, k: &str, seq: u64) {
+        let mut p = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        if p.get(k) == Some(&seq) {
+            p.remove(k);
+        }
     }
 
     /// Re-publishes the record's last event unless this replica knows it is on the stream.
