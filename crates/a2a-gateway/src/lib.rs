@@ -17,6 +17,7 @@
 //! - [`deliveries`]: a work item out of deliveries fails its task.
 //! - [`lenient`]: what ProtoJSON peers may leave out, filled in before reading.
 //! - [`protobuf`]: A2A's protobuf form, read into and written from the JSON one.
+//! - [`unknown`]: an operation nobody serves is answered MethodNotFound.
 //! - [`ops`]: the bus endpoints; [`chunks`]: streamed answers.
 //! - [`http`]: the HTTP JSON-RPC bridge, which forwards every call to [`ops`] over the bus.
 //!
@@ -35,6 +36,7 @@ pub mod ops;
 pub mod protobuf;
 pub mod record;
 pub mod store;
+pub mod unknown;
 pub mod work;
 
 use std::future::Future;
@@ -113,6 +115,10 @@ pub fn node(gw: Arc<Gateway>, verifier: Arc<dyn Verify>) -> Node {
         .task("a2a-max-deliveries", move |ctx| {
             deliveries::follow(g, ctx.client.clone(), ctx.shutdown.clone())
         });
+    let prefix = gw.subject_prefix.clone();
+    n = n.task("a2a-unknown-ops", move |ctx| {
+        unknown::answer(ctx.client.clone(), prefix, ctx.shutdown.clone())
+    });
     if let Some(u) = &gw.bridge_url {
         n = n.metadata("a2a_url", u.clone());
     }

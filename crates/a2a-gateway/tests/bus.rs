@@ -288,3 +288,76 @@ async fn a_work_item_out_of_deliveries_fails_its_task() {
         .unwrap_or_default();
     assert!(note.contains("delivered 2 times"), "{failed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_operations_and_bad_calls_through_the_bridge_are_named() {
+    let fleet = A2aFleet::start().await;
+    fleet.publish_card().await;
+    // On the bus (an operator: an agent may not even publish it): MethodNotFound.
+    let p = fleet
+        .a2a(AGENT, "bogus", json!({}), fleet.f.operator())
+        .await
+        .expect_err("unknown operation");
+    assert_eq!(
+        (p.status, a2a_error(&p).as_str()),
+        (404, "MethodNotFound"),
+        "{p:?}"
+    );
+
+    // Through the HTTP bridge, as an A2A client sees it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let url = fleet
+        .gw
+        .as_ref()
+        .and_then(|g| g.agent_url(AGENT))
+        .expect("bridge");
+    let http = reqwest::Client::new();
+    let post = |url: String, body: Vec<u8>| {
+        http.post(url)
+            .bearer_auth(&fleet.alice)
+            .header("A2A-Version", "1.0")
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+    };
+    let rpc = |method: &str, params: serde_json::Value| {
+        serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}))
+            .expect("json")
+    };
+    let cases: Vec<(&str, String, Vec<u8>, i64)> = vec![
+        ("malformed JSON", url.clone(), b"{oops".to_vec(), -32700),
+        (
+            "unknown method",
+            url.clone(),
+            rpc("Bogus", json!({})),
+            -32601,
+        ),
+        (
+            "unknown task",
+            url.clone(),
+            rpc("GetTask", json!({"id": "nope"})),
+            -32001,
+        ),
+        (
+            "unknown agent",
+            url.replace("/a2a/echo", "/a2a/nobody"),
+            rpc("SendMessage", message("x")),
+            -32602,
+        ),
+    ];
+    for (what, to, body, code) in cases {
+        let r = post(to, body).await.expect(what);
+        let v: serde_json::Value =
+            serde_json::from_slice(&r.bytes().await.expect(what)).expect(what);
+        assert_eq!(v["error"]["code"], code, "{what}: {v}");
+    }
+    let r = post(url.clone(), vec![b' '; 600 * 1024])
+        .await
+        .expect("oversize");
+    assert_eq!(r.status(), reqwest::StatusCode::PAYLOAD_TOO_LARGE);
+    let none = fleet
+        .a2a(AGENT, "list", json!({}), &fleet.alice)
+        .await
+        .expect("list");
+    assert_eq!(none["totalSize"], 0, "nothing was stored: {none}");
+}

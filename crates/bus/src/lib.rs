@@ -42,6 +42,7 @@ pub use codec::Encoding;
 pub use config::{BusConfig, Layers};
 pub use node::{
     CallerKind, Ctx, Endpoint, Node, NodeHandle, PublicRequest, RawRequest, Reply, Request,
+    problem_reply,
 };
 pub use problem::Problem;
 pub use tether_auth::{Scope, ScopeSet};

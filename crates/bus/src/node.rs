@@ -570,7 +570,7 @@ const REPLY_HEADROOM: usize = 4096;
 const SMALL_REPLY: usize = 60 * 1024;
 
 /// The error reply of a problem: micro headers and the RFC 9457 body.
-fn problem_reply(p: &Problem, instance: &str) -> Reply {
+pub fn problem_reply(p: &Problem, instance: &str) -> Reply {
     let mut h = HeaderMap::new();
     h.insert(SERVICE_ERROR, p.title.as_str());
     h.insert(SERVICE_ERROR_CODE, p.status.to_string().as_str());
