@@ -9,6 +9,12 @@
 //! next change, or a follower that sees the record ahead of the stream ([`Follow`]), puts the
 //! missing event on the stream in order. At most the last event can be missing, and a follower
 //! never sees a gap or a double: it forwards event `n` only after `n - 1`.
+//!
+//! For speed, without weakening that: a replica starts a task's next change from the record it
+//! last wrote (the compare-and-set still checks it is current; if not, it decides again on the
+//! stored one), answers a change once it is written (the event's stream acknowledgement is
+//! awaited in the background), and a caller following a task it has just created subscribes to
+//! the task's event subject before the work is queued instead of making a stream consumer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
