@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use a2a::{AgentCard, AgentInterface, HttpAuthSecurityScheme, SecurityRequirement, SecurityScheme};
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tether_bus::kv::{Bucket, Record};
@@ -51,15 +51,7 @@ impl Cards {
     pub async fn open(js: &jetstream::Context, cfg: &A2aConfig) -> anyhow::Result<Self> {
         let bucket = Bucket::open(
             js,
-            kv::Config {
-                bucket: cfg.a2a_cards_bucket.clone(),
-                description: "A2A agent cards (a2a-gateway)".into(),
-                history: 1,
-                max_age: cfg.retention(),
-                num_replicas: cfg.a2a_kv_replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
+            cfg.bucket(&cfg.a2a_cards_bucket, "A2A agent cards (a2a-gateway)"),
             Encoding::Json,
         )
         .await?

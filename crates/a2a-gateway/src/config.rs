@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use async_nats::jetstream::{kv, stream};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -110,6 +111,34 @@ impl A2aConfig {
 
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.a2a_retention_hours * 3600)
+    }
+
+    /// A KV bucket of the gateway's (file storage, the retention, the replicas).
+    pub fn bucket(&self, name: &str, description: &str) -> kv::Config {
+        kv::Config {
+            bucket: name.to_string(),
+            description: description.to_string(),
+            history: 1,
+            max_age: self.retention(),
+            num_replicas: self.a2a_kv_replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+
+    /// A stream of the gateway's on `subject` (file storage, the retention, the replicas, a
+    /// two-minute de-duplication window).
+    pub fn stream(&self, name: &str, description: &str, subject: &str) -> stream::Config {
+        stream::Config {
+            name: name.to_string(),
+            description: Some(description.to_string()),
+            subjects: vec![subject.to_string()],
+            max_age: self.retention(),
+            num_replicas: self.a2a_kv_replicas,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        }
     }
 
     pub fn validate(&self) -> Result<(), InvalidConfig> {

@@ -70,6 +70,11 @@ fn check_request(r: &RawRequest, max_bytes: usize) -> Result<(), Problem> {
             )));
         }
     }
+    check_size(r, max_bytes)
+}
+
+/// 413 (InvalidRequest to an A2A client) for a body over `max_bytes`.
+fn check_size(r: &RawRequest, max_bytes: usize) -> Result<(), Problem> {
     if r.payload.len() > max_bytes {
         return Err(A2aError::InvalidRequest.with_status(
             413,
@@ -626,16 +631,7 @@ impl Gateway {
                 c.agent_id
             )));
         }
-        if r.payload.len() > self.cfg.a2a_max_message_bytes {
-            return Err(A2aError::InvalidRequest.with_status(
-                413,
-                format!(
-                    "request of {} bytes is over the limit of {}",
-                    r.payload.len(),
-                    self.cfg.a2a_max_message_bytes
-                ),
-            ));
-        }
+        check_size(r, self.cfg.a2a_max_message_bytes)?;
         Ok((agent, c))
     }
 

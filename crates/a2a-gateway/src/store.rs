@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use a2a::StreamResponse;
-use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use tether_bus::kv::{Bucket, Change, Record};
@@ -55,15 +55,7 @@ impl Tasks {
     pub async fn open(js: &jetstream::Context, cfg: &A2aConfig) -> anyhow::Result<Self> {
         let bucket = Bucket::open(
             js,
-            kv::Config {
-                bucket: cfg.a2a_tasks_bucket.clone(),
-                description: "A2A tasks (a2a-gateway)".into(),
-                history: 1,
-                max_age: cfg.retention(),
-                num_replicas: cfg.a2a_kv_replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
+            cfg.bucket(&cfg.a2a_tasks_bucket, "A2A tasks (a2a-gateway)"),
             Encoding::Json,
         )
         .await?
@@ -71,16 +63,11 @@ impl Tasks {
         .timeout(Duration::from_secs(10));
         let events = tether_bus::jobs::ensure_stream(
             js,
-            stream::Config {
-                name: cfg.a2a_events_stream.clone(),
-                description: Some("A2A task events (a2a-gateway)".into()),
-                subjects: vec!["a2a_events.>".into()],
-                max_age: cfg.retention(),
-                num_replicas: cfg.a2a_kv_replicas,
-                storage: stream::StorageType::File,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            },
+            cfg.stream(
+                &cfg.a2a_events_stream,
+                "A2A task events (a2a-gateway)",
+                "a2a_events.>",
+            ),
         )
         .await?;
         let kv_stream = js

@@ -68,16 +68,11 @@ impl Work {
     ) -> anyhow::Result<Self> {
         let stream = tether_bus::jobs::ensure_stream(
             js,
-            stream::Config {
-                name: cfg.a2a_work_stream.clone(),
-                description: Some("A2A work items (a2a-gateway)".into()),
-                subjects: vec!["a2a_work.>".into()],
-                max_age: cfg.retention(),
-                num_replicas: cfg.a2a_kv_replicas,
-                storage: stream::StorageType::File,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            },
+            cfg.stream(
+                &cfg.a2a_work_stream,
+                "A2A work items (a2a-gateway)",
+                "a2a_work.>",
+            ),
         )
         .await?;
         Ok(Self {

@@ -566,14 +566,10 @@ async fn a_stopped_idle_worker_leaves_no_pull_to_swallow_work() {
     let mut b = Bench::start(Duration::from_secs(30)).await;
     let (stop, h) = b.worker(Echo::default(), |_| {}).await;
     // It sits in a pull at the server.
-    let until = tokio::time::Instant::now() + WAIT;
-    while b.consumer_info().await.num_waiting == 0 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the worker never pulled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(WAIT, "the worker pulls", || async {
+        (b.consumer_info().await.num_waiting > 0).then_some(())
+    })
+    .await;
     stop.cancel();
     tokio::time::timeout(WAIT, h)
         .await

@@ -211,7 +211,7 @@ def run_item(data, gateway, executor=None, during=None):
         run = ItemRun(executor or SleepyExecutor(), gateway, item, ctx, attempt=2, cancel_grace=2.0)
         task = asyncio.create_task(run.run())
         if during:
-            await during(run)
+            await asyncio.wait_for(during(run), 10)
         return await asyncio.wait_for(task, 10)
 
     return asyncio.run(go())
