@@ -5,7 +5,8 @@
 //!
 //! The agent `bench` is served by in-process `tether-a2a-worker` workers, each on its own
 //! connection with the worker token, running [`Quick`]: one artifact echoing the message's
-//! text, then COMPLETED (two `work.event`s; `sleep <ms> …` sleeps first). The caller's token
+//! text, then COMPLETED, reported together (one `work.event` batch, `Events::complete_with`;
+//! `sleep <ms> …` sleeps first). The caller's token
 //! has scope `a2a:call`.
 //!
 //! 1. Latency, sequential, interleaved so all three see the same machine state (p50/p99):
@@ -61,9 +62,8 @@ impl Executor for Quick {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         events
-            .artifact(artifact(&ctx.message.parts), false, true)
+            .complete_with(vec![artifact(&ctx.message.parts)], None)
             .await?;
-        events.complete(None).await?;
         Ok(())
     }
 }
@@ -110,30 +110,25 @@ fn baseline(r: RawRequest) -> Result<Reply, Problem> {
     };
     let mut rec = record::new_task(&who, req.message.clone(), req.metadata);
     let (task_id, context_id) = (rec.task.id.clone(), rec.task.context_id.clone());
-    rec.apply_worker(
-        1,
-        StreamResponse::ArtifactUpdate(TaskArtifactUpdateEvent {
-            task_id: task_id.clone(),
-            context_id: context_id.clone(),
-            artifact: artifact(&req.message.parts),
-            append: Some(false),
-            last_chunk: Some(true),
-            metadata: None,
-        }),
-    )?;
-    rec.apply_worker(
-        1,
-        StreamResponse::StatusUpdate(TaskStatusUpdateEvent {
-            task_id,
-            context_id,
-            status: TaskStatus {
-                state: TaskState::Completed,
-                message: None,
-                timestamp: Some(chrono::Utc::now()),
-            },
-            metadata: None,
-        }),
-    )?;
+    let artifact = StreamResponse::ArtifactUpdate(TaskArtifactUpdateEvent {
+        task_id: task_id.clone(),
+        context_id: context_id.clone(),
+        artifact: artifact(&req.message.parts),
+        append: Some(false),
+        last_chunk: Some(true),
+        metadata: None,
+    });
+    let completed = StreamResponse::StatusUpdate(TaskStatusUpdateEvent {
+        task_id,
+        context_id,
+        status: TaskStatus {
+            state: TaskState::Completed,
+            message: None,
+            timestamp: Some(chrono::Utc::now()),
+        },
+        metadata: None,
+    });
+    rec.apply_worker_all(1, vec![artifact, completed])?;
     tether_a2a_gateway::ops::json(&StreamResponse::Task(record::view(&rec.task, None)))
 }
 

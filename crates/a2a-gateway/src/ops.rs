@@ -601,14 +601,32 @@ impl Gateway {
     }
 }
 
-/// A worker's event (`a2a.<agent>.work.event`).
+/// A worker's event, or a batch of them written as one change (`a2a.<agent>.work.event`):
+/// exactly one of `event` and `events`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkEvent {
     pub space: String,
     pub task_id: String,
     pub attempt: u64,
-    pub event: StreamResponse,
+    #[serde(default)]
+    pub event: Option<StreamResponse>,
+    #[serde(default)]
+    pub events: Vec<StreamResponse>,
+}
+
+impl WorkEvent {
+    /// The events to apply, in order.
+    fn into_events(self) -> Result<Vec<StreamResponse>, Problem> {
+        match (self.event, self.events.is_empty()) {
+            (Some(e), true) => Ok(vec![e]),
+            (None, false) => Ok(self.events),
+            (Some(_), false) => {
+                Err(A2aError::InvalidParams.problem("give either `event` or `events`, not both"))
+            }
+            (None, true) => Err(A2aError::InvalidParams.problem("`event` or `events` is required")),
+        }
+    }
 }
 
 /// The answer to a worker's event.
@@ -642,21 +660,23 @@ impl Gateway {
             if let Some(e) = v.get_mut("event") {
                 crate::lenient::stream_response(e);
             }
+            if let Some(Value::Array(es)) = v.get_mut("events") {
+                es.iter_mut().for_each(crate::lenient::stream_response);
+            }
         })?;
         if !tether_bus::subject::is_valid_token(&ev.space) {
             return Err(error::not_found(&ev.task_id));
         }
-        let event = ev.event;
+        let (space, task_id, attempt) = (ev.space.clone(), ev.task_id.clone(), ev.attempt);
+        let events = ev.into_events()?;
         let rec = self
             .tasks
-            .change(&ev.space, &ev.task_id, |t| {
+            .change(&space, &task_id, |t| {
                 // Another agent's task is not found, and nothing is written.
                 if t.agent != agent {
-                    return Err(error::not_found(&ev.task_id));
+                    return Err(error::not_found(&task_id));
                 }
-                let before = t.seq;
-                t.apply_worker(ev.attempt, event.clone())?;
-                Ok(t.seq != before)
+                t.apply_worker_all(attempt, events.clone())
             })
             .await?;
         json(&WorkEventAnswer {

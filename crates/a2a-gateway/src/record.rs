@@ -36,6 +36,10 @@ pub struct TaskRecord {
     /// Events so far; the last one is `last_event`, numbered `seq`.
     pub seq: u64,
     pub last_event: StreamResponse,
+    /// The events of the same write before `last_event` (a worker's batch), oldest first,
+    /// numbered up to `seq - 1`; empty for a write of one event.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier_events: Vec<StreamResponse>,
     /// The highest work-item delivery attempt a worker has reported (0: no worker yet).
     pub attempt: u64,
     pub cancel_requested: bool,
@@ -119,6 +123,7 @@ pub fn new_task(
     };
     TaskRecord {
         last_event: StreamResponse::Task(task.clone()),
+        earlier_events: Vec::new(),
         task,
         agent: who.agent.to_string(),
         space: who.space.to_string(),
@@ -135,8 +140,19 @@ impl TaskRecord {
         &self.task.status.state
     }
 
+    /// The events of the last write, numbered, oldest first.
+    pub fn written_events(&self) -> impl Iterator<Item = (u64, &StreamResponse)> {
+        let first = self.seq - self.earlier_events.len() as u64;
+        self.earlier_events
+            .iter()
+            .chain(std::iter::once(&self.last_event))
+            .enumerate()
+            .map(move |(i, e)| (first + i as u64, e))
+    }
+
     fn record(&mut self, event: StreamResponse) -> StreamResponse {
         self.seq += 1;
+        self.earlier_events.clear();
         self.last_event = event.clone();
         self.updated_ms = chrono::Utc::now().timestamp_millis();
         event
@@ -228,6 +244,33 @@ impl TaskRecord {
     /// for the caller).
     pub fn is_running(&self) -> bool {
         self.attempt > 0 && matches!(self.state(), TaskState::Working | TaskState::Submitted)
+    }
+
+    /// A worker's batch of events for `attempt`, applied in order as one write: all of them
+    /// or, when any is refused, none. Returns whether anything changed.
+    pub fn apply_worker_all(
+        &mut self,
+        attempt: u64,
+        events: Vec<StreamResponse>,
+    ) -> Result<bool, Problem> {
+        if events.is_empty() {
+            return Err(A2aError::InvalidParams.problem("a batch needs at least one event"));
+        }
+        let mut next = self.clone();
+        let mut written = Vec::new();
+        for event in events {
+            let before = next.seq;
+            next.apply_worker(attempt, event)?;
+            if next.seq != before {
+                written.push(next.last_event.clone());
+            }
+        }
+        if written.pop().is_none() {
+            return Ok(false);
+        }
+        next.earlier_events = written;
+        *self = next;
+        Ok(true)
     }
 
     /// A worker's event for `attempt` of the task's work item.
@@ -516,5 +559,46 @@ mod tests {
         assert_eq!(r.cancel_now().expect_err("twice").status, 409);
         assert_eq!(view(&r.task, Some(0)).history.expect("history").len(), 0);
         assert_eq!(view(&r.task, None).history.expect("history").len(), 1);
+    }
+
+    #[test]
+    fn a_batch_is_one_write_of_numbered_events_or_nothing() {
+        let mut r = rec();
+        assert!(
+            r.apply_worker_all(
+                1,
+                vec![artifact("a", "one", false), status(TaskState::Completed)]
+            )
+            .expect("batch")
+        );
+        assert_eq!(r.seq, 3);
+        assert_eq!(r.state(), &TaskState::Completed);
+        let written: Vec<u64> = r.written_events().map(|(n, _)| n).collect();
+        assert_eq!(written, vec![2, 3], "both events of the write, numbered");
+        assert!(matches!(
+            r.written_events().next(),
+            Some((2, StreamResponse::ArtifactUpdate(_)))
+        ));
+
+        let mut r = rec();
+        let before = r.clone();
+        let err = r
+            .apply_worker_all(
+                1,
+                vec![status(TaskState::Completed), artifact("a", "late", false)],
+            )
+            .expect_err("an event after the terminal one");
+        assert_eq!(err.status, 409);
+        assert_eq!(r, before, "a refused batch changes nothing");
+        let err = r.apply_worker_all(1, vec![]).expect_err("empty");
+        assert_eq!(err.status, 400);
+        assert_eq!(r, before);
+
+        r.apply_worker(1, status(TaskState::Working)).expect("one");
+        assert_eq!(
+            r.written_events().map(|(n, _)| n).collect::<Vec<_>>(),
+            vec![2],
+            "a single event's write carries only it"
+        );
     }
 }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use a2a::StreamResponse;
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, consumer, context::PublishAckFuture, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use tether_bus::kv::{Bucket, Change, Record};
@@ -251,59 +251,70 @@ impl Tasks {
         format!("a2a_events.{space}.{task_id}")
     }
 
-    /// The stream message announcing the record's last event: its subject, headers (event
-    /// number, de-duplication id) and body.
-    fn event_message(rec: &TaskRecord) -> Result<(String, async_nats::HeaderMap, Bytes), Problem> {
-        let body = serde_json::to_vec(&rec.last_event)
-            .map_err(|e| Problem::internal(format!("cannot encode a task event: {e}")))?;
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(EVENT_SEQ, rec.seq.to_string().as_str());
-        h.insert(
-            tether_bus::jobs::MSG_ID,
-            format!("{}.{}.{}", rec.space, rec.task.id, rec.seq).as_str(),
-        );
-        Ok((
-            Self::subject(&rec.space, &rec.task.id),
-            h,
-            Bytes::from(body),
-        ))
+    /// The stream messages announcing the events of the record's last write: subject,
+    /// headers (event number, de-duplication id) and body of each, in order.
+    fn event_messages(
+        rec: &TaskRecord,
+    ) -> Result<Vec<(String, async_nats::HeaderMap, Bytes)>, Problem> {
+        rec.written_events()
+            .map(|(seq, event)| {
+                let body = serde_json::to_vec(event)
+                    .map_err(|e| Problem::internal(format!("cannot encode a task event: {e}")))?;
+                let mut h = async_nats::HeaderMap::new();
+                h.insert(EVENT_SEQ, seq.to_string().as_str());
+                h.insert(
+                    tether_bus::jobs::MSG_ID,
+                    format!("{}.{}.{seq}", rec.space, rec.task.id).as_str(),
+                );
+                Ok((
+                    Self::subject(&rec.space, &rec.task.id),
+                    h,
+                    Bytes::from(body),
+                ))
+            })
+            .collect()
     }
 
-    /// Publishes the record's last event and waits for the stream to store it.
+    /// Publishes the events of the record's last write; the acknowledgements to wait for.
+    async fn send_events(&self, rec: &TaskRecord) -> Result<Vec<PublishAckFuture>, Problem> {
+        let mut acks = Vec::new();
+        for (subject, h, body) in Self::event_messages(rec)? {
+            acks.push(
+                self.js
+                    .publish_with_headers(subject, h, body)
+                    .await
+                    .map_err(|e| events_unavailable(&e))?,
+            );
+        }
+        Ok(acks)
+    }
+
+    /// Publishes the events of the record's last write and waits for the stream to store them.
     async fn publish(&self, rec: &TaskRecord) -> Result<(), Problem> {
-        let (subject, h, body) = Self::event_message(rec)?;
-        let unavailable = |e: &dyn std::fmt::Display| {
-            Problem::unavailable(format!("A2A task events unavailable: {e}"))
-        };
-        self.js
-            .publish_with_headers(subject, h, body)
-            .await
-            .map_err(|e| unavailable(&e))?
-            .await
-            .map_err(|e| unavailable(&e))?;
+        for ack in self.send_events(rec).await? {
+            ack.await.map_err(|e| events_unavailable(&e))?;
+        }
         self.seen(&key(&rec.space, &rec.task.id), rec.seq);
         Ok(())
     }
 
-    /// Publishes the record's last event without waiting for the stream's acknowledgement
-    /// (a change answers one round trip sooner). Events of one replica reach the stream in
-    /// the order they were written; one the stream did not take is put there again by the
-    /// task's next writer or by a follower that finds the record ahead.
+    /// Publishes the events of the record's last write without waiting for the stream's
+    /// acknowledgements (a change answers one round trip sooner). Events of one replica reach
+    /// the stream in the order they were written; one the stream did not take is put there
+    /// again by the task's next writer or by a follower that finds the record ahead.
     async fn announce(self: &Arc<Self>, rec: &TaskRecord) -> Result<(), Problem> {
-        let (subject, h, body) = Self::event_message(rec)?;
-        let ack = self
-            .js
-            .publish_with_headers(subject, h, body)
-            .await
-            .map_err(|e| Problem::unavailable(format!("A2A task events unavailable: {e}")))?;
+        let acks = self.send_events(rec).await?;
         let (me, k, seq) = (self.clone(), key(&rec.space, &rec.task.id), rec.seq);
         // Counted as published from now on (this replica's next change of the task does not
         // publish it again), unless the stream refuses it.
         self.seen(&k, seq);
         tokio::spawn(async move {
-            if let Err(e) = ack.await {
-                me.unseen(&k, seq);
-                tracing::warn!(task = %k, seq, error = %e, "task event not stored; its next writer or follower publishes it again");
+            for ack in acks {
+                if let Err(e) = ack.await {
+                    me.unseen(&k, seq);
+                    tracing::warn!(task = %k, seq, error = %e, "task event not stored; its next writer or follower publishes it again");
+                    return;
+                }
             }
         });
         Ok(())
@@ -438,6 +449,10 @@ enum Source {
     Live(async_nats::Subscriber),
 }
 
+fn events_unavailable(e: &dyn std::fmt::Display) -> Problem {
+    Problem::unavailable(format!("A2A task events unavailable: {e}"))
+}
+
 impl Drop for Follow {
     /// Deletes a replaying follower's consumer in the background: an ordered consumer left
     /// to expire lives 30 s after its follower is gone — on a busy gateway they pile up
@@ -540,8 +555,8 @@ impl Follow {
             return Ok(());
         };
         if rec.seq >= self.next {
-            if rec.seq == self.next {
-                self.pending.insert(rec.seq, rec.last_event.clone());
+            for (seq, event) in rec.written_events().filter(|(n, _)| *n >= self.next) {
+                self.pending.insert(seq, event.clone());
             }
             self.tasks.publish(&rec).await?;
         }

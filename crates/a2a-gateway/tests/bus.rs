@@ -55,6 +55,17 @@ async fn serve_items(fleet: &A2aFleet, n: usize) {
     }
 }
 
+/// Sends `text` as alice with `returnImmediately`: the task as queued.
+async fn queue(fleet: &A2aFleet, text: &str) -> Value {
+    let mut body = message(text);
+    body["configuration"] = json!({"returnImmediately": true});
+    fleet
+        .a2a(AGENT, "send", body, &fleet.alice)
+        .await
+        .expect("send")["task"]
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_send_get_list_and_spaces() {
     let fleet = A2aFleet::start().await;
@@ -124,23 +135,11 @@ async fn blocking_send_get_list_and_spaces() {
 async fn queued_work_waits_for_a_worker_and_queued_tasks_cancel_here() {
     let fleet = A2aFleet::start().await;
     fleet.publish_card().await;
-    let mut body = message("later");
-    body["configuration"] = json!({"returnImmediately": true});
-    let queued = fleet
-        .a2a(AGENT, "send", body, &fleet.alice)
-        .await
-        .expect("send")["task"]
-        .clone();
+    let queued = queue(&fleet, "later").await;
     assert_eq!(state(&queued), "TASK_STATE_SUBMITTED");
     let id = queued["id"].as_str().expect("id").to_string();
 
-    let mut body = message("never");
-    body["configuration"] = json!({"returnImmediately": true});
-    let doomed = fleet
-        .a2a(AGENT, "send", body, &fleet.alice)
-        .await
-        .expect("send")["task"]
-        .clone();
+    let doomed = queue(&fleet, "never").await;
     let canceled = fleet
         .a2a(AGENT, "cancel", json!({"id": doomed["id"]}), &fleet.alice)
         .await
@@ -360,4 +359,81 @@ async fn unknown_operations_and_bad_calls_through_the_bridge_are_named() {
         .await
         .expect("list");
     assert_eq!(none["totalSize"], 0, "nothing was stored: {none}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_s_batch_is_one_write_announced_event_by_event() {
+    let fleet = A2aFleet::start().await;
+    fleet.publish_card().await;
+    let queued = queue(&fleet, "batch").await;
+    let id = queued["id"].as_str().expect("id").to_string();
+    let space = queued["metadata"]["tether"]["space"].clone();
+    let artifact = json!({"artifactUpdate": {"taskId": id, "contextId": "", "artifact": {"artifactId": "a1", "parts": [{"text": "result"}]}}});
+    let completed = json!({"statusUpdate": {"taskId": id, "contextId": "", "status": {"state": "TASK_STATE_COMPLETED"}}});
+    let report = |extra: Value| {
+        let mut b = json!({"space": space, "taskId": id, "attempt": 1});
+        b.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        fleet.f.call("a2a.echo.work.event", b, Some(&fleet.worker))
+    };
+
+    // Bad batches are refused whole: the task stays as it was.
+    let cases = [
+        (
+            "event and events",
+            json!({"event": completed, "events": [artifact]}),
+            400,
+        ),
+        ("neither", json!({}), 400),
+        ("an empty batch", json!({"events": []}), 400),
+        (
+            "an event after the terminal one",
+            json!({"events": [completed, artifact]}),
+            409,
+        ),
+        (
+            "a worker setting SUBMITTED",
+            json!({"events": [artifact, {"statusUpdate": {"taskId": id, "contextId": "", "status": {"state": "TASK_STATE_SUBMITTED"}}}]}),
+            400,
+        ),
+    ];
+    for (what, extra, status) in cases {
+        let p = report(extra).await.expect_err(what);
+        assert_eq!(p.status, status, "{what}: {p:?}");
+        let t = fleet
+            .a2a(AGENT, "get", json!({"id": id}), &fleet.alice)
+            .await
+            .expect("get");
+        assert_eq!(state(&t), "TASK_STATE_SUBMITTED", "{what}: {t}");
+        assert!(t.get("artifacts").is_none(), "{what}: {t}");
+    }
+    assert_eq!(
+        fleet
+            .task_events(space.as_str().expect("space"), &id)
+            .await
+            .len(),
+        1
+    );
+
+    // A good batch: one answer, as of its last event; every event on the stream, numbered.
+    let answer = report(json!({"events": [artifact, completed]}))
+        .await
+        .expect("batch accepted");
+    assert_eq!(answer["state"], "TASK_STATE_COMPLETED", "{answer}");
+    assert_eq!(answer["seq"], 3, "{answer}");
+    let events = fleet.task_events(space.as_str().expect("space"), &id).await;
+    let seqs: Vec<u64> = events.iter().map(|(n, _)| *n).collect();
+    assert_eq!(seqs, vec![1, 2, 3], "{events:?}");
+    assert_eq!(
+        events[1].1["artifactUpdate"]["artifact"]["parts"][0]["text"],
+        "result"
+    );
+    assert_eq!(event_state(&events[2].1), Some("TASK_STATE_COMPLETED"));
+    let t = fleet
+        .a2a(AGENT, "get", json!({"id": id}), &fleet.alice)
+        .await
+        .expect("get");
+    assert_eq!(state(&t), "TASK_STATE_COMPLETED");
+    assert_eq!(t["artifacts"][0]["parts"][0]["text"], "result");
 }

@@ -1,5 +1,6 @@
-//! [`Events`]: how an executor reports a task's progress — each event one `work.event`
-//! request to the gateway, answered before the next is sent.
+//! [`Events`]: how an executor reports a task's progress — each event (or batch of events,
+//! [`Events::send_all`]) one `work.event` request to the gateway, answered before the next is
+//! sent. A batch is written by the gateway as one change: all its events or none.
 //!
 //! Design decision: the gateway's reply is the truth about the task. The state it answers is
 //! what the library later uses to decide whether the run settled the task (else it records
@@ -140,13 +141,9 @@ impl Events {
         m
     }
 
-    /// A status update.
-    pub async fn status(
-        &self,
-        state: TaskState,
-        message: Option<Message>,
-    ) -> Result<EventReply, EventError> {
-        self.send(StreamResponse::StatusUpdate(TaskStatusUpdateEvent {
+    /// A status update event of this task (to send, or to put in a batch).
+    pub fn status_event(&self, state: TaskState, message: Option<Message>) -> StreamResponse {
+        StreamResponse::StatusUpdate(TaskStatusUpdateEvent {
             task_id: self.inner.task_id.clone(),
             context_id: self.inner.context_id.clone(),
             status: TaskStatus {
@@ -155,8 +152,48 @@ impl Events {
                 timestamp: Some(chrono::Utc::now()),
             },
             metadata: None,
-        }))
-        .await
+        })
+    }
+
+    /// An artifact update event of this task (`append` adds to the artifact of the same id).
+    pub fn artifact_event(
+        &self,
+        artifact: Artifact,
+        append: bool,
+        last_chunk: bool,
+    ) -> StreamResponse {
+        StreamResponse::ArtifactUpdate(TaskArtifactUpdateEvent {
+            task_id: self.inner.task_id.clone(),
+            context_id: self.inner.context_id.clone(),
+            artifact,
+            append: Some(append),
+            last_chunk: Some(last_chunk),
+            metadata: None,
+        })
+    }
+
+    /// A status update.
+    pub async fn status(
+        &self,
+        state: TaskState,
+        message: Option<Message>,
+    ) -> Result<EventReply, EventError> {
+        self.send(self.status_event(state, message)).await
+    }
+
+    /// The artifacts, then COMPLETED (with an optional closing message), in one request: the
+    /// task's result and its end are one write at the gateway.
+    pub async fn complete_with(
+        &self,
+        artifacts: Vec<Artifact>,
+        message: Option<Message>,
+    ) -> Result<EventReply, EventError> {
+        let mut batch: Vec<StreamResponse> = artifacts
+            .into_iter()
+            .map(|a| self.artifact_event(a, false, true))
+            .collect();
+        batch.push(self.status_event(TaskState::Completed, message));
+        self.send_all(batch).await
     }
 
     pub async fn working(&self) -> Result<EventReply, EventError> {
@@ -197,15 +234,8 @@ impl Events {
         append: bool,
         last_chunk: bool,
     ) -> Result<EventReply, EventError> {
-        self.send(StreamResponse::ArtifactUpdate(TaskArtifactUpdateEvent {
-            task_id: self.inner.task_id.clone(),
-            context_id: self.inner.context_id.clone(),
-            artifact,
-            append: Some(append),
-            last_chunk: Some(last_chunk),
-            metadata: None,
-        }))
-        .await
+        self.send(self.artifact_event(artifact, append, last_chunk))
+            .await
     }
 
     /// The agent's reply message: the gateway appends it to the history and completes the
@@ -216,6 +246,23 @@ impl Events {
 
     /// Sends any event and waits for the gateway's answer.
     pub async fn send(&self, event: StreamResponse) -> Result<EventReply, EventError> {
+        self.deliver(Some(event), Vec::new()).await
+    }
+
+    /// Sends events as one batch, which the gateway writes as one change (all or none), and
+    /// waits for its answer: the task as of the last of them.
+    pub async fn send_all(&self, events: Vec<StreamResponse>) -> Result<EventReply, EventError> {
+        if events.is_empty() {
+            return Err(EventError::Invalid("an empty batch of events".into()));
+        }
+        self.deliver(None, events).await
+    }
+
+    async fn deliver(
+        &self,
+        event: Option<StreamResponse>,
+        events: Vec<StreamResponse>,
+    ) -> Result<EventReply, EventError> {
         let _order = self.inner.order.lock().await;
         if let Some(why) = self.stopped() {
             return Err(EventError::Stopped(why));
@@ -225,6 +272,7 @@ impl Events {
             task_id: self.inner.task_id.clone(),
             attempt: self.inner.attempt,
             event,
+            events,
         };
         let payload =
             Bytes::from(serde_json::to_vec(&body).map_err(|e| EventError::Invalid(e.to_string()))?);

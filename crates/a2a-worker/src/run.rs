@@ -158,8 +158,7 @@ pub(crate) async fn run_one<E: Executor>(msg: jetstream::Message, shared: Arc<Sh
         close(&events, &cancel, error).await
     };
     tokio::pin!(whole);
-    let mut ticker = tokio::time::interval(shared.progress_every);
-    ticker.tick().await;
+    let mut ticker = tether_bus::jobs::progress_ticker(shared.progress_every);
     let settle = loop {
         tokio::select! {
             biased;

@@ -92,7 +92,11 @@ pub struct EventBody {
     pub task_id: String,
     /// JetStream `num_delivered` of the work message this run is for.
     pub attempt: u64,
-    pub event: StreamResponse,
+    /// One event, or else `events`: a batch the gateway writes as one change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<StreamResponse>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<StreamResponse>,
 }
 
 /// The gateway's answer to an accepted event.
@@ -177,7 +181,7 @@ mod tests {
             space: "s1".into(),
             task_id: "t1".into(),
             attempt: 2,
-            event: StreamResponse::StatusUpdate(TaskStatusUpdateEvent {
+            event: Some(StreamResponse::StatusUpdate(TaskStatusUpdateEvent {
                 task_id: "t1".into(),
                 context_id: "c1".into(),
                 status: TaskStatus {
@@ -186,13 +190,24 @@ mod tests {
                     timestamp: None,
                 },
                 metadata: None,
-            }),
+            })),
+            events: vec![],
         };
+        let working = json!({"statusUpdate": {
+            "taskId": "t1", "contextId": "c1", "status": {"state": "TASK_STATE_WORKING"}}});
         let v = serde_json::to_value(&body).expect("json");
         assert_eq!(
             v,
-            json!({"space": "s1", "taskId": "t1", "attempt": 2, "event": {"statusUpdate": {
-                "taskId": "t1", "contextId": "c1", "status": {"state": "TASK_STATE_WORKING"}}}})
+            json!({"space": "s1", "taskId": "t1", "attempt": 2, "event": working})
+        );
+        let batch = EventBody {
+            events: vec![body.event.clone().expect("event"); 2],
+            event: None,
+            ..body
+        };
+        assert_eq!(
+            serde_json::to_value(&batch).expect("json"),
+            json!({"space": "s1", "taskId": "t1", "attempt": 2, "events": [working, working]})
         );
     }
 

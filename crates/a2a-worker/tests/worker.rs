@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tether_a2a_worker::echo::Echo;
 use tether_a2a_worker::{Executor, TokenSource, WorkerConfig, run};
@@ -22,6 +22,20 @@ use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
 const TOKEN: &str = "worker-token-1";
+
+/// Stops a worker started by [`Bench::worker`] and checks it ends well within [`WAIT`].
+async fn stop_worker(
+    stop: CancellationToken,
+    h: tokio::task::JoinHandle<anyhow::Result<()>>,
+    what: &str,
+) {
+    stop.cancel();
+    tokio::time::timeout(WAIT, h)
+        .await
+        .expect(what)
+        .expect("join")
+        .expect("the worker ran");
+}
 
 /// The bus, the stream and consumer the gateway would have made, and the stand-in.
 struct Bench {
@@ -288,12 +302,68 @@ async fn events_arrive_in_order_with_body_and_token_and_the_ack_follows_the_last
     b.accept(&c, false).await;
     b.all_acked().await;
 
-    stop.cancel();
-    tokio::time::timeout(WAIT, h)
+    stop_worker(stop, h, "worker stops").await;
+}
+
+/// Reports its result and its end as one batch ([`tether_a2a_worker::Events::complete_with`]).
+struct Batch;
+
+impl Executor for Batch {
+    async fn execute(
+        &self,
+        ctx: tether_a2a_worker::TaskContext,
+        events: tether_a2a_worker::Events,
+    ) -> anyhow::Result<()> {
+        let artifact = a2a::Artifact {
+            artifact_id: "result".into(),
+            name: None,
+            description: None,
+            parts: vec![a2a::Part::text(ctx.text())],
+            metadata: None,
+            extensions: None,
+        };
+        let done = events.agent_text("done");
+        events.complete_with(vec![artifact], Some(done)).await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn complete_with_reports_the_artifacts_and_the_end_in_one_request() {
+    let mut b = Bench::start(Duration::from_secs(30)).await;
+    let (stop, h) = b.worker(Batch, |_| {}).await;
+    let task = b.send("space-1", "the answer").await;
+    let r = b.next().await;
+    assert_eq!(r.task(), task);
+    assert!(r.body.get("event").is_none(), "{}", r.body);
+    let events = r.body["events"].as_array().expect("a batch").clone();
+    assert_eq!(events.len(), 2, "{}", r.body);
+    assert_eq!(
+        events[0]["artifactUpdate"]["artifact"]["parts"],
+        json!([{"text": "the answer"}])
+    );
+    assert_eq!(events[0]["artifactUpdate"]["taskId"], task.as_str());
+    assert_eq!(
+        events[1]["statusUpdate"]["status"]["state"],
+        "TASK_STATE_COMPLETED"
+    );
+    assert_eq!(
+        events[1]["statusUpdate"]["status"]["message"]["parts"][0]["text"],
+        "done"
+    );
+    // The answer names the batch's last state: the run settled, nothing more is sent.
+    let body = json!({"state": "TASK_STATE_COMPLETED", "cancelRequested": false, "seq": 3});
+    b.client
+        .publish(r.reply.clone(), body.to_string().into())
         .await
-        .expect("worker stops")
-        .expect("join")
-        .expect("worker ran");
+        .expect("reply");
+    b.all_acked().await;
+    assert!(
+        b.events.next().now_or_never().is_none(),
+        "no event after a settling batch"
+    );
+
+    stop_worker(stop, h, "worker stops").await;
 }
 
 #[tokio::test]
@@ -513,12 +583,7 @@ async fn shutdown_drains_and_gives_back_what_did_not_finish() {
     let t = b.send("s", "sleep 60000 never").await;
     let w = b.next().await;
     b.accept(&w, false).await;
-    stop.cancel();
-    tokio::time::timeout(WAIT, h)
-        .await
-        .expect("worker stops after the drain deadline")
-        .expect("join")
-        .expect("ran");
+    stop_worker(stop, h, "worker stops after the drain deadline").await;
     // Given back (nak), not acked: the next worker gets it at once as attempt 2.
     let (_stop, _h) = b.worker(Echo::default(), |_| {}).await;
     let w = b.next().await;
@@ -553,12 +618,7 @@ async fn a_worker_waits_for_its_consumer() {
             .expect("open");
     }
     assert!(!h.is_finished(), "still waiting for work_nobody");
-    stop.cancel();
-    tokio::time::timeout(WAIT, h)
-        .await
-        .expect("stops on shutdown")
-        .expect("join")
-        .expect("ran");
+    stop_worker(stop, h, "stops on shutdown").await;
 }
 
 #[tokio::test]
@@ -570,12 +630,7 @@ async fn a_stopped_idle_worker_leaves_no_pull_to_swallow_work() {
         (b.consumer_info().await.num_waiting > 0).then_some(())
     })
     .await;
-    stop.cancel();
-    tokio::time::timeout(WAIT, h)
-        .await
-        .expect("stops")
-        .expect("join")
-        .expect("ran");
+    stop_worker(stop, h, "stops").await;
     // Work queued right after the stop reaches the next worker long before ack_wait (30 s).
     let t = b.send("s", "after the stop").await;
     let (_stop, _h) = b.worker(Echo::default(), |_| {}).await;

@@ -129,6 +129,13 @@ impl Job {
     }
 }
 
+/// A ticker for in-progress notes: its first tick comes after `every`, not at once. (The
+/// first tick of `tokio::time::interval` waits for the timer wheel's next millisecond, which
+/// would delay the start of every job by up to a millisecond.)
+pub fn progress_ticker(every: Duration) -> tokio::time::Interval {
+    tokio::time::interval_at(tokio::time::Instant::now() + every, every)
+}
+
 /// Creates the stream when it is missing; returns it either way.
 pub async fn ensure_stream(
     js: &jetstream::Context,
@@ -342,8 +349,7 @@ async fn settle<F, Fut>(
     }
     let work = AssertUnwindSafe(handler(Job { msg })).catch_unwind();
     tokio::pin!(work);
-    let mut ticker = tokio::time::interval(progress_every);
-    ticker.tick().await;
+    let mut ticker = progress_ticker(progress_every);
     let outcome = loop {
         tokio::select! {
             r = &mut work => break r.unwrap_or_else(|_| {
