@@ -144,7 +144,7 @@ async fn connect_agent(f: &Fleet, token: &str, agent: &str) -> async_nats::Clien
     tether_bus::connect::options(&cfg, agent)
         .await
         .expect("client options")
-        .connect(cfg.nats_url.as_str())
+        .connect(tether_bus::connect::servers(&cfg.nats_url).expect("bus URL"))
         .await
         .expect("connect as an agent")
 }

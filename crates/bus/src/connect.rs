@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions, Event};
+use async_nats::{Client, ConnectOptions, Event, ServerAddr};
 use tether_auth::inbox::{agent_inbox_prefix, node_inbox_prefix, peek_subject};
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +29,11 @@ pub fn reconnect_delay(attempt: usize) -> Duration {
     let exp = u32::try_from(attempt.min(7)).unwrap_or(7);
     Duration::from_millis(50 * 2u64.pow(exp - 1)).min(Duration::from_secs(2))
 }
+
+/// How often a client pings its server (async-nats: 60 s).
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one connect attempt to one server may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The connect options every bus client of tether uses: credentials, TLS, inbox, reconnects,
 /// and logged connection events (the CLI starts from these too, then shortens the timeouts).
@@ -55,7 +60,11 @@ pub async fn options(cfg: &BusConfig, name: &str) -> anyhow::Result<ConnectOptio
         .custom_inbox_prefix(inbox_prefix(cfg, name)?)
         .max_reconnects(None)
         .reconnect_delay_callback(reconnect_delay)
-        .connection_timeout(Duration::from_secs(5))
+        // A server lost without a TCP reset (its host gone) is noticed after three unanswered
+        // pings; a killed process's connection breaks at once and costs no wait.
+        .ping_interval(PING_INTERVAL)
+        // A dead address of a cluster's list costs at most this before the next is tried.
+        .connection_timeout(CONNECT_TIMEOUT)
         .request_timeout(Some(Duration::from_secs(
             cfg.request_timeout_seconds.max(1),
         )))
@@ -178,16 +187,40 @@ pub fn display_url(url: &str) -> String {
         .join(",")
 }
 
+/// The servers of a bus URL: one URL or a comma-separated list of them (`nats://a:4222,
+/// nats://b:4222`; `nats://` may be left out). The client learns the rest of a cluster from
+/// the server it connects to. An empty or malformed entry is an error naming it.
+pub fn servers(urls: &str) -> anyhow::Result<Vec<ServerAddr>> {
+    let list: Vec<&str> = urls.split(',').map(str::trim).collect();
+    if list.iter().all(|u| u.is_empty()) {
+        anyhow::bail!("no bus server given (nats_url is empty)");
+    }
+    list.into_iter()
+        .map(|u| {
+            if u.is_empty() {
+                anyhow::bail!(
+                    "the bus server list {:?} has an empty entry",
+                    display_url(urls)
+                );
+            }
+            u.parse::<ServerAddr>().map_err(|e| {
+                anyhow::anyhow!("bus server {:?} is not a NATS URL: {e}", display_url(u))
+            })
+        })
+        .collect()
+}
+
 /// Connects, retrying with backoff until connected or `cancel` fires.
 pub async fn connect(
     cfg: &BusConfig,
     name: &str,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Client> {
+    let servers = servers(&cfg.nats_url)?;
     let mut attempt = 0usize;
     loop {
         let opts = options(cfg, name).await?;
-        match opts.connect(cfg.nats_url.as_str()).await {
+        match opts.connect(servers.clone()).await {
             Ok(c) => {
                 tracing::info!(url = %display_url(&cfg.nats_url), "connected to bus");
                 return Ok(c);
@@ -224,6 +257,26 @@ mod tests {
             display_url("nats://127.0.0.1:4222"),
             "nats://127.0.0.1:4222"
         );
+    }
+
+    #[test]
+    fn a_server_list_is_read_entry_by_entry() {
+        let one = servers("nats://127.0.0.1:4222").expect("one");
+        assert_eq!(one.len(), 1);
+        let three = servers("nats://a:4222, nats://b:4223,c:4224").expect("list");
+        assert_eq!(three.len(), 3);
+        assert_eq!(three[1].host(), "b");
+        assert_eq!(three[2].port(), 4224);
+        for (bad, says) in [
+            ("", "no bus server"),
+            ("nats://a:4222,,nats://b:4222", "empty entry"),
+            ("nats://a:4222,nats://b:notaport", "nats://b:notaport"),
+            ("nats://user:secret@a:4222,nats://b:x", "nats://b:x"),
+        ] {
+            let e = servers(bad).expect_err(bad).to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(!e.contains("secret"), "credentials never in an error: {e}");
+        }
     }
 
     #[test]

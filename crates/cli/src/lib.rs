@@ -102,13 +102,15 @@ pub async fn connect(
     }
     let cfg = &cfg;
     let url = cfg.nats_url.as_str();
+    let servers = tether_bus::connect::servers(url)
+        .map_err(|e| CliError::new(EXIT_CONFIG, format!("{e:#}")))?;
     let opts = tether_bus::connect::options(cfg, "tether-cli")
         .await
         .map_err(|e| CliError::new(EXIT_CONFIG, format!("{e:#}")))?
         // Our own timeouts apply (`call --timeout`); the library's 10 s default would cut them.
         .request_timeout(None)
         .connection_timeout(std::time::Duration::from_secs(3));
-    opts.connect(url).await.map_err(|e| {
+    opts.connect(servers).await.map_err(|e| {
         let url = tether_bus::connect::display_url(url);
         let hint = if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation {
             " (the bus refused these credentials: give a token with --token or TETHER_TOKEN, or NATS credentials in the config)"

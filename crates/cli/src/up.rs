@@ -441,6 +441,49 @@ fn host_port(url: &str) -> (String, u16) {
     }
 }
 
+/// The bus `tether up` uses: `--server`, else `TETHER_NATS_URL`, else `NATS_URL`, else the
+/// launch file's `[bus] url` (an empty value counts as unset).
+fn bus_url(server: Option<&str>, launch: &str, env: impl Fn(&str) -> Option<String>) -> String {
+    let given = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
+    given(server.map(str::to_string))
+        .or_else(|| given(env("TETHER_NATS_URL")))
+        .or_else(|| given(env("NATS_URL")))
+        .unwrap_or_else(|| launch.to_string())
+}
+
+/// Nothing answered `tether up`'s admin connection at `url`. A server of its own is started
+/// only for one address where nothing listens: a list names a cluster someone else runs, and
+/// a server that listens but refused the connection is not ours to replace.
+async fn refuse_to_start_a_server(url: &str) -> Result<(), CliError> {
+    let shown = tether_bus::connect::display_url(url);
+    let servers = tether_bus::connect::servers(url).map_err(|e| config_err(format!("{e:#}")))?;
+    for s in &servers {
+        let addr = format!("{}:{}", s.host(), s.port());
+        let open = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(addr.as_str()),
+        )
+        .await;
+        if matches!(open, Ok(Ok(_))) {
+            return Err(CliError::new(
+                1,
+                format!(
+                    "a server listens at {addr} but refused this machine's bus admin (see `tether bus init`); not starting another"
+                ),
+            ));
+        }
+    }
+    if servers.len() > 1 {
+        return Err(CliError::new(
+            1,
+            format!(
+                "none of the bus servers {shown} answers; `tether up` starts a server only for a single address"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Options of `tether up`.
 pub struct UpArgs {
     pub launch: PathBuf,
@@ -465,7 +508,9 @@ pub async fn up(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let url = args.server.clone().unwrap_or_else(|| lf.bus.url.clone());
+    let url = bus_url(args.server.as_deref(), &lf.bus.url, |k| {
+        std::env::var(k).ok()
+    });
     let secrets = match &lf.secrets_file {
         Some(p) => {
             let p = base.join(p);
@@ -491,6 +536,7 @@ pub async fn up(
             c
         }
         _ => {
+            refuse_to_start_a_server(&url).await?;
             let (host, port) = host_port(&url);
             let mut cmd = Command::new(
                 std::env::var("TETHER_NATS_SERVER").unwrap_or_else(|_| "nats-server".into()),
@@ -640,7 +686,7 @@ async fn admin_connect(admin_url: &str) -> anyhow::Result<async_nats::Client> {
     };
     Ok(tether_bus::connect::options(&cfg, "tether-up")
         .await?
-        .connect(admin_url)
+        .connect(tether_bus::connect::servers(admin_url)?)
         .await?)
 }
 
@@ -706,6 +752,30 @@ depends_on = ["a"]
         );
         std::fs::write(&p, "oops\n").expect("write");
         assert!(read_secrets(&p).is_err());
+    }
+
+    #[test]
+    fn the_bus_comes_from_the_flag_then_the_environment_then_the_file() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let file = "nats://127.0.0.1:4222";
+        let both = env(&[
+            ("TETHER_NATS_URL", "nats://t:1"),
+            ("NATS_URL", "nats://n:2"),
+        ]);
+        assert_eq!(bus_url(Some("nats://s:3"), file, both), "nats://s:3");
+        assert_eq!(bus_url(None, file, both), "nats://t:1");
+        assert_eq!(
+            bus_url(None, file, env(&[("NATS_URL", "nats://n:2")])),
+            "nats://n:2"
+        );
+        assert_eq!(bus_url(None, file, env(&[("TETHER_NATS_URL", " ")])), file);
+        assert_eq!(bus_url(Some(""), file, env(&[])), file);
     }
 
     #[test]

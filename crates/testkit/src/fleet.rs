@@ -114,7 +114,7 @@ pub async fn permission_node(
 ) -> anyhow::Result<NodeHandle> {
     let client = tether_bus::connect::options(bus, tether_permission_node::NAME)
         .await?
-        .connect(bus.nats_url.as_str())
+        .connect(tether_bus::connect::servers(&bus.nats_url)?)
         .await
         .context("connect the permission node")?;
     let js = async_nats::jetstream::new(client.clone());
@@ -124,6 +124,32 @@ pub async fn permission_node(
         .start_with_client(bus.clone(), client)
         .await
         .context("start permission node")
+}
+
+/// Registers agent `id` in `space` with `scopes` as the operator `op` and returns a fresh
+/// token for it. Panics when the permission node refuses.
+pub async fn register_agent(
+    c: &async_nats::Client,
+    op: &str,
+    id: &str,
+    space: &str,
+    scopes: &[&str],
+) -> String {
+    call(
+        c,
+        "agents.register",
+        json!({"agent_id": id, "space": space, "scopes": scopes}),
+        Some(op),
+    )
+    .await
+    .unwrap_or_else(|p| panic!("register {id}: {p:?}"));
+    let t = call(c, "tokens.issue", json!({"agent_id": id}), Some(op))
+        .await
+        .unwrap_or_else(|p| panic!("issue a token for {id}: {p:?}"));
+    t["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("tokens.issue answered no token: {t}"))
+        .to_string()
 }
 
 /// A request with an optional bearer token and the default timeout: the JSON reply, or the
@@ -319,7 +345,7 @@ impl Fleet {
         let opts = tether_bus::connect::options(&cfg, "tether-test-agent").await?;
         Ok(opts
             .max_reconnects(Some(1))
-            .connect(cfg.nats_url.as_str())
+            .connect(tether_bus::connect::servers(&cfg.nats_url)?)
             .await?)
     }
 
@@ -331,21 +357,7 @@ impl Fleet {
     /// Registers agent `id` in `space` with `scopes` (as the operator) and returns a fresh
     /// token for it. Panics when the permission node refuses.
     pub async fn agent(&self, id: &str, space: &str, scopes: &[&str]) -> String {
-        self.call(
-            "agents.register",
-            json!({"agent_id": id, "space": space, "scopes": scopes}),
-            Some(&self.op),
-        )
-        .await
-        .unwrap_or_else(|p| panic!("register {id}: {p:?}"));
-        let t = self
-            .call("tokens.issue", json!({"agent_id": id}), Some(&self.op))
-            .await
-            .unwrap_or_else(|p| panic!("issue a token for {id}: {p:?}"));
-        t["token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("tokens.issue answered no token: {t}"))
-            .to_string()
+        register_agent(&self.c, &self.op, id, space, scopes).await
     }
 
     /// [`call`] on this fleet's client.
@@ -395,7 +407,7 @@ pub async fn connect_with_events(
                 let _ = tx.send(e);
             }
         })
-        .connect(cfg.nats_url.as_str())
+        .connect(tether_bus::connect::servers(&cfg.nats_url)?)
         .await?;
     Ok((c, rx))
 }

@@ -12,12 +12,15 @@
 //! - [`Fleet`] (module `fleet`): the server, the permission node in-process, an operator,
 //!   `agent(id, space, scopes)`, `call` answering the reply or the [`Problem`], [`eventually`],
 //!   and the engine cleanup of what the test created. Every crate's tests build on it.
+//! - [`cluster`]: three members routed into one JetStream cluster ([`NatsCluster`]) and a
+//!   permission node on it ([`ClusterFleet`]), for the scale-out tests and benchmarks.
 //! - [`orchestrator`] (feature `orchestrator`): that fleet with an orchestrator on the engine,
 //!   for the orchestrator's and the shell-server's tests.
 //!
 //! Key decision: fixtures wait by polling with a deadline, never by fixed sleeps, and every
 //! error says what to install or build.
 
+pub mod cluster;
 pub mod docker;
 pub mod fleet;
 mod nats;
@@ -28,9 +31,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+pub use cluster::{ClusterFleet, NatsCluster};
 pub use fleet::{
     Body, CALL_TIMEOUT, Fleet, NodeKind, POLL_TIMEOUT, Problem, bus, call, connect_with_events,
-    eventually, num, operator_token, permission_node, poll, request, sign_token, unique,
+    eventually, num, operator_token, permission_node, poll, register_agent, request, sign_token,
+    unique,
 };
 pub use nats::{NatsServer, connect};
 

@@ -59,7 +59,7 @@ pub struct NatsServer {
 }
 
 /// Why a spawn did not become a ready server.
-enum SpawnError {
+pub(crate) enum SpawnError {
     /// The port was taken (by someone else, or not yet released after a kill).
     PortInUse(anyhow::Error),
     Other(anyhow::Error),
@@ -73,7 +73,7 @@ impl From<SpawnError> for anyhow::Error {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     // Bind and release: another process may take the port before the server does; `start`
     // retries on that.
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
@@ -335,7 +335,31 @@ impl NatsServer {
             .with_context(|| format!("write {}", self.conf_path().display()))
     }
 
+    /// A stopped member of a cluster: its own temp dir holding `keys` (one bundle for every
+    /// member), `extra_conf` (the cluster block) on `port`. [`NatsServer::spawn`] starts it.
+    pub(crate) fn member(keys: &BusKeys, port: u16, extra_conf: String) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("tether-nats-")
+            .tempdir()
+            .context("create temp dir for nats-server")?;
+        keys.write(&dir.path().join(KEYS_DIR))?;
+        Ok(NatsServer {
+            child: None,
+            watchdog: None,
+            port,
+            dir,
+            extra_conf,
+            auth: Some((keys.admin_password.clone(), keys.authorization_conf(None))),
+        })
+    }
+
     async fn spawn_and_wait(&mut self) -> Result<(), SpawnError> {
+        self.spawn()?;
+        self.wait_ready().await
+    }
+
+    /// Starts the process (without waiting for it to answer).
+    pub(crate) fn spawn(&mut self) -> Result<(), SpawnError> {
         self.write_conf().map_err(SpawnError::Other)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -359,7 +383,12 @@ impl NatsServer {
             .map_err(SpawnError::Other)?;
         self.watchdog = child.stdin.take();
         self.child = Some(child);
+        Ok(())
+    }
 
+    /// Waits until the started server answers (its exit or [`READY_TIMEOUT`] is an error).
+    pub(crate) async fn wait_ready(&mut self) -> Result<(), SpawnError> {
+        let bin = binary().map_err(SpawnError::Other)?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = self
@@ -447,10 +476,11 @@ impl std::fmt::Debug for NatsServer {
     }
 }
 
-/// A client of `url` (credentials in the URL are used, as tether's own clients use them).
+/// A client of `url` (one server or a comma-separated list; credentials in the URL are used,
+/// as tether's own clients use them).
 pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
     let opts = tether_bus::connect::options(&crate::fleet::bus(url), "tether-testkit").await?;
-    opts.connect(url)
+    opts.connect(tether_bus::connect::servers(url)?)
         .await
         .with_context(|| format!("connect to {}", tether_bus::connect::display_url(url)))
 }

@@ -28,7 +28,7 @@ pub fn config(host_id: &str) -> OrchestratorConfig {
 pub async fn start(bus: &BusConfig, cfg: OrchestratorConfig) -> anyhow::Result<NodeHandle> {
     let client = tether_bus::connect::options(bus, tether_container_orchestrator::NAME)
         .await?
-        .connect(bus.nats_url.as_str())
+        .connect(tether_bus::connect::servers(&bus.nats_url)?)
         .await
         .context("connect the orchestrator")?;
     tether_container_orchestrator::build(bus, cfg, &client)
