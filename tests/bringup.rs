@@ -84,6 +84,10 @@ fn up_default_launch_file_then_ps_then_ctrl_c_leaves_nothing() {
         table.contains("a2a-gateway") && table.contains("a2a.*.send"),
         "{table}"
     );
+    assert!(
+        table.contains("model-gateway") && table.contains("model.models"),
+        "{table}"
+    );
 
     // A call through the fleet with an operator token made offline from the dev key.
     let token = Command::new(&tether)
@@ -154,6 +158,25 @@ fn up_default_launch_file_then_ps_then_ctrl_c_leaves_nothing() {
         String::from_utf8_lossy(&bad.stderr).contains("404"),
         "{}",
         String::from_utf8_lossy(&bad.stderr)
+    );
+    // The model gateway with no providers: it answers, with no models.
+    let models = Command::new(&tether)
+        .args(["call", "model.models", "{}", "--server", &url, "--token", &token])
+        .output()
+        .expect("call");
+    let out = String::from_utf8_lossy(&models.stdout);
+    assert!(
+        models.status.success(),
+        "{}",
+        String::from_utf8_lossy(&models.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("model.models answers JSON");
+    // proto3 JSON leaves an empty list out.
+    assert!(v.is_object(), "{out}");
+    assert_eq!(
+        v["models"].as_array().map_or(0, Vec::len),
+        0,
+        "no providers, no models: {out}"
     );
     let none = Command::new(&tether)
         .args(["call", "nobody.home", "--server", &url])

@@ -111,6 +111,22 @@ impl Scope {
         Scope::A2aServe,
     ];
 
+    /// What an agent registered without scopes gets (`tether agent register` with no
+    /// `--scope`): everything it needs to work in its own space — its containers, tools,
+    /// relics, the shell, models, events, and calling A2A agents. Not given by default:
+    /// serving as an A2A worker (`a2a:serve`), and every administrative scope.
+    pub const AGENT_DEFAULTS: &'static [Scope] = &[
+        Scope::ContainersRead,
+        Scope::ContainersWrite,
+        Scope::ContainersExec,
+        Scope::ToolsRun,
+        Scope::RelicsWrite,
+        Scope::ShellExec,
+        Scope::ModelCall,
+        Scope::EventsRead,
+        Scope::A2aCall,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Scope::Operator => "operator",

@@ -181,6 +181,9 @@ enum AgentCmd {
         agent_id: String,
         #[arg(long)]
         space: String,
+        /// A scope to give (repeat for more). Without any: the default agent scopes
+        /// (containers:read/write/exec, tools:run, relics:write, shell:exec, model:call,
+        /// events:read, a2a:call).
         #[arg(long = "scope")]
         scopes: Vec<String>,
         #[command(flatten)]
@@ -399,6 +402,14 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     scopes,
                     auth,
                 } => {
+                    let scopes = if scopes.is_empty() {
+                        tether_auth::Scope::AGENT_DEFAULTS
+                            .iter()
+                            .map(|s| s.as_str().to_string())
+                            .collect()
+                    } else {
+                        scopes
+                    };
                     request(
                         server,
                         "agents.register",

@@ -97,6 +97,27 @@ async fn operator_token_is_signed_for_the_configured_issuer_and_audience() {
         &env,
     ));
     assert!(registered.contains("\"a1\""), "{registered}");
+    // Without --scope: the default agent scopes, not an agent that can do nothing.
+    let defaults = stdout(&tether(
+        dir.path(),
+        &["agent", "register", "a2", "--space", "s1", "--token", &token],
+        &env,
+    ));
+    let v: serde_json::Value = serde_json::from_str(&defaults).expect("register answers JSON");
+    let mut got: Vec<&str> = v["scopes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("scopes in {v}"))
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    got.sort_unstable();
+    let mut want: Vec<&str> = tether_auth::Scope::AGENT_DEFAULTS
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    want.sort_unstable();
+    assert_eq!(got, want, "{defaults}");
+    assert!(!got.contains(&"a2a:serve") && !got.contains(&"operator"));
 
     // Configured through a file (`--config`), the bus address included.
     let conf = dir.path().join("fleet.toml");
