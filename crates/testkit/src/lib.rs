@@ -32,7 +32,7 @@ pub use fleet::{
     Body, CALL_TIMEOUT, Fleet, NodeKind, POLL_TIMEOUT, Problem, bus, call, connect_with_events,
     eventually, num, operator_token, permission_node, poll, request, sign_token, unique,
 };
-pub use nats::{NatsServer, connect};
+pub use nats::{NatsServer, binary as nats_server_binary, connect};
 
 /// Path of a binary built by cargo in this workspace (e.g. `"tether"`, `"permission-node"`),
 /// found next to the running test executable (`target/<profile>/deps/<test>` →
