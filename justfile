@@ -49,6 +49,14 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
+# Renders deploy/k8s with `kubectl kustomize`, validates every object against Kubernetes
+# 1.30's schemas (kubernetes-validate, strict) and checks what schemas cannot: non-root
+# read-only containers, probes, the bus URL, the orchestrator's socket and host id, a 3-member
+# NATS (scripts/check-k8s.py). `just test` runs the same check (tests/k8s.rs).
+# Render and validate the Kubernetes manifests (deploy/k8s)
+k8s-check: deps
+    python3 scripts/check-k8s.py deploy/k8s
+
 # Each crate's `[[bench]] harness = false` target (crates/*/benches/*.rs) prints its p50/p99 and
 # throughput against its baseline; `--bench '*'` runs every such target in the workspace (and
 # not the empty libtest bench harness of each lib/bin).

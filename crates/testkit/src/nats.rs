@@ -90,7 +90,7 @@ const MIN_NATS_SERVER: (u32, u32) = (2, 10);
 /// installs (`bin/nats-server` in `TETHER_NATS_CURRENT_DIR`, default
 /// `~/.cache/tether/nats-current`) when it is there, else `nats-server` on `PATH`. A server older
 /// than 2.10 is refused; its `--version` is asked once per process.
-fn binary() -> anyhow::Result<String> {
+pub fn binary() -> anyhow::Result<String> {
     static CHECKED: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
     CHECKED
         .get_or_init(|| {
