@@ -161,7 +161,15 @@ fn up_default_launch_file_then_ps_then_ctrl_c_leaves_nothing() {
     );
     // The model gateway with no providers: it answers, with no models.
     let models = Command::new(&tether)
-        .args(["call", "model.models", "{}", "--server", &url, "--token", &token])
+        .args([
+            "call",
+            "model.models",
+            "{}",
+            "--server",
+            &url,
+            "--token",
+            &token,
+        ])
         .output()
         .expect("call");
     let out = String::from_utf8_lossy(&models.stdout);

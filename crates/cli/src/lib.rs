@@ -12,6 +12,7 @@ pub mod a2a;
 pub mod bus_access;
 pub mod call;
 pub mod identity;
+pub mod ping;
 pub mod ps;
 pub mod up;
 

@@ -36,6 +36,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Health check: exit 0 when an instance of NODE on this host answers `$SRV.PING.<NODE>`
+    /// (a container probe, run with the node's own credentials), else 3.
+    Ping {
+        node: String,
+        /// How long to wait for an answer.
+        #[arg(long, default_value = "2s", value_parser = tether_cli::parse_duration)]
+        timeout: std::time::Duration,
+        /// Accept an instance on any host.
+        #[arg(long)]
+        any: bool,
+    },
     /// Bring the fleet up from a launch file and keep it up until Ctrl-C.
     Up {
         #[arg(long, default_value = "deploy/bringup.toml")]
@@ -282,6 +293,16 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 reply_type: c.reply_type,
             };
             println!("{}", call::call(&client, &args).await?.stdout);
+        }
+        Cmd::Ping { node, timeout, any } => {
+            let cfg = tether_cli::ping::config_for(server, &node);
+            let client = tether_cli::connect(&cfg, None).await?;
+            let here = hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .map_err(|e| CliError::new(1, format!("cannot read the hostname: {e}")))?;
+            let host = (!any).then_some(here.as_str());
+            let p = tether_cli::ping::ping(&client, &node, host, timeout).await?;
+            println!("{} {} {}", p.name, p.id, p.version);
         }
         Cmd::Ps { wait, json } => {
             let client = tether_cli::connect(server, None).await?;

@@ -100,7 +100,9 @@ async fn operator_token_is_signed_for_the_configured_issuer_and_audience() {
     // Without --scope: the default agent scopes, not an agent that can do nothing.
     let defaults = stdout(&tether(
         dir.path(),
-        &["agent", "register", "a2", "--space", "s1", "--token", &token],
+        &[
+            "agent", "register", "a2", "--space", "s1", "--token", &token,
+        ],
         &env,
     ));
     let v: serde_json::Value = serde_json::from_str(&defaults).expect("register answers JSON");
@@ -159,4 +161,47 @@ async fn operator_token_is_signed_for_the_configured_issuer_and_audience() {
         String::from_utf8_lossy(&refused.stderr)
     );
     node.shutdown().await.expect("shutdown");
+}
+
+/// `tether ping <node>` as a container probe runs it: the node's own NATS user (its nkey
+/// file), no token. An instance on this host answers: 0; no such node: 3; a bad name: 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_finds_the_node_on_this_host_as_its_own_bus_user() {
+    let nats = NatsServer::start().await.expect("nats");
+    let dir = tempfile::tempdir().expect("tmp");
+    let node = permission_node(&nats, &dir.path().join("key.pem")).await;
+    let own = nats.node_bus(tether_testkit::NodeKind::Permission);
+    let nkey = own
+        .nats_nkey_file
+        .as_ref()
+        .and_then(|p| p.to_str())
+        .expect("nkey file")
+        .to_string();
+    let url = nats.plain_url();
+    let env = [
+        ("TETHER_NATS_URL", url.as_str()),
+        ("TETHER_NATS_NKEY_FILE", nkey.as_str()),
+    ];
+    let ok = tether(dir.path(), &["ping", "permission-node"], &env);
+    let out = stdout(&ok);
+    assert!(out.starts_with("permission-node "), "{out}");
+    let none = tether(
+        dir.path(),
+        &["ping", "model-gateway", "--any", "--timeout", "300ms"],
+        &env,
+    );
+    assert_eq!(none.status.code(), Some(3), "{none:?}");
+    let bad = tether(dir.path(), &["ping", "a.b", "--timeout", "300ms"], &env);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    node.shutdown().await.expect("stop");
+    let gone = tether(
+        dir.path(),
+        &["ping", "permission-node", "--timeout", "500ms"],
+        &env,
+    );
+    assert_eq!(
+        gone.status.code(),
+        Some(3),
+        "a stopped node does not answer: {gone:?}"
+    );
 }
