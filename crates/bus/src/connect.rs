@@ -210,6 +210,57 @@ pub fn servers(urls: &str) -> anyhow::Result<Vec<ServerAddr>> {
         .collect()
 }
 
+/// Why [`request`] got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestFailure {
+    #[error("nothing serves this subject (no responders)")]
+    NoResponders,
+    #[error("no reply within {0:?}")]
+    TimedOut(Duration),
+    #[error(
+        "the bus connection was lost while the request was out: it may or may not have been served"
+    )]
+    ConnectionLost,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// How often [`request`] looks at its connection while it waits.
+const LOST_CHECK: Duration = Duration::from_millis(50);
+
+/// One request/reply that fails fast when the connection it went out on is lost: a request
+/// in flight when the client's server dies gets [`RequestFailure::ConnectionLost`] within
+/// [`LOST_CHECK`], instead of waiting out `timeout` for a reply that may never come. The
+/// caller decides whether to send it again (only it knows whether that is safe).
+pub async fn request(
+    client: &Client,
+    subject: String,
+    req: async_nats::Request,
+    timeout: Duration,
+) -> Result<async_nats::Message, RequestFailure> {
+    let stats = client.statistics();
+    let connects = stats.connects.load(std::sync::atomic::Ordering::Relaxed);
+    let lost = async {
+        loop {
+            tokio::time::sleep(LOST_CHECK).await;
+            let now = stats.connects.load(std::sync::atomic::Ordering::Relaxed);
+            if client.connection_state() != async_nats::connection::State::Connected
+                || now != connects
+            {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        r = client.send_request(subject, req.timeout(Some(timeout))) => r.map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => RequestFailure::NoResponders,
+            async_nats::RequestErrorKind::TimedOut => RequestFailure::TimedOut(timeout),
+            _ => RequestFailure::Other(e.to_string()),
+        }),
+        () = lost => Err(RequestFailure::ConnectionLost),
+    }
+}
+
 /// Connects, retrying with backoff until connected or `cancel` fires.
 pub async fn connect(
     cfg: &BusConfig,

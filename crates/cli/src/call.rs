@@ -130,27 +130,21 @@ pub async fn call(client: &async_nats::Client, a: &CallArgs) -> Result<CallOutpu
     for (k, v) in &a.headers {
         headers.insert(k.as_str(), v.as_str());
     }
-    let reply = tokio::time::timeout(
-        a.timeout,
-        client.request_with_headers(subject.clone(), headers, payload),
-    )
-    .await
-    .map_err(|_| {
-        CliError::new(
-            EXIT_NO_ANSWER,
-            format!("no reply from {subject} within {:?}", a.timeout),
-        )
-    })?
-    .map_err(|e| match e.kind() {
-        async_nats::client::RequestErrorKind::NoResponders => {
-            CliError::new(EXIT_NO_ANSWER, format!("no node serves {subject}"))
-        }
-        async_nats::client::RequestErrorKind::TimedOut => CliError::new(
-            EXIT_NO_ANSWER,
-            format!("no reply from {subject} within {:?}", a.timeout),
-        ),
-        _ => CliError::new(EXIT_NO_ANSWER, format!("request to {subject} failed: {e}")),
-    })?;
+    let req = async_nats::Request::new().headers(headers).payload(payload);
+    let reply = tether_bus::connect::request(client, subject.clone(), req, a.timeout)
+        .await
+        .map_err(|e| {
+            use tether_bus::connect::RequestFailure as F;
+            CliError::new(
+                EXIT_NO_ANSWER,
+                match e {
+                    F::NoResponders => format!("no node serves {subject}"),
+                    F::TimedOut(t) => format!("no reply from {subject} within {t:?}"),
+                    F::ConnectionLost => format!("request to {subject}: {e}"),
+                    F::Other(e) => format!("request to {subject} failed: {e}"),
+                },
+            )
+        })?;
     if let Some(p) = Problem::from_reply(reply.headers.as_ref(), &reply.payload) {
         return Err(CliError::new(
             EXIT_SERVICE_ERROR,
