@@ -492,8 +492,9 @@ async fn a_sync_run_whose_node_died_is_finished_by_the_next_one() {
     // and removes the container.
     let _node = spawn_worker(&f.nats.node_bus(NodeKind::Orchestrator), &h, &config);
     wait_up(&f, &h).await;
+    // A bound on a hang, generous: the engine may be busy with the other tests' containers.
     let r = eventually(
-        Duration::from_secs(60),
+        Duration::from_secs(180),
         "abandoned run finished",
         || async {
             let r = f
