@@ -30,8 +30,10 @@ pub fn reconnect_delay(attempt: usize) -> Duration {
     Duration::from_millis(50 * 2u64.pow(exp - 1)).min(Duration::from_secs(2))
 }
 
-/// How often a client pings its server (async-nats: 60 s).
-pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a client pings its server (async-nats: 60 s). Three unanswered pings drop the
+/// connection, so this is also how long a busy machine may starve a client or its server
+/// before a good connection is dropped for nothing: not shorter.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 /// How long one connect attempt to one server may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
