@@ -41,6 +41,16 @@ pub struct OrchestratorConfig {
     pub docker_host: String,
     /// KV bucket of space bindings (space → host, container).
     pub spaces_bucket: String,
+    /// KV bucket of host records (every orchestrator's heartbeat and capacity).
+    pub hosts_bucket: String,
+    /// How often this node rewrites its host record and reads the others'.
+    pub host_heartbeat_ms: u64,
+    /// A host whose record has not changed for this long is unavailable: its spaces are
+    /// answered 503 and nothing new is placed on it. The same on every host of a fleet.
+    pub host_dead_after_ms: u64,
+    /// Memory (MiB) this host offers to tether containers, which placement compares hosts
+    /// by; 0 = the engine's total. Set it lower on a host shared with other work.
+    pub capacity_memory_mb: u32,
     pub kv_replicas: usize,
     /// `TETHER_NATS_URL` given to containers. Empty = the node's own bus URL with loopback
     /// hosts replaced by `host.docker.internal` (mapped to the host gateway).
@@ -122,6 +132,10 @@ impl Default for OrchestratorConfig {
             host_id: String::new(),
             docker_host: String::new(),
             spaces_bucket: "tether_spaces".into(),
+            hosts_bucket: "tether_hosts".into(),
+            host_heartbeat_ms: 2000,
+            host_dead_after_ms: 6000,
+            capacity_memory_mb: 0,
             kv_replicas: 1,
             container_nats_url: String::new(),
             default_memory_mb: 512,
@@ -198,8 +212,15 @@ impl OrchestratorConfig {
     pub fn validate(&self) -> Result<Limits, InvalidConfig> {
         self.resolved_host_id()?;
         let bad = |m: &str| Err(InvalidConfig(m.to_string()));
-        if !tether_bus::subject::is_valid_token(&self.spaces_bucket) {
-            return bad("spaces_bucket must be a valid bucket name");
+        if !tether_bus::subject::is_valid_token(&self.spaces_bucket)
+            || !tether_bus::subject::is_valid_token(&self.hosts_bucket)
+        {
+            return bad("spaces_bucket and hosts_bucket must be valid bucket names");
+        }
+        if self.host_heartbeat_ms < 100 || self.host_dead_after_ms < 2 * self.host_heartbeat_ms {
+            return bad(
+                "host_heartbeat_ms must be at least 100 and host_dead_after_ms at least twice it",
+            );
         }
         if self.default_memory_mb < 6 || self.default_memory_mb > self.max_memory_mb {
             return bad("default_memory_mb must be at least 6 and at most max_memory_mb");
@@ -408,5 +429,11 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().is_err());
+        let c = OrchestratorConfig {
+            host_heartbeat_ms: 1000,
+            host_dead_after_ms: 1500,
+            ..Default::default()
+        };
+        assert!(c.validate().is_err(), "dead after less than two beats");
     }
 }

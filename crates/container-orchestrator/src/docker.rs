@@ -20,7 +20,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, InspectContainerOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    ListImagesOptions, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use tether_bus::Problem;
 use tether_proto::{ContainerInfo, MountSpec, ResourceLimits};
@@ -114,7 +114,8 @@ impl From<EngineError> for Problem {
     }
 }
 
-/// The immutable identity of a managed container (its labels never change).
+/// The immutable identity of a managed container (its labels never change, nor its memory
+/// limit: the node never updates a container).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Meta {
     pub id: String,
@@ -123,6 +124,8 @@ pub struct Meta {
     pub session_id: String,
     pub kind: String,
     pub image: String,
+    /// The memory limit, MiB (always set on a managed container).
+    pub memory_mb: i64,
 }
 
 /// Cached identities, by id and by name; bounded, and forgotten on `destroy`/`rename`.
@@ -192,6 +195,20 @@ impl Engine {
         }
     }
 
+    /// Every name the engine's images answer to: repository tags, digests and ids.
+    pub async fn image_refs(&self) -> Result<Vec<String>, EngineError> {
+        let list = self.docker.list_images(None::<ListImagesOptions>).await?;
+        Ok(list
+            .into_iter()
+            .flat_map(|i| {
+                let named = i.repo_tags.into_iter().chain(i.repo_digests);
+                named
+                    .filter(|r| !r.starts_with("<none>"))
+                    .chain(std::iter::once(i.id))
+            })
+            .collect())
+    }
+
     fn is_ours(&self, labels: Option<&HashMap<String, String>>) -> bool {
         labels.is_some_and(|l| {
             l.get(LABEL_MANAGED).is_some_and(|v| v == "true")
@@ -252,6 +269,7 @@ impl Engine {
                 .as_ref()
                 .and_then(|c| c.image.clone())
                 .unwrap_or_default(),
+            memory_mb: c.host_config.as_ref().and_then(|h| h.memory).unwrap_or(0) / MIB,
         });
         self.remember(&meta);
         Ok((meta, c))

@@ -10,6 +10,8 @@
 //! - [`exec`]: commands with a deadline that kills inside the container, a capped output,
 //!   streaming.
 //! - [`space`]: space bindings in KV (`tether_spaces`).
+//! - [`hosts`]: host records in KV (`tether_hosts`): heartbeats, liveness, placement of new
+//!   spaces, `hosts.list`.
 //! - [`state`]: what the endpoints share — the engine, the policy, the run and session
 //!   records, the session locks, the runs in progress.
 //! - [`route`]: sending a request on to the node of the host that owns it.
@@ -32,6 +34,7 @@ pub mod config;
 pub mod docker;
 pub mod events;
 pub mod exec;
+pub mod hosts;
 pub mod labels;
 pub mod node;
 pub mod reconcile;
@@ -73,6 +76,12 @@ pub async fn build(
         .map_err(|e| anyhow::anyhow!("cannot read the engine's host resources: {e}"))?;
     let js = async_nats::jetstream::new(client.clone());
     let spaces = space::Spaces::open(&js, &cfg.spaces_bucket, cfg.kv_replicas).await?;
+    let hosts = hosts::Hosts::open(&js, &cfg, &host_id, host_memory_mb, host_cpus).await?;
+    hosts
+        .measure(&engine)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the engine's images and containers: {e}"))?;
+    let hosts = Arc::new(hosts);
     let max_payload = client.server_info().max_payload.max(64 * 1024);
     let reply_budget = max_payload.saturating_sub(REPLY_OVERHEAD);
     let limits = limits.within_reply(reply_budget);
@@ -87,6 +96,7 @@ pub async fn build(
     let o = Arc::new(Orchestrator::new(
         engine,
         spaces,
+        hosts,
         policy,
         limits,
         reply_budget,
@@ -97,12 +107,16 @@ pub async fn build(
         .metadata("host_id", host_id);
     let (o1, o2) = (o.clone(), o.clone());
     let (t1, t2, t3) = (t.clone(), t.clone(), t.clone());
+    let (h, engine) = (o.hosts.clone(), o.engine.clone());
     let node = node::endpoints(node, &o);
     let node = tools::endpoints(node, &t);
     let node = relics::endpoints(node, &t);
     Ok(sessions::endpoints(node, &t)
         .task("engine-events", move |ctx| events::follow(o1, ctx))
         .task("janitor", move |ctx| reconcile::janitor(o2, ctx))
+        .task("host-heartbeat", move |ctx| {
+            hosts::heartbeat(h, engine, ctx)
+        })
         .task("tool-workers", move |ctx| tools::workers(t1, ctx))
         .task("tool-cancels", move |ctx| tools::cancel_listener(t2, ctx))
         .task("tool-janitor", move |ctx| tools::janitor(t3, ctx)))

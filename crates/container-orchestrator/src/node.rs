@@ -1,4 +1,5 @@
-//! The endpoints: `containers.<op>` and `hosts.<host_id>.containers.<op>`.
+//! The endpoints: `containers.<op>` and `hosts.<host_id>.containers.<op>`, and `hosts.list`
+//! (operators: the hosts as this node sees them, [`crate::hosts`]).
 //!
 //! Every operation on an existing container goes through [`resolve`]: the target is named by
 //! `container` (id or name) or by `space` (its bound container), and the caller must be an
@@ -12,9 +13,9 @@ use bollard::query_parameters::{LogsOptionsBuilder, StatsOptionsBuilder};
 use futures::StreamExt;
 use tether_bus::{Caller, Node, Problem, Request, Scope};
 use tether_proto::{
-    ContainerInfo, ContainerList, ContainerRef, ContainerStats, ExecRequest, ExecResult,
-    ListContainersRequest, LogsReply, LogsRequest, RemoveContainerRequest, RemovedContainer,
-    StopContainerRequest,
+    ContainerInfo, ContainerList, ContainerRef, ContainerStats, Empty, ExecRequest, ExecResult,
+    HostList, ListContainersRequest, LogsReply, LogsRequest, RemoveContainerRequest,
+    RemovedContainer, StopContainerRequest,
 };
 
 use crate::config::Limits;
@@ -29,7 +30,7 @@ type O = Arc<Orchestrator>;
 /// Adds every endpoint, on the shared and on the host-addressed subjects.
 pub fn endpoints(node: Node, o: &O) -> Node {
     let max_execs = o.policy.cfg.max_concurrent_execs;
-    Routes::new(node, &o.host_id, o.clone())
+    Routes::new(node, &o.hosts, o.clone())
         .serve("containers.create", Scope::ContainersWrite, create::create)
         .serve("containers.start", Scope::ContainersWrite, start)
         .serve("containers.stop", Scope::ContainersWrite, stop)
@@ -39,7 +40,12 @@ pub fn endpoints(node: Node, o: &O) -> Node {
         .serve_bounded("containers.exec", Scope::ContainersExec, max_execs, exec)
         .serve("containers.logs", Scope::ContainersRead, logs)
         .serve("containers.stats", Scope::ContainersRead, stats)
+        .serve("hosts.list", Scope::Operator, hosts_list)
         .node()
+}
+
+async fn hosts_list(o: O, _req: Request<Empty>) -> Result<Routed<HostList>, Problem> {
+    Ok(Routed::Here(o.hosts.list()))
 }
 
 fn traceparent<T>(req: &Request<T>) -> Option<String> {

@@ -11,7 +11,9 @@
 //! 3. on the first pass every running container gets a reaper pass (the node may have died
 //!    with execs running), and later passes run the reapers scheduled by earlier ones.
 //!
-//! Only this host's managed containers are looked at; nothing else on the engine is touched.
+//! Only this host's managed containers and bindings are looked at; nothing else on the engine
+//! is touched, and a space bound to another host is that host's even when it is gone
+//! (`crate::hosts`): it is never adopted nor made again here.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -84,7 +84,7 @@ pub fn container_name(space: &str, session: &str, relic: &str) -> String {
 pub fn endpoints(node: Node, t: &T) -> Node {
     // A start may wait out a health check of minutes: bounded like tool runs.
     let max = t.o.policy.cfg.max_concurrent_tools;
-    Routes::new(node, &t.o.host_id, t.clone())
+    Routes::new(node, &t.o.hosts, t.clone())
         .serve_bounded("relics.start", Scope::RelicsWrite, max, start)
         .serve("relics.get", Scope::RelicsWrite, get)
         .serve("relics.list", Scope::RelicsWrite, list)

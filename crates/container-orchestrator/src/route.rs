@@ -7,6 +7,8 @@
 //! the token again and the trace goes through this node); a request that came on a host
 //! subject is never forwarded further and gets a 409 naming the right subject.
 //!
+//! A host whose heartbeat stopped ([`crate::hosts`]) is not asked at all: the request is
+//! answered 503 naming it at once (a `Prefer` or `Also` answer stands on this host's part).
 //! A forward that fails maps one way: no responders (host down) → 503, timeout → 504, any
 //! other failure to reach it → 503; a problem the other host answered is passed on as it is.
 
@@ -18,6 +20,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tether_bus::{Caller, Encoding, Endpoint, Node, Problem, RawRequest, Reply, Request, Scope};
+
+use crate::hosts::Hosts;
 
 /// How long a forward waits for the other host's answer unless the handler says otherwise.
 pub const FORWARD_WAIT: Duration = Duration::from_secs(60);
@@ -68,19 +72,30 @@ enum Via {
     Host,
 }
 
+/// The host-addressed path of `path` on `host`: `hosts.<host>.<path>`.
+pub fn host_path(host: &str, path: &str) -> String {
+    format!("hosts.{host}.{path}")
+}
+
+/// Whether `req` came on `host`'s own subject for `path` rather than on the shared one.
+pub fn came_addressed<T>(req: &Request<T>, host: &str, path: &str) -> bool {
+    req.subject.as_str() == req.ctx.subject(&host_path(host, path))
+}
+
 /// Registers endpoints on their shared and their host-addressed subjects, with the state `S`
 /// every handler gets.
 pub struct Routes<S> {
     node: Node,
-    host_id: String,
+    hosts: Arc<Hosts>,
     state: S,
 }
 
 impl<S: Clone + Send + Sync + 'static> Routes<S> {
-    pub fn new(node: Node, host_id: &str, state: S) -> Self {
+    /// Routes of this host (`hosts.me()`), forwarding only to hosts it counts as live.
+    pub fn new(node: Node, hosts: &Arc<Hosts>, state: S) -> Self {
         Self {
             node,
-            host_id: host_id.to_string(),
+            hosts: hosts.clone(),
             state,
         }
     }
@@ -124,16 +139,14 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
         for via in [Via::Shared, Via::Host] {
             let subject = match via {
                 Via::Shared => path.to_string(),
-                Via::Host => format!("hosts.{}.{path}", self.host_id),
+                Via::Host => host_path(self.hosts.me(), path),
             };
-            let (f, state) = (f.clone(), self.state.clone());
-            let (path, me) = (
-                Arc::<str>::from(path),
-                Arc::<str>::from(self.host_id.as_str()),
-            );
+            let (f, state, hosts) = (f.clone(), self.state.clone(), self.hosts.clone());
+            let path = Arc::<str>::from(path);
             let mut e = Endpoint::raw(subject, move |raw: RawRequest| {
-                let (f, state, path, me) = (f.clone(), state.clone(), path.clone(), me.clone());
-                async move { handle(via, &path, &me, raw, |req| f(state, req)).await }
+                let (f, state, path, hosts) =
+                    (f.clone(), state.clone(), path.clone(), hosts.clone());
+                async move { handle(via, &path, &hosts, raw, |req| f(state, req)).await }
             })
             .scope(scope);
             if let Some(max) = max {
@@ -153,7 +166,7 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
 async fn handle<T, R, F, Fut>(
     via: Via,
     path: &str,
-    me: &str,
+    hosts: &Hosts,
     raw: RawRequest,
     f: F,
 ) -> Result<Reply, Problem>
@@ -177,15 +190,19 @@ where
             ctx: raw.ctx.clone(),
         },
         path,
+        hosts,
     };
+    let me = hosts.me();
     let req = raw.decode::<T, Caller>()?;
     let out = match (f(req).await?, via) {
         (Routed::Here(r), _) => r,
         (Routed::On(e), Via::Shared) => hop.forward(&e).await?,
         (Routed::On(e), Via::Host) => {
             return Err(Problem::conflict(format!(
-                "{} on host `{}`, not `{me}`; send to hosts.{}.{path}",
-                e.what, e.host, e.host
+                "{} on host `{}`, not `{me}`; send to {}",
+                e.what,
+                e.host,
+                host_path(&e.host, path)
             )));
         }
         (Routed::Prefer(e, r), Via::Shared) => match hop.forward(&e).await {
@@ -219,6 +236,7 @@ struct Hop<'a> {
     payload: Bytes,
     request: Request<(), Option<Caller>>,
     path: &'a str,
+    hosts: &'a Hosts,
 }
 
 impl Hop<'_> {
@@ -226,8 +244,11 @@ impl Hop<'_> {
     where
         R: prost::Message + DeserializeOwned + Default,
     {
+        if let Some(p) = self.hosts.refusal(&e.host).await {
+            return Err(p);
+        }
         let req = &self.request;
-        let subject = req.ctx.subject(&format!("hosts.{}.{}", e.host, self.path));
+        let subject = req.ctx.subject(&host_path(&e.host, self.path));
         let request = async_nats::client::Request::new()
             .payload(self.payload.clone())
             .headers(req.outgoing_headers())

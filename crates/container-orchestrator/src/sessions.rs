@@ -195,7 +195,7 @@ pub async fn cleanup_local(
 
 /// Adds `sessions.cleanup` and its host-addressed twin.
 pub fn endpoints(node: Node, t: &Arc<Shared>) -> Node {
-    Routes::new(node, &t.o.host_id, t.clone())
+    Routes::new(node, &t.o.hosts, t.clone())
         .serve("sessions.cleanup", Scope::RelicsWrite, cleanup)
         .node()
 }

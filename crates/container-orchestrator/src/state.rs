@@ -1,4 +1,4 @@
-//! The node's shared state: the engine, the bindings, the policy, and three small in-memory
+//! The node's shared state: the engine, the bindings, the hosts, the policy, and three small in-memory
 //! tables fed by requests and engine events (all bounded, all safe to lose on restart)
 //! ([`Orchestrator`]); and what the tool, relic and session endpoints share ([`Shared`]): the
 //! run records, the session records, the session locks and the table of runs in progress.
@@ -19,6 +19,7 @@ pub use session_store::{SessionStore, expires};
 
 use crate::config::Limits;
 use crate::docker::Engine;
+use crate::hosts::Hosts;
 use crate::space::Spaces;
 use crate::spec::Policy;
 
@@ -28,6 +29,8 @@ const TABLE_MAX: usize = 8192;
 pub struct Orchestrator {
     pub engine: Engine,
     pub spaces: Spaces,
+    /// This host's record and the other hosts as last read (liveness, placement).
+    pub hosts: Arc<Hosts>,
     pub policy: Policy,
     pub host_id: String,
     /// What requests are checked against (output capped by the bus payload limit), made once
@@ -52,6 +55,7 @@ impl Orchestrator {
     pub fn new(
         engine: Engine,
         spaces: Spaces,
+        hosts: Arc<Hosts>,
         policy: Policy,
         limits: Limits,
         reply_budget: usize,
@@ -61,6 +65,7 @@ impl Orchestrator {
             host_id: policy.host_id.clone(),
             engine,
             spaces,
+            hosts,
             policy,
             reply_budget,
             oom: Mutex::default(),

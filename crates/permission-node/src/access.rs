@@ -127,6 +127,7 @@ impl NodeKind {
             NodeKind::Permission => &["tether_agents", "tether_keys", "tether_revoked"],
             NodeKind::Orchestrator => &[
                 "tether_spaces",
+                "tether_hosts",
                 "tether_tool_results",
                 "tether_tool_results_done",
                 "tether_sessions",
@@ -483,6 +484,18 @@ mod tests {
                 .allow
                 .iter()
                 .any(|s| s.contains("tether_agents"))
+        );
+        // Every orchestrator writes its own host record and reads the others'.
+        let orch = NodeKind::Orchestrator.permissions(None);
+        for s in ["$KV.tether_hosts.>", "$JS.API.*.*.KV_tether_hosts.>"] {
+            assert!(orch.publish.allow.contains(&s.to_string()), "{s}");
+        }
+        assert!(
+            !shell
+                .publish
+                .allow
+                .iter()
+                .any(|s| s.contains("tether_hosts"))
         );
     }
 }

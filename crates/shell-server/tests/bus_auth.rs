@@ -26,6 +26,7 @@ const BUCKETS: &[&str] = &[
     "tether_agents",
     "tether_revoked",
     "tether_spaces",
+    "tether_hosts",
     "tether_sessions",
     "tether_tool_results",
     "tether_shell_sessions",

@@ -1,13 +1,18 @@
 //! `containers.create`: a request checked into a complete spec ([`CreateCall`]), then the
 //! container made — with its space reserved first when it is a space container, and whatever
 //! was made removed again when a later step fails.
+//!
+//! A space container for a space with no binding, asked on the shared subject, is placed
+//! first ([`crate::hosts`]: the live host with the image and the most free memory) and made
+//! there, forwarded to `hosts.<host>.containers.create`; a create on a host-addressed subject
+//! is made on that host, never placed again.
 
 use tether_bus::{Caller, Problem, Request};
 use tether_proto::{ContainerInfo, CreateContainerRequest, SpaceBinding};
 
 use super::{O, traceparent};
 use crate::docker::{EngineErrorKind, info_from_inspect};
-use crate::route::Routed;
+use crate::route::{Elsewhere, Routed, came_addressed};
 use crate::space::Reserve;
 use crate::spec::{ContainerSpec, Kind, Policy, validate_create};
 use crate::state::Orchestrator;
@@ -39,7 +44,14 @@ impl CreateCall {
     ) -> Result<Routed<ContainerInfo>, Problem> {
         let Self { space, spec } = self;
         let caller = &req.caller;
-        if !o.engine.image_exists(&spec.image).await? {
+        let here = o.engine.image_exists(&spec.image).await?;
+        if spec.kind == Kind::Space
+            && !came_addressed(req, &o.host_id, "containers.create")
+            && let Some(host) = place(o, &space, &spec.image, here).await?
+        {
+            return Ok(Routed::On(Elsewhere::on(host, "the space is placed")));
+        }
+        if !here {
             return Err(Problem::unprocessable(format!(
                 "image `{}` is not on host `{}` (the orchestrator never pulls: build or load it first)",
                 spec.image, o.host_id
@@ -135,6 +147,28 @@ pub(super) async fn create(
         .await
 }
 
+/// The other host a new container of `space` goes to (`None`: this one). A space that has a
+/// binding already is left to the reservation, which refuses it (or replaces a stale one of
+/// this host).
+async fn place(
+    o: &Orchestrator,
+    space: &str,
+    image: &str,
+    here: bool,
+) -> Result<Option<String>, Problem> {
+    if o.spaces.get(space).await?.is_some() {
+        return Ok(None);
+    }
+    match o.hosts.place(image, here) {
+        Some(h) if h != o.host_id => Ok(Some(h)),
+        Some(_) => Ok(None),
+        None => Err(Problem::unprocessable(format!(
+            "image `{image}` is not on host `{}` nor on any other live host (the orchestrator never pulls: build or load it first)",
+            o.host_id
+        ))),
+    }
+}
+
 /// Reserves a space for a new container (one container per space).
 async fn reserve(o: &Orchestrator, b: &SpaceBinding) -> Result<u64, Problem> {
     for _ in 0..2 {
@@ -142,8 +176,14 @@ async fn reserve(o: &Orchestrator, b: &SpaceBinding) -> Result<u64, Problem> {
             Reserve::Reserved(rev) => return Ok(rev),
             Reserve::Exists(existing, rev) => {
                 if existing.host_id != o.host_id {
+                    // Never made again elsewhere, even when that host is gone.
+                    let gone = o
+                        .hosts
+                        .unavailable(&existing.host_id)
+                        .map(|p| format!(" ({})", p.detail))
+                        .unwrap_or_default();
                     return Err(Problem::conflict(format!(
-                        "space `{}` already has a container on host `{}`",
+                        "space `{}` already has a container on host `{}`{gone}",
                         b.space, existing.host_id
                     )));
                 }

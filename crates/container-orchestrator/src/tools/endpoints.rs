@@ -71,7 +71,7 @@ pub fn endpoints(node: Node, t: &T) -> Node {
             record_endpoint("tools.cancel".into(), move |r| cancel(t3.clone(), r))
                 .scope(Scope::ToolsRun),
         );
-    Routes::new(node, &t.o.host_id, t.clone())
+    Routes::new(node, &t.o.hosts, t.clone())
         .serve("tools.logs", Scope::ToolsRun, logs)
         .node()
 }
