@@ -13,7 +13,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tether_testkit::cluster::wait_connected_elsewhere;
 use tether_testkit::docker::{Cleanup, busybox_image, host_label};
-use tether_testkit::{ClusterFleet, NodeKind, eventually, orchestrator, request, unique};
+use tether_testkit::{ClusterFleet, NodeKind, eventually, orchestrator, unique};
 
 const JOBS: usize = 40;
 /// A bound on the failover gap that only a hang crosses (the target is 2 s).
@@ -25,20 +25,21 @@ const SCOPES: &[&str] = &[
     "tools:run",
 ];
 
-/// One exec of `true` with a short timeout: whether it was answered with success.
+/// One exec of `true` with a short timeout: whether it was answered with success (a lost or
+/// late request is `false`, and the caller asks again).
 async fn exec_ok(c: &async_nats::Client, token: &str) -> bool {
-    let r = request(
-        c,
-        "containers.exec",
-        json!({"command": "true"}),
-        Some(token),
-        async_nats::HeaderMap::new(),
-        Duration::from_secs(1),
-    );
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), r).await,
-        Ok(Ok(v)) if v["exit_code"] == 0
-    )
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Authorization", format!("Bearer {token}").as_str());
+    let req = async_nats::Request::new()
+        .headers(headers)
+        .payload(json!({"command": "true"}).to_string().into());
+    let Ok(m) =
+        tether_bus::connect::request(c, "containers.exec".into(), req, Duration::from_secs(2))
+            .await
+    else {
+        return false;
+    };
+    serde_json::from_slice::<Value>(&m.payload).is_ok_and(|v| v["exit_code"] == 0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,7 +72,12 @@ async fn the_orchestrator_fails_over_and_loses_no_acknowledged_job() {
     tether_testkit::call(&f.c, "containers.create", json!({"image": image}), Some(&t))
         .await
         .expect("space container");
-    assert!(exec_ok(&f.c, &t).await, "exec before the kill");
+    eventually(
+        Duration::from_secs(60),
+        "an exec before the kill",
+        || async { exec_ok(&f.c, &t).await.then_some(()) },
+    )
+    .await;
 
     // Jobs acknowledged ("queued") before the kill.
     let job = |i: usize| {
@@ -154,7 +160,12 @@ async fn the_orchestrator_fails_over_and_loses_no_acknowledged_job() {
         (c.leader.is_some() && c.replicas.len() == 2 && replicas_current).then_some(())
     })
     .await;
-    assert!(exec_ok(&f.c, &t).await, "exec after the rejoin");
+    eventually(
+        Duration::from_secs(60),
+        "an exec after the rejoin",
+        || async { exec_ok(&f.c, &t).await.then_some(()) },
+    )
+    .await;
 
     orch.shutdown().await.expect("orchestrator stops");
     f.perm.take();
