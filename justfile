@@ -31,16 +31,18 @@ nats_oldest := env("TETHER_NATS_OLDEST_DIR", env("XDG_CACHE_HOME", env("HOME") /
 test: deps
     @echo "test: $({{ quote(nats_current) }} --version)"
     cargo build --workspace --bins
+    deploy/image.sh dev
     TETHER_NATS_SERVER={{ quote(nats_current) }} cargo nextest run --workspace --no-fail-fast
     just test-compat
 
 # The same tests against the oldest supported nats-server (2.10.26) that
-# scripts/install-deps.sh keeps apart from PATH; extra arguments go to nextest.
+# scripts/install-deps.sh keeps apart from PATH; extra arguments go to nextest. The compose
+# test is not among them: its fleet runs the nats-server of the image (`just image`).
 # Every test again, on the oldest supported nats-server (2.10)
 test-compat *ARGS: deps
     @echo "test-compat: $({{ quote(nats_oldest) }} --version)"
     cargo build --workspace --bins
-    TETHER_NATS_SERVER={{ quote(nats_oldest) }} cargo nextest run --workspace --no-fail-fast {{ ARGS }}
+    TETHER_NATS_SERVER={{ quote(nats_oldest) }} cargo nextest run --workspace --no-fail-fast -E 'not binary(compose)' {{ ARGS }}
 
 # Formatting and lints, warnings as errors (what CI checks); no import cycle between the
 # orchestrator's modules and no source file over 800 lines (scripts/check-module-cycles.sh).
@@ -71,23 +73,18 @@ bench *ARGS: deps
 up *ARGS: build
     TETHER_NATS_SERVER="${TETHER_NATS_SERVER:-{{ nats_current }}}" cargo run -q -p tether-cli --bin tether -- up {{ ARGS }}
 
-# The Dockerfile's base images must be available locally (no registry is reachable here).
-# Container image of every node from deploy/Dockerfile
-image TAG="tether/nodes:dev":
-    #!/usr/bin/env bash
-    set -euo pipefail
-    if [ ! -f deploy/Dockerfile ]; then
-        echo "just image: deploy/Dockerfile is missing; nothing to build" >&2
-        exit 1
-    fi
-    missing=()
-    for base in $(awk 'toupper($1) == "FROM" { print $2 }' deploy/Dockerfile | sort -u); do
-        # stage names (FROM build AS x; FROM x) are not images
-        if grep -qiE "^FROM[[:space:]].*[[:space:]]AS[[:space:]]+${base}([[:space:]]|$)" deploy/Dockerfile; then continue; fi
-        docker image inspect "$base" >/dev/null 2>&1 || missing+=("$base")
-    done
-    if [ "${#missing[@]}" -gt 0 ]; then
-        echo "just image: base image(s) not available locally: ${missing[*]} (docker pull or docker load them first)" >&2
-        exit 1
-    fi
-    docker build -f deploy/Dockerfile -t "{{ TAG }}" .
+# No registry needed: release binaries built once on the host, FROM scratch with exactly the
+# libraries they load (deploy/image.sh; TETHER_IMAGE_BASE=<image> puts them on a base of yours).
+# Images tether/nodes:TAG (every node, the CLI) and tether/nats:TAG (nats-server); sizes printed
+image TAG="dev": deps
+    deploy/image.sh {{ TAG }}
+
+# Makes .tether/signing-key.pem and the bus keys when missing; settings in deploy/compose.sh.
+# Then `TETHER_SIGNING_KEY_FILE=.tether/signing-key.pem tether --server nats://127.0.0.1:4222 ps`.
+# 3-node NATS cluster and the whole fleet in Docker (deploy/compose.yaml), healthy when it returns
+compose-up:
+    deploy/compose.sh up
+
+# Remove the compose fleet: containers, networks, volumes, and what its orchestrator made
+compose-down:
+    deploy/compose.sh down

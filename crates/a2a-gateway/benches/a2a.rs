@@ -372,13 +372,9 @@ async fn bench() {
     // The baseline: a plain node endpoint with the gateway's token check.
     let stop = CancellationToken::new();
     let bus = f.bus();
-    let verifier = KvVerifier::start(
-        &async_nats::jetstream::new(f.c.clone()),
-        &bus.auth,
-        stop.clone(),
-    )
-    .await
-    .expect("verifier");
+    let verifier = KvVerifier::start(&async_nats::jetstream::new(f.c.clone()), &bus, stop.clone())
+        .await
+        .expect("verifier");
     let base = Node::new("bench-baseline", "0.0.0")
         .verifier(Arc::new(verifier))
         .endpoint(

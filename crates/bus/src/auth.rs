@@ -392,11 +392,13 @@ impl KvVerifier {
     /// until `stop` is cancelled and re-establish themselves after a bus outage.
     pub async fn start(
         js: &jetstream::Context,
-        cfg: &AuthConfig,
+        bus: &crate::BusConfig,
         stop: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let keys = open_or_create_bucket(js, keys_bucket_config(cfg, 1)).await?;
-        let revoked = open_or_create_bucket(js, revoked_bucket_config(cfg, 1)).await?;
+        let cfg = &bus.auth;
+        let keys = open_or_create_bucket(js, keys_bucket_config(cfg, bus.kv_replicas)).await?;
+        let revoked =
+            open_or_create_bucket(js, revoked_bucket_config(cfg, bus.kv_replicas)).await?;
         let state = Arc::new(RwLock::new(KvState::default()));
         let v = Self {
             state: state.clone(),

@@ -132,6 +132,12 @@ pub struct BusConfig {
     /// `tracing` filter, e.g. `info,tether_bus=debug`.
     pub log: String,
     pub log_format: LogFormat,
+    /// Replicas of the shared buckets any node may be first to create (the signing keys and
+    /// revocations its token verifier reads): `TETHER_KV_REPLICAS`, the setting the
+    /// permission node and the orchestrator read for their own buckets too. On a 3-node
+    /// cluster give every node 3, or an R1 keys bucket on one server stops every verifier
+    /// that starts while that server is down.
+    pub kv_replicas: usize,
     /// OTLP/HTTP endpoint for trace export (e.g. `http://127.0.0.1:4318/v1/traces`); off when unset.
     pub otlp_endpoint: Option<String>,
     pub auth: AuthConfig,
@@ -157,6 +163,7 @@ impl Default for BusConfig {
             request_timeout_seconds: 30,
             log: "info".into(),
             log_format: LogFormat::Text,
+            kv_replicas: 1,
             otlp_endpoint: None,
             auth: AuthConfig::default(),
         }

@@ -142,8 +142,9 @@ pub async fn ensure_stream(
     config: stream::Config,
 ) -> anyhow::Result<stream::Stream> {
     let name = config.name.clone();
-    js.get_or_create_stream(config)
-        .await
+    let what = format!("open or create stream `{name}`");
+    crate::kv::answered(&what, || js.get_or_create_stream(config.clone()))
+        .await?
         .map_err(|e| anyhow::anyhow!("cannot open or create stream `{name}`: {e}"))
 }
 

@@ -34,11 +34,18 @@ use crate::codec::Encoding;
 /// (`KV_<bucket>`, `$KV.<bucket>.>`, rollups, direct get, discard new) rather than through
 /// async-nats' `create_key_value`, which first asks for account info in a shape nats-server
 /// 2.9 did not send (kept from when 2.9 was supported; tether now needs 2.10 or later).
+///
+/// An existing bucket with fewer replicas than `config` asks for (made R1 by an earlier
+/// version, or by a node that came first with the default) is raised to them: the server
+/// copies it to the new peers while it serves. Never lowered: fewer replicas is a decision
+/// for an operator, not for whichever node starts first.
 pub async fn open_or_create_bucket(
     js: &jetstream::Context,
     config: kv::Config,
 ) -> anyhow::Result<kv::Store> {
-    if let Ok(store) = js.get_key_value(config.bucket.clone()).await {
+    let what = format!("open KV bucket `{}`", config.bucket);
+    if let Ok(store) = answered(&what, || js.get_key_value(config.bucket.clone())).await? {
+        raise_replicas(js, &config).await?;
         return Ok(store);
     }
     let mut stream = jetstream::stream::Config {
@@ -61,18 +68,76 @@ pub async fn open_or_create_bucket(
     if !config.max_age.is_zero() && config.max_age < Duration::from_secs(120) {
         stream.duplicate_window = config.max_age;
     }
-    if let Err(create_err) = js.create_stream(stream).await {
+    if let Err(create_err) = answered(&what, || js.create_stream(stream.clone())).await? {
         // Another replica may have created it between our two calls; otherwise report.
-        return js.get_key_value(config.bucket.clone()).await.map_err(|_| {
-            anyhow::anyhow!(
-                "could not open or create KV bucket `{}`: {create_err}",
-                config.bucket
-            )
-        });
+        return answered(&what, || js.get_key_value(config.bucket.clone()))
+            .await?
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "could not open or create KV bucket `{}`: {create_err}",
+                    config.bucket
+                )
+            });
     }
-    js.get_key_value(config.bucket.clone())
-        .await
+    answered(&what, || js.get_key_value(config.bucket.clone()))
+        .await?
         .map_err(|e| anyhow::anyhow!("could not open KV bucket `{}`: {e}", config.bucket))
+}
+
+/// How long one JetStream API request of a node's start may go unanswered before it is asked
+/// again, and how many times. Right after a cluster lost a server, a request can be lost
+/// (found by the compose test: the first request of an orchestrator restarted then waited out
+/// the client's 30 s request timeout, every time). Opening and creating are idempotent.
+pub const API_ATTEMPT: Duration = Duration::from_secs(4);
+const API_ATTEMPTS: u32 = 5;
+
+/// `call`'s answer, asking again when one attempt gets none within [`API_ATTEMPT`].
+pub async fn answered<T, Fut>(what: &str, mut call: impl FnMut() -> Fut) -> anyhow::Result<T>
+where
+    Fut: std::future::Future<Output = T>,
+{
+    for attempt in 1..=API_ATTEMPTS {
+        match tokio::time::timeout(API_ATTEMPT, call()).await {
+            Ok(answer) => return Ok(answer),
+            Err(_) => {
+                tracing::warn!(
+                    what,
+                    attempt,
+                    "a JetStream API request went unanswered; asking again"
+                )
+            }
+        }
+    }
+    anyhow::bail!(
+        "{what}: JetStream did not answer {API_ATTEMPTS} requests of {API_ATTEMPT:?} each"
+    )
+}
+
+/// Raises the replicas of an existing bucket's stream to `config.num_replicas`.
+async fn raise_replicas(js: &jetstream::Context, config: &kv::Config) -> anyhow::Result<()> {
+    let name = format!("KV_{}", config.bucket);
+    let what = format!("read KV bucket `{}`", config.bucket);
+    let mut stream = answered(&what, || js.get_stream(&name))
+        .await?
+        .map_err(|e| anyhow::anyhow!("cannot read KV bucket `{}`: {e}", config.bucket))?;
+    let mut stream_config = stream.cached_info().config.clone();
+    if stream_config.num_replicas >= config.num_replicas {
+        return Ok(());
+    }
+    let from = stream_config.num_replicas;
+    stream_config.num_replicas = config.num_replicas;
+    answered(&what, || js.update_stream(stream_config.clone()))
+        .await?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "KV bucket `{}` has {from} replica(s); raising it to {} failed: {e}",
+                config.bucket,
+                config.num_replicas
+            )
+        })?;
+    tracing::info!(bucket = %config.bucket, from, to = config.num_replicas, "raised the replicas of a KV bucket");
+    let _ = stream.info().await;
+    Ok(())
 }
 
 /// What a [`Bucket::modify`] function decided.

@@ -328,9 +328,7 @@ impl Node {
         let needs_auth = self.endpoints.iter().any(|e| e.access != Access::Public);
         let verifier: Option<Arc<dyn Verify>> = match (self.verifier, needs_auth) {
             (Some(v), _) => Some(v),
-            (None, true) => Some(Arc::new(
-                KvVerifier::start(&js, &cfg.auth, stop.clone()).await?,
-            )),
+            (None, true) => Some(Arc::new(KvVerifier::start(&js, &cfg, stop.clone()).await?)),
             (None, false) => None,
         };
 

@@ -19,6 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tether_bus::connect::RequestFailure;
 use tether_bus::{Caller, Encoding, Endpoint, Node, Problem, RawRequest, Reply, Request, Scope};
 
 use crate::hosts::Hosts;
@@ -251,12 +252,8 @@ impl Hop<'_> {
         let subject = req.ctx.subject(&host_path(&e.host, self.path));
         let request = async_nats::client::Request::new()
             .payload(self.payload.clone())
-            .headers(req.outgoing_headers())
-            .timeout(Some(e.wait));
-        let msg = req
-            .ctx
-            .client
-            .send_request(subject, request)
+            .headers(req.outgoing_headers());
+        let msg = tether_bus::connect::request(&req.ctx.client, subject, request, e.wait)
             .await
             .map_err(|err| forward_problem(&e.host, &err))?;
         if let Some(p) = Problem::from_reply(msg.headers.as_ref(), &msg.payload) {
@@ -266,31 +263,44 @@ impl Hop<'_> {
     }
 }
 
-/// The one mapping of a failed forward.
-fn forward_problem(host: &str, e: &async_nats::RequestError) -> Problem {
-    match e.kind() {
-        async_nats::RequestErrorKind::NoResponders => {
+/// The one mapping of a failed forward. A forward whose connection was lost fails at once
+/// (`connect::request`) rather than at its deadline; whether it ran is unknown, and said.
+fn forward_problem(host: &str, e: &RequestFailure) -> Problem {
+    match e {
+        RequestFailure::NoResponders => {
             Problem::unavailable(format!("no orchestrator answers on host `{host}`"))
         }
-        async_nats::RequestErrorKind::TimedOut => {
+        RequestFailure::TimedOut(_) => {
             Problem::timeout(format!("host `{host}` did not answer in time"))
         }
-        _ => Problem::unavailable(format!("cannot reach host `{host}`: {e}")),
+        RequestFailure::ConnectionLost => Problem::unavailable(format!(
+            "the bus connection was lost while the request to host `{host}` was out: it may or may not have been served"
+        )),
+        RequestFailure::Other(e) => {
+            Problem::unavailable(format!("cannot reach host `{host}`: {e}"))
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use async_nats::{RequestError, RequestErrorKind};
 
     #[test]
     fn a_failed_forward_maps_one_way() {
-        let status = |k: RequestErrorKind| forward_problem("h2", &RequestError::from(k)).status;
-        assert_eq!(status(RequestErrorKind::TimedOut), 504);
-        assert_eq!(status(RequestErrorKind::NoResponders), 503);
-        assert_eq!(status(RequestErrorKind::Other), 503);
-        let p = forward_problem("h2", &RequestError::from(RequestErrorKind::NoResponders));
-        assert!(p.detail.contains("`h2`"), "{}", p.detail);
+        let status = |f: RequestFailure| forward_problem("h2", &f).status;
+        assert_eq!(
+            status(RequestFailure::TimedOut(Duration::from_secs(1))),
+            504
+        );
+        assert_eq!(status(RequestFailure::NoResponders), 503);
+        assert_eq!(status(RequestFailure::ConnectionLost), 503);
+        assert_eq!(status(RequestFailure::Other("x".into())), 503);
+        let p = forward_problem("h2", &RequestFailure::ConnectionLost);
+        assert!(
+            p.detail.contains("`h2`") && p.detail.contains("may or may not"),
+            "{}",
+            p.detail
+        );
     }
 }

@@ -155,7 +155,7 @@ pub async fn start(
             None
         }
     };
-    let verifier = KvVerifier::start(js, &bus.auth, stop.clone()).await?;
+    let verifier = KvVerifier::start(js, bus, stop.clone()).await?;
     let revoked = js
         .get_key_value(bus.auth.revoked_bucket.clone())
         .await

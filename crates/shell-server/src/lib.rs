@@ -107,7 +107,7 @@ async fn open(
     warn_local(&cfg);
     let addr = cfg.mcp_addr()?;
     let js = async_nats::jetstream::new(client.clone());
-    let verifier: Arc<dyn Verify> = Arc::new(KvVerifier::start(&js, &bus.auth, stop).await?);
+    let verifier: Arc<dyn Verify> = Arc::new(KvVerifier::start(&js, &bus, stop).await?);
     let shell = Arc::new(Shell::open(bus, cfg, client).await?);
     let http = match addr {
         Some(a) => Some(mcp::serve_http(shell.clone(), verifier.clone(), a).await?),
@@ -187,8 +187,7 @@ pub async fn run_stdio(
     let stop = CancellationToken::new();
     let client = tether_bus::connect::connect(&bus, NAME, &stop).await?;
     let js = async_nats::jetstream::new(client.clone());
-    let verifier: Arc<dyn Verify> =
-        Arc::new(KvVerifier::start(&js, &bus.auth, stop.clone()).await?);
+    let verifier: Arc<dyn Verify> = Arc::new(KvVerifier::start(&js, &bus, stop.clone()).await?);
     let shell = Arc::new(Shell::open(&bus, cfg, client.clone()).await?);
     let r = mcp::serve_stdio(shell, verifier, token).await;
     stop.cancel();

@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_nats::{Client, HeaderMap};
 use futures::StreamExt;
 use tether_bus::codec::{CONTENT_TYPE, Encoding};
+use tether_bus::connect::RequestFailure;
 use tether_bus::{BusConfig, Caller, Problem, Scope};
 use tether_proto::{ExecRequest, ExecResult, ShellExecRequest};
 
@@ -339,9 +340,8 @@ impl Shell {
         let wait = p.timeout + Duration::from_secs_f64(self.cfg.orchestrator_grace_seconds);
         let request = async_nats::client::Request::new()
             .payload(payload)
-            .headers(headers)
-            .timeout(Some(wait));
-        let call = self.client.send_request(subject.clone(), request);
+            .headers(headers);
+        let call = tether_bus::connect::request(&self.client, subject.clone(), request, wait);
         tokio::pin!(call);
         let mut ended = false;
         let reply = loop {
@@ -358,15 +358,20 @@ impl Shell {
                 _ => break (&mut call).await,
             }
         };
-        let msg = reply.map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => Problem::unavailable(format!(
+        let msg = reply.map_err(|e| match e {
+            RequestFailure::NoResponders => Problem::unavailable(format!(
                 "no container-orchestrator answers on `{subject}`; is it running? (try again when it is back)"
             )),
-            async_nats::RequestErrorKind::TimedOut => Problem::timeout(format!(
+            RequestFailure::TimedOut(_) => Problem::timeout(format!(
                 "the orchestrator did not answer on `{subject}` within {:.0} s",
                 wait.as_secs_f64()
             )),
-            _ => Problem::unavailable(format!("cannot reach the orchestrator: {e}")),
+            RequestFailure::ConnectionLost => Problem::unavailable(
+                "the bus connection was lost while the command was out: it may or may not have run",
+            ),
+            RequestFailure::Other(e) => {
+                Problem::unavailable(format!("cannot reach the orchestrator: {e}"))
+            }
         })?;
         if let Some(p) = Problem::from_reply(msg.headers.as_ref(), &msg.payload) {
             return Err(p);
