@@ -131,6 +131,7 @@ impl NodeKind {
                 "tether_tool_results",
                 "tether_tool_results_done",
                 "tether_sessions",
+                "tether_workers",
             ],
             NodeKind::Shell => &["tether_shell_sessions"],
             NodeKind::Model => &[],
@@ -487,7 +488,12 @@ mod tests {
         );
         // Every orchestrator writes its own host record and reads the others'.
         let orch = NodeKind::Orchestrator.permissions(None);
-        for s in ["$KV.tether_hosts.>", "$JS.API.*.*.KV_tether_hosts.>"] {
+        for s in [
+            "$KV.tether_hosts.>",
+            "$JS.API.*.*.KV_tether_hosts.>",
+            "$KV.tether_workers.>",
+            "$JS.API.*.*.KV_tether_workers.>",
+        ] {
             assert!(orch.publish.allow.contains(&s.to_string()), "{s}");
         }
         assert!(
