@@ -40,7 +40,7 @@ pub enum Kind {
     Space,
     Tool,
     Relic,
-    /// A replica of a worker deployment (`crate::workers`): made only by the worker
+    /// A replica of a worker deployment (`workers.*`): made only by the worker
     /// reconciler, never by `containers.create`; in no space, and never expires.
     Worker,
 }
@@ -485,7 +485,7 @@ fn validate_labels(labels: &HashMap<String, String>) -> Result<(), Problem> {
 }
 
 /// Validates a create request for `space` (already authorized) made by `agent_id`. A worker
-/// replica (kind `worker`, built by `crate::workers::spec`) has no space (`space` empty): it
+/// replica (kind `worker`, built by the worker reconciler) has no space (`space` empty): it
 /// gets no space, session or expiry label and no `TETHER_SPACE`/`TETHER_SESSION`.
 pub fn validate_create(
     req: &CreateContainerRequest,

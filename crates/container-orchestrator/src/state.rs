@@ -45,7 +45,7 @@ pub struct Orchestrator {
     traces: Mutex<HashMap<String, String>>,
     /// Containers whose exec processes must be reaped at a time (unix seconds).
     reap_at: Mutex<HashMap<String, i64>>,
-    /// Wakes the worker reconciler (`crate::workers`): a deployment changed, or a replica
+    /// Wakes the worker reconciler (worker deployments): a deployment changed, or a replica
     /// exited or vanished.
     pub workers_poke: tokio::sync::Notify,
 }

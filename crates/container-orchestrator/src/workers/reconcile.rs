@@ -31,6 +31,7 @@ use tokio::time::Instant;
 
 use super::spec::{Restart, assign, replica};
 use super::{Workers, name_of};
+use crate::docker::info_from_summary;
 use crate::labels::{LABEL_GENERATION, LABEL_REPLICA, LABEL_WORKER};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -51,6 +52,16 @@ struct Backoff {
     not_before: Instant,
 }
 
+impl Backoff {
+    fn none(now: Instant) -> Backoff {
+        Backoff {
+            container: String::new(),
+            failures: 0,
+            not_before: now,
+        }
+    }
+}
+
 fn delay(failures: u32) -> Duration {
     BACKOFF_FIRST
         .saturating_mul(1 << failures.saturating_sub(1).min(16))
@@ -66,11 +77,7 @@ impl Backoffs {
     fn down(&self, key: (String, u32), container: &str) -> Option<Instant> {
         let now = Instant::now();
         let mut t = self.table();
-        let b = t.entry(key).or_insert(Backoff {
-            container: String::new(),
-            failures: 0,
-            not_before: now,
-        });
+        let b = t.entry(key).or_insert_with(|| Backoff::none(now));
         if b.container != container || b.failures == 0 {
             b.failures += 1;
             b.container = container.to_string();
@@ -83,11 +90,7 @@ impl Backoffs {
     fn failed(&self, key: (String, u32)) -> Instant {
         let now = Instant::now();
         let mut t = self.table();
-        let b = t.entry(key).or_insert(Backoff {
-            container: String::new(),
-            failures: 0,
-            not_before: now,
-        });
+        let b = t.entry(key).or_insert_with(|| Backoff::none(now));
         b.failures += 1;
         b.container.clear();
         b.not_before = now + delay(b.failures);
@@ -120,7 +123,7 @@ pub struct Seen {
     pub worker: String,
     /// `None`: the label is not a number (never made so by this node).
     pub index: Option<u32>,
-    pub generation: u64,
+    pub generation: u32,
     pub state: String,
     pub running: bool,
     /// From the engine's status ("Exited (137) 2 seconds ago"); -1 when it says none.
@@ -130,7 +133,8 @@ pub struct Seen {
 }
 
 pub fn seen(c: &ContainerSummary) -> Seen {
-    let labels = c.labels.clone().unwrap_or_default();
+    let info = info_from_summary(c, "");
+    let labels = info.labels;
     let status = c.status.clone().unwrap_or_default();
     let exit_code = status
         .strip_prefix("Exited (")
@@ -138,20 +142,15 @@ pub fn seen(c: &ContainerSummary) -> Seen {
         .and_then(|s| s.parse().ok())
         .unwrap_or(-1);
     Seen {
-        id: c.id.clone().unwrap_or_default(),
-        name: c
-            .names
-            .as_ref()
-            .and_then(|n| n.first())
-            .map(|n| n.trim_start_matches('/').to_string())
-            .unwrap_or_default(),
+        id: info.container_id,
+        name: info.container_name,
         worker: labels.get(LABEL_WORKER).cloned().unwrap_or_default(),
         index: labels.get(LABEL_REPLICA).and_then(|i| i.parse().ok()),
         generation: labels
             .get(LABEL_GENERATION)
             .and_then(|g| g.parse().ok())
             .unwrap_or(0),
-        state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+        state: info.state,
         running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
         exit_code,
         created: c.created.unwrap_or(0),

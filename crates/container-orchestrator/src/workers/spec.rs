@@ -127,7 +127,7 @@ pub fn validate_deploy(
         )));
     }
     check_replicas(replicas, min, max)?;
-    let asked = b.resource_limits.clone().unwrap_or_default();
+    let asked = b.resource_limits.unwrap_or_default();
     if asked.timeout_seconds != 0 {
         return Err(Problem::bad_request(
             "`resource_limits.timeout_seconds` must be 0: worker replicas do not expire",
@@ -189,7 +189,7 @@ pub fn replica(
 fn container(
     s: &DeployWorkerRequest,
     index: u32,
-    generation: u64,
+    generation: u32,
     created_by: &str,
     policy: &Policy,
 ) -> Result<ContainerSpec, Problem> {
@@ -200,7 +200,7 @@ fn container(
         kind: Kind::Worker.as_str().into(),
         env: s.env.clone(),
         command: s.command.clone(),
-        resource_limits: s.resource_limits.clone(),
+        resource_limits: s.resource_limits,
         ..Default::default()
     };
     let mut c = validate_create(&create, "", created_by, policy, chrono::Utc::now())?;

@@ -123,25 +123,35 @@ pub async fn wait_up(f: &Fleet, host_id: &str) {
     .await;
 }
 
+/// Runs `sleep 600` in `f`'s image behind the orchestrator's back as container `name`, labelled
+/// managed by `f`'s host and with `labels`; its id.
+pub fn run_labelled(f: &Fleet, name: &str, labels: &[String]) -> String {
+    let mut all = vec!["tether.managed=true".to_string(), host_label(&f.host_id)];
+    all.extend(labels.iter().cloned());
+    let mut args = vec!["run", "-d", "--name", name];
+    for l in &all {
+        args.extend(["--label", l.as_str()]);
+    }
+    args.extend([f.image.as_str(), "sleep", "600"]);
+    let id = docker(&args);
+    assert!(!id.is_empty(), "container {name} started");
+    id
+}
+
 /// Waits until the janitor of `f`'s host has made a full pass that started after this call:
 /// a managed container of that host whose `tether.expires` is long past is put on the engine,
 /// and the janitor removes it on its next pass.
 pub async fn janitor_pass(f: &Fleet) {
     let name = unique("witness");
-    let labels = [
-        "tether.managed=true".to_string(),
-        host_label(&f.host_id),
-        "tether.kind=space".to_string(),
-        format!("tether.space={name}"),
-        "tether.expires=2000-01-01T00:00:00Z".to_string(),
-    ];
-    let mut args = vec!["run", "-d", "--name", &name];
-    for l in &labels {
-        args.extend(["--label", l.as_str()]);
-    }
-    args.extend([f.image.as_str(), "sleep", "600"]);
-    let id = docker(&args);
-    assert!(!id.is_empty(), "witness container started");
+    run_labelled(
+        f,
+        &name,
+        &[
+            "tether.kind=space".to_string(),
+            format!("tether.space={name}"),
+            "tether.expires=2000-01-01T00:00:00Z".to_string(),
+        ],
+    );
     eventually(
         Duration::from_secs(30),
         "a janitor pass removed the witness",
