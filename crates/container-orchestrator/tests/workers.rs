@@ -409,3 +409,99 @@ async fn bad_input_is_refused_and_changes_nothing() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn replicas_spread_over_hosts_and_leave_a_host_that_is_gone() {
+    // Host A in-process, host B a process; B is counted out 1.5 s after its last beat.
+    let (beat, dead) = (300u64, 1500u64);
+    let mut f = fleet_with(true, |c| {
+        c.host_heartbeat_ms = beat;
+        c.host_dead_after_ms = dead;
+    })
+    .await;
+    let a = f.host_id.clone();
+    let b = unique("b");
+    f.clean_label(host_label(&b));
+    let bus = f.nats.node_bus(NodeKind::Orchestrator);
+    let (beat, dead) = (beat.to_string(), dead.to_string());
+    let env = [
+        ("TETHER_HOST_HEARTBEAT_MS", beat.as_str()),
+        ("TETHER_HOST_DEAD_AFTER_MS", dead.as_str()),
+    ];
+    let mut node_b = spawn_node(&bus, &b, None, &env);
+    wait_up(&f, &b).await;
+    wait_live(&f, &a, &b, true).await;
+    wait_live(&f, &b, &a, true).await;
+
+    // Two replicas: one on each host, whichever got the deploy.
+    let name = unique("w");
+    let mut events = Events::new(&f, &name).await;
+    let r = deploy(
+        &f,
+        json!({"name": name, "agent_id": "bot", "image": f.image, "command": command(), "replicas": 2}),
+    )
+    .await
+    .expect("deploy");
+    let mut hosts: Vec<String> = r["deployment"]["slots"]
+        .as_array()
+        .expect("slots")
+        .iter()
+        .map(|s| s["host_id"].as_str().expect("host").to_string())
+        .collect();
+    hosts.sort();
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort();
+    assert_eq!(hosts, both, "{r}");
+    let made = events.expect(&["created", "created"]).await;
+    let mut made_on: Vec<String> = made
+        .iter()
+        .map(|e| e["host_id"].as_str().expect("host").to_string())
+        .collect();
+    made_on.sort();
+    assert_eq!(made_on, both);
+    assert_eq!(host_containers(&a).len(), 1);
+    let on_b = host_containers(&b);
+    assert_eq!(on_b.len(), 1);
+
+    // B dies: its slot moves to A, which makes the replica.
+    let _ = node_b.0.kill(); // SIGKILL
+    let _ = node_b.0.wait();
+    let e = &events.expect(&["created"]).await[0];
+    assert_eq!(e["host_id"], a.as_str(), "{e}");
+    assert_eq!(host_containers(&a).len(), 2);
+    let g = f
+        .call(
+            &format!("hosts.{a}.workers.get"),
+            json!({"name": name}),
+            Some(&f.op),
+        )
+        .await
+        .expect("get");
+    assert!(
+        g["deployment"]["slots"]
+            .as_array()
+            .expect("slots")
+            .iter()
+            .all(|s| s["host_id"] == a.as_str()),
+        "{g}"
+    );
+    assert_eq!(g["replicas"].as_array().expect("replicas").len(), 2, "{g}");
+
+    // B comes back and removes the replica it no longer holds.
+    let _node_b = spawn_node(&bus, &b, None, &env);
+    let e = &events.expect(&["removed"]).await[0];
+    assert_eq!(e["host_id"], b.as_str(), "{e}");
+    assert_eq!(e["container_id"], on_b[0].as_str(), "{e}");
+    assert!(
+        e["reason"]
+            .as_str()
+            .expect("reason")
+            .contains(&format!("slot moved to host `{a}`")),
+        "{e}"
+    );
+    eventually(Duration::from_secs(30), "B's replica gone", || async {
+        host_containers(&b).is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(running(&name).len(), 2);
+}

@@ -123,6 +123,23 @@ pub async fn wait_up(f: &Fleet, host_id: &str) {
     .await;
 }
 
+/// Waits until the orchestrator of `asked` counts `host` live (or not).
+pub async fn wait_live(f: &Fleet, asked: &str, host: &str, live: bool) {
+    let subject = format!("hosts.{asked}.hosts.list");
+    eventually(Duration::from_secs(15), "host list", || async {
+        let l = f
+            .call(&subject, serde_json::json!({}), Some(&f.op))
+            .await
+            .ok()?;
+        l["hosts"]
+            .as_array()?
+            .iter()
+            .any(|h| h["record"]["host_id"] == host && h["live"] == live)
+            .then_some(())
+    })
+    .await;
+}
+
 /// Runs `sleep 600` in `f`'s image behind the orchestrator's back as container `name`, labelled
 /// managed by `f`'s host and with `labels`; its id.
 pub fn run_labelled(f: &Fleet, name: &str, labels: &[String]) -> String {
