@@ -88,42 +88,12 @@ enum Cmd {
 
 #[derive(Args)]
 struct DeployArgs {
-    name: String,
-    #[arg(long = "agent")]
-    agent_id: String,
-    #[arg(long)]
-    image: String,
-    /// Run under `sh -c` (or give the argv after `--`; neither: the image's command).
-    #[arg(long)]
-    command: Option<String>,
-    /// `KEY=value` (repeatable).
-    #[arg(long)]
-    env: Vec<String>,
-    /// 0: `--min`, or 1.
-    #[arg(long, default_value_t = 0)]
-    replicas: u32,
-    #[arg(long = "min", default_value_t = 0)]
-    min_replicas: u32,
-    /// 0: `--replicas`.
-    #[arg(long = "max", default_value_t = 0)]
-    max_replicas: u32,
-    /// always | on-failure | never.
-    #[arg(long)]
-    restart: Option<String>,
-    #[arg(long)]
-    profile: Option<String>,
-    #[arg(long)]
-    memory_mb: Option<i32>,
-    #[arg(long)]
-    cpu_limit: Option<f64>,
-    #[arg(long)]
-    pids_limit: Option<i32>,
+    #[command(flatten)]
+    spec: tether_cli::workers::Deploy,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     auth: TokenArg,
-    #[arg(last = true)]
-    argv: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -564,43 +534,8 @@ async fn workers(server: &tether_bus::BusConfig, cmd: WorkersCmd) -> Result<(), 
     use tether_cli::workers as w;
     let (subject, body, auth, json, show) = match cmd {
         WorkersCmd::Deploy(d) => {
-            let DeployArgs {
-                name,
-                agent_id,
-                image,
-                command,
-                env,
-                replicas,
-                min_replicas,
-                max_replicas,
-                restart,
-                profile,
-                memory_mb,
-                cpu_limit,
-                pids_limit,
-                json,
-                auth,
-                argv,
-            } = *d;
-            let body = w::Deploy {
-                name,
-                agent_id,
-                image,
-                command,
-                argv,
-                env,
-                replicas,
-                min_replicas,
-                max_replicas,
-                restart,
-                profile,
-                memory_mb,
-                cpu_limit,
-                pids_limit,
-            }
-            .body()
-            .map_err(|e| CliError::new(2, e))?;
-            ("workers.deploy", body, auth, json, Show::Status)
+            let body = d.spec.body().map_err(|e| CliError::new(2, e))?;
+            ("workers.deploy", body, d.auth, d.json, Show::Status)
         }
         WorkersCmd::Ls { json, auth } => ("workers.list", json!({}), auth, json, Show::Table),
         WorkersCmd::Scale {

@@ -3,25 +3,41 @@
 
 use serde_json::{Value, json};
 
-/// What `tether workers deploy` asks for.
-#[derive(Debug, Default, Clone)]
+/// What `tether workers deploy` asks for (its flags).
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct Deploy {
     pub name: String,
+    #[arg(long = "agent")]
     pub agent_id: String,
+    #[arg(long)]
     pub image: String,
-    /// Run under `sh -c`.
+    /// Run under `sh -c` (or give the argv after `--`; neither: the image's command).
+    #[arg(long)]
     pub command: Option<String>,
-    /// Or the argv itself (after `--`).
+    /// The argv itself (after `--`).
+    #[arg(last = true)]
     pub argv: Vec<String>,
-    /// `KEY=value`.
+    /// `KEY=value` (repeatable).
+    #[arg(long)]
     pub env: Vec<String>,
+    /// 0: `--min`, or 1.
+    #[arg(long, default_value_t = 0)]
     pub replicas: u32,
+    #[arg(long = "min", default_value_t = 0)]
     pub min_replicas: u32,
+    /// 0: `--replicas`.
+    #[arg(long = "max", default_value_t = 0)]
     pub max_replicas: u32,
+    /// always | on-failure | never.
+    #[arg(long)]
     pub restart: Option<String>,
+    #[arg(long)]
     pub profile: Option<String>,
+    #[arg(long)]
     pub memory_mb: Option<i32>,
+    #[arg(long)]
     pub cpu_limit: Option<f64>,
+    #[arg(long)]
     pub pids_limit: Option<i32>,
 }
 
