@@ -77,6 +77,7 @@ async fn deploy(w: W, req: Request<DeployWorkerRequest>) -> Result<Routed<Worker
                     created_at: at.clone(),
                     updated_at: at,
                     created_by: by.clone(),
+                    uid: uuid::Uuid::now_v7().to_string(),
                 };
                 d.slots = slots_for(&w, &d, spec.replicas, &candidates)?;
                 return Ok(Change::Write(d));

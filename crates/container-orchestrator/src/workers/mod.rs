@@ -9,8 +9,9 @@
 //!
 //! The one design decision to know: the desired state is in KV (`tether_workers`, key = the
 //! deployment's name, changed only by compare-and-set) and the engine's labels are the truth
-//! about what runs (`tether.worker`, `tether.replica`, `tether.generation`). A deployment
-//! holds its replica slots, each assigned to one host (`WorkerSlot`): assigned when the
+//! about what runs (`tether.worker`, `tether.replica`, `tether.generation`, and
+//! `tether.deployment`: the uid of the deployment, new each time a name is deployed afresh).
+//! A deployment holds its replica slots, each assigned to one host (`WorkerSlot`): assigned when the
 //! deployment is made or scaled, by whichever orchestrator got the request, to the live host
 //! with the image that holds the fewest of its slots (placement order on a tie,
 //! [`crate::hosts`]); a slot stays on its host until that host is gone (silent for

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use super::spec::{Restart, assign, replica};
 use super::{Workers, name_of};
 use crate::docker::info_from_summary;
-use crate::labels::{LABEL_GENERATION, LABEL_REPLICA, LABEL_WORKER};
+use crate::labels::{LABEL_DEPLOYMENT, LABEL_GENERATION, LABEL_REPLICA, LABEL_WORKER};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -124,6 +124,8 @@ pub struct Seen {
     /// `None`: the label is not a number (never made so by this node).
     pub index: Option<u32>,
     pub generation: u32,
+    /// The `uid` of the deployment it was made for.
+    pub deployment: String,
     pub state: String,
     pub running: bool,
     /// From the engine's status ("Exited (137) 2 seconds ago"); -1 when it says none.
@@ -150,6 +152,7 @@ pub fn seen(c: &ContainerSummary) -> Seen {
             .get(LABEL_GENERATION)
             .and_then(|g| g.parse().ok())
             .unwrap_or(0),
+        deployment: labels.get(LABEL_DEPLOYMENT).cloned().unwrap_or_default(),
         state: info.state,
         running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
         exit_code,
@@ -306,8 +309,9 @@ async fn deployment(
             .copied()
             .filter(|r| r.index == Some(index))
             .collect();
-        let (mut current, old): (Vec<&Seen>, Vec<&Seen>) =
-            at.into_iter().partition(|r| r.generation == d.generation);
+        let (mut current, old): (Vec<&Seen>, Vec<&Seen>) = at
+            .into_iter()
+            .partition(|r| r.generation == d.generation && r.deployment == d.uid);
         // The oldest running one first, then the most recent of those that are down.
         current.sort_by_key(|r| (!r.running, if r.running { r.created } else { -r.created }));
         match current.first() {
@@ -402,6 +406,7 @@ async fn make(
                 worker: name.clone(),
                 index: Some(index),
                 generation: d.generation,
+                deployment: d.uid.clone(),
                 state: String::new(),
                 running: false,
                 exit_code: -1,
@@ -440,6 +445,7 @@ async fn create(w: &Workers, d: &WorkerDeployment, index: u32) -> Result<Seen, P
         worker: name_of(d).to_string(),
         index: Some(index),
         generation: d.generation,
+        deployment: d.uid.clone(),
         state: "running".into(),
         running: true,
         exit_code: -1,

@@ -12,7 +12,7 @@ use tether_proto::{
     CreateContainerRequest, DeployWorkerRequest, ResourceLimits, WorkerDeployment, WorkerSlot,
 };
 
-use crate::labels::{LABEL_GENERATION, LABEL_REPLICA, LABEL_WORKER};
+use crate::labels::{LABEL_DEPLOYMENT, LABEL_GENERATION, LABEL_REPLICA, LABEL_WORKER};
 use crate::spec::{ContainerSpec, Kind, Policy, validate_create};
 
 /// The only profile there is until the orchestrator's `[profiles.<name>]` config exists: the
@@ -183,7 +183,9 @@ pub fn replica(
     policy: &Policy,
 ) -> Result<ContainerSpec, Problem> {
     let spec = d.spec.clone().unwrap_or_default();
-    container(&spec, index, d.generation, &d.created_by, policy)
+    let mut c = container(&spec, index, d.generation, &d.created_by, policy)?;
+    c.labels.insert(LABEL_DEPLOYMENT.into(), d.uid.clone());
+    Ok(c)
 }
 
 fn container(
@@ -464,6 +466,7 @@ mod tests {
             spec: Some(spec),
             generation: 3,
             created_by: "op".into(),
+            uid: "u1".into(),
             ..Default::default()
         };
         let c = replica(&d, 1, &policy).expect("replica");
@@ -472,6 +475,7 @@ mod tests {
         assert_eq!(c.labels[LABEL_WORKER], "echo");
         assert_eq!(c.labels[LABEL_REPLICA], "1");
         assert_eq!(c.labels[LABEL_GENERATION], "3");
+        assert_eq!(c.labels[LABEL_DEPLOYMENT], "u1");
         assert!(!c.labels.contains_key(LABEL_SPACE));
         assert!(!c.labels.contains_key(LABEL_EXPIRES));
         assert!(c.read_only_root);
