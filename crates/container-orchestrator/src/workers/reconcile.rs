@@ -333,6 +333,8 @@ async fn deployment(
                 }
             }
             Some(dead) => {
+                // A slot whose new replica is not up yet is still rolling.
+                rolling |= old.iter().any(|r| r.running);
                 if !restart.replaces(dead.exit_code) {
                     continue;
                 }
