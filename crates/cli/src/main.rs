@@ -101,7 +101,7 @@ enum WorkersCmd {
     /// Create a deployment, or change it (the same spec again changes nothing; a changed one
     /// rolls the replicas one at a time).
     Deploy(Box<DeployArgs>),
-    /// Every deployment (running replicas as seen on the answering host).
+    /// Every deployment, with its running replicas on the hosts that answered.
     Ls {
         #[arg(long)]
         json: bool,

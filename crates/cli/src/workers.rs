@@ -99,14 +99,13 @@ pub fn summary(answer: &str) -> Result<String, String> {
     ))
 }
 
-/// A table of `workers.list`: name, agent, image, replicas wanted, replicas running on the
-/// answering host, generation, hosts of the slots.
+/// A table of `workers.list`: name, agent, image, replicas wanted, replicas running (on the
+/// hosts that answered), generation, hosts of the slots.
 pub fn render(answer: &str) -> Result<String, String> {
     let l: Value = serde_json::from_str(answer)
         .map_err(|e| format!("the orchestrator's answer is not a worker list: {e}"))?;
-    let here = l["host_id"].as_str().unwrap_or_default();
     let mut out = format!(
-        "{:<24} {:<20} {:<32} {:>6} {:>7} {:>4}  HOSTS (running as seen on {here})\n",
+        "{:<24} {:<20} {:<32} {:>6} {:>7} {:>4}  HOSTS\n",
         "NAME", "AGENT", "IMAGE", "WANTED", "RUNNING", "GEN"
     );
     for w in l["workers"].as_array().into_iter().flatten() {

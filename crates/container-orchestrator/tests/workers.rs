@@ -462,6 +462,38 @@ async fn replicas_spread_over_hosts_and_leave_a_host_that_is_gone() {
     assert_eq!(host_containers(&a).len(), 1);
     let on_b = host_containers(&b);
     assert_eq!(on_b.len(), 1);
+    // The shared subject gathers every host's replicas; a host subject answers its own.
+    let hosts_of = |g: &Value| {
+        let mut h: Vec<String> = g["replicas"]
+            .as_array()
+            .expect("replicas")
+            .iter()
+            .map(|r| r["host_id"].as_str().expect("host").to_string())
+            .collect();
+        h.sort();
+        h
+    };
+    for _ in 0..3 {
+        let g = f
+            .call("workers.get", json!({"name": name}), Some(&f.op))
+            .await
+            .expect("get");
+        assert_eq!(hosts_of(&g), both, "{g}");
+        let l = f
+            .call("workers.list", json!({}), Some(&f.op))
+            .await
+            .expect("list");
+        assert_eq!(hosts_of(&l["workers"][0]), both, "{l}");
+    }
+    let g = f
+        .call(
+            &format!("hosts.{b}.workers.get"),
+            json!({"name": name}),
+            Some(&f.op),
+        )
+        .await
+        .expect("get on B");
+    assert_eq!(hosts_of(&g), vec![b.clone()], "{g}");
 
     // B dies: its slot moves to A, which makes the replica.
     let _ = node_b.0.kill(); // SIGKILL

@@ -1,8 +1,10 @@
 //! `workers.deploy|get|list|scale|remove` and their `hosts.<host_id>.workers.*` twins
 //! ([`crate::route`]). Operators only. Every one is answered where it arrives: the desired
-//! state is in KV, which every orchestrator reads and writes by compare-and-set; the replicas
-//! in a reply are those of the answering host's engine. A change wakes this host's
-//! reconciler; the other hosts' follow the bucket.
+//! state is in KV, which every orchestrator reads and writes by compare-and-set. The replicas
+//! in a reply are those of the answering host's engine; `workers.get` and `workers.list` on
+//! the shared subject also ask each other host that holds a slot for its replicas (a host
+//! that does not answer within 5 s is left out). A change wakes this host's reconciler; the
+//! other hosts' follow the bucket.
 
 use std::sync::Arc;
 
@@ -16,7 +18,7 @@ use tether_proto::{
 use super::reconcile::seen;
 use super::spec::{assign, check_name, check_replicas, template, validate_deploy};
 use super::{Workers, name_of};
-use crate::route::{Routed, Routes};
+use crate::route::{Elsewhere, Routed, Routes};
 
 type W = Arc<Workers>;
 
@@ -113,13 +115,38 @@ async fn deploy(w: W, req: Request<DeployWorkerRequest>) -> Result<Routed<Worker
 
 async fn get(w: W, req: Request<WorkerRef>) -> Result<Routed<WorkerStatus>, Problem> {
     let d = find(&w, &req.body.name).await?.0;
-    status(&w, d, false).await.map(Routed::Here)
+    let others = other_hosts(&w, std::slice::from_ref(&d));
+    let here = status(&w, d, false).await?;
+    Ok(Routed::AlsoEach(others, here, |mut a, b| {
+        a.replicas.extend(b.replicas);
+        a.replicas
+            .sort_by(|x, y| (x.index, &x.host_id).cmp(&(y.index, &y.host_id)));
+        a
+    }))
+}
+
+/// How long another host gets to answer its part of a `workers.get` or `workers.list`.
+const PART_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The other hosts that hold slots of `deployments`, each once, by id.
+fn other_hosts(w: &Workers, deployments: &[WorkerDeployment]) -> Vec<Elsewhere> {
+    let hosts: std::collections::BTreeSet<&str> = deployments
+        .iter()
+        .flat_map(|d| d.slots.iter().map(|s| s.host_id.as_str()))
+        .filter(|h| *h != w.o.host_id)
+        .collect();
+    hosts
+        .into_iter()
+        .map(|h| Elsewhere::on(h, "replicas are").within(PART_WAIT))
+        .collect()
 }
 
 async fn list(w: W, _req: Request<Empty>) -> Result<Routed<WorkerList>, Problem> {
     let mut workers = Vec::new();
     let replicas = local_replicas(&w).await?;
-    for (d, _) in w.all().await? {
+    let all: Vec<WorkerDeployment> = w.all().await?.into_iter().map(|(d, _)| d).collect();
+    let others = other_hosts(&w, &all);
+    for d in all {
         let mine = replicas
             .iter()
             .filter(|(n, _)| n == name_of(&d))
@@ -132,9 +159,22 @@ async fn list(w: W, _req: Request<Empty>) -> Result<Routed<WorkerList>, Problem>
             changed: false,
         });
     }
-    Ok(Routed::Here(WorkerList {
+    let here = WorkerList {
         workers,
         host_id: w.o.host_id.clone(),
+    };
+    Ok(Routed::AlsoEach(others, here, |mut a, b| {
+        for theirs in b.workers {
+            let name = theirs.deployment.as_ref().map_or("", name_of);
+            if let Some(ours) = a
+                .workers
+                .iter_mut()
+                .find(|x| x.deployment.as_ref().map_or("", name_of) == name)
+            {
+                ours.replicas.extend(theirs.replicas);
+            }
+        }
+        a
     }))
 }
 
