@@ -1,13 +1,15 @@
 //! Worker deployments (issue 17, item 1) on the real engine and a real nats-server: replicas
 //! kept alive through a `docker kill` and a SIGKILL of the orchestrator (no duplicate, no
 //! orphan), scaled, rolled one at a time on a spec change, removed; bad input refused with
-//! nothing changed. Every wait is on an event or the engine's state, under a deadline.
+//! nothing changed; exited replicas replaced with a growing backoff, or left as `restart`
+//! says. Every wait is on an event or the engine's state, under a deadline.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
+use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tether_testkit::NodeKind;
 
@@ -63,7 +65,6 @@ impl Events {
 
     /// The next worker event (of any action), within 60 s.
     async fn next(&mut self) -> Value {
-        use futures::StreamExt;
         let m = tokio::time::timeout(Duration::from_secs(60), self.0.next())
             .await
             .expect("a worker event within 60 s")
@@ -536,4 +537,57 @@ async fn replicas_spread_over_hosts_and_leave_a_host_that_is_gone() {
     })
     .await;
     assert_eq!(running(&name).len(), 2);
+}
+
+#[tokio::test]
+async fn exited_replicas_are_replaced_with_backoff_as_restart_says() {
+    let f = fleet().await;
+    let (crashing, clean) = (unique("crash"), unique("clean"));
+    let mut crashes = Events::new(&f, &crashing).await;
+    let mut cleans = Events::new(&f, &clean).await;
+    // One that exits 0 under `on-failure` first: it is made once and left exited.
+    deploy(
+        &f,
+        json!({"name": clean, "agent_id": "bot", "image": f.image, "command": "exit 0", "restart": "on-failure"}),
+    )
+    .await
+    .expect("deploy clean");
+    cleans.expect(&["created"]).await;
+    // One that keeps failing under `always`: replaced, each time after a longer pause.
+    deploy(
+        &f,
+        json!({"name": crashing, "agent_id": "bot", "image": f.image, "command": "exit 3"}),
+    )
+    .await
+    .expect("deploy crashing");
+    crashes.expect(&["created"]).await;
+    let mut at = Vec::new();
+    for _ in 0..3 {
+        let e = &crashes.expect(&["replaced"]).await[0];
+        assert_eq!(e["reason"], "exited with code 3", "{e}");
+        at.push(std::time::Instant::now());
+    }
+    // 0.5 s, 1 s, 2 s at least (less what delivery jitter takes off).
+    assert!(
+        at[1] - at[0] >= Duration::from_millis(800),
+        "{:?}",
+        at[1] - at[0]
+    );
+    assert!(
+        at[2] - at[1] >= Duration::from_millis(1800),
+        "{:?}",
+        at[2] - at[1]
+    );
+    // Every pass meanwhile left the clean exit alone.
+    let g = f
+        .call("workers.get", json!({"name": clean}), Some(&f.op))
+        .await
+        .expect("get");
+    let r = g["replicas"].as_array().expect("replicas");
+    assert_eq!(r.len(), 1, "{g}");
+    assert_eq!(r[0]["state"], "exited", "{g}");
+    assert!(
+        cleans.0.next().now_or_never().is_none(),
+        "no event for the clean exit"
+    );
 }
