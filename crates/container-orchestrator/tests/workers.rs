@@ -216,6 +216,7 @@ async fn replicas_are_kept_through_kills_restarts_scaling_and_rolls() {
     let e = &events.expect(&["created"]).await[0];
     assert_eq!(e["index"].as_f64(), Some(1.0), "{e}");
     let before = running(&name);
+    let roll_started = chrono::Utc::now().timestamp() - 1;
 
     // A changed spec rolls the replicas one at a time: each new one made before its old one
     // goes.
@@ -247,6 +248,27 @@ async fn replicas_are_kept_through_kills_restarts_scaling_and_rolls() {
             .then_some(())
     })
     .await;
+    // The old ones were stopped, not killed: they ran their SIGTERM trap (exit 0).
+    let until = (chrono::Utc::now().timestamp() + 1).to_string();
+    let died = docker(&[
+        "events",
+        "--since",
+        &roll_started.to_string(),
+        "--until",
+        &until,
+        "--filter",
+        &format!("label=tether.worker={name}"),
+        "--filter",
+        "event=die",
+        "--format",
+        "{{.Actor.ID}} {{index .Actor.Attributes \"exitCode\"}}",
+    ]);
+    for old in &before {
+        assert!(
+            died.contains(&format!("{old} 0")),
+            "{old} not stopped: {died}"
+        );
+    }
     for c in running(&name) {
         assert!(inspect(&c, "{{.Config.Env}}").contains("MODE=b"), "{c}");
         assert_eq!(

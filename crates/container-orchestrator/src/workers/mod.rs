@@ -25,8 +25,7 @@
 //! `max_replicas` on the backlog — the bounds are checked and stored, and the orchestrator
 //! keeps exactly `replicas`. A spec change is rolled one replica at a time *on each host*
 //! (hosts roll their own slots side by side), "up" means running by the engine (no health
-//! check yet), and a replica is removed at once (the engine's forced remove, no grace period:
-//! work in flight is for its work queue to deliver again).
+//! check yet).
 
 pub mod endpoints;
 pub mod reconcile;

@@ -14,8 +14,9 @@
 //!    first, and the old one is removed only once the new one runs — one slot of a deployment
 //!    at a time on this host.
 //!
-//! A pass that changed something is followed by another at once, so a roll goes on without
-//! waiting. A pass that cannot read the deployments does nothing (an unreadable bucket is
+//! Replicas that go are stopped (SIGTERM, `stop_grace_seconds`, all at once) and removed at
+//! the end of the pass. A pass that changed something is followed by another at once, so a
+//! roll goes on without waiting. A pass that cannot read the deployments does nothing (an unreadable bucket is
 //! never taken for an empty one). Backoffs are in memory: after a restart an exited replica
 //! is replaced at once.
 
@@ -167,6 +168,8 @@ pub struct Outcome {
     pub changed: bool,
     /// The earliest backoff that runs out.
     pub wake: Option<Instant>,
+    /// Replicas to stop and remove at the end of the pass, each with the event that says so.
+    goes: Vec<(Seen, WorkerEventData)>,
 }
 
 impl Outcome {
@@ -220,13 +223,42 @@ pub async fn pass(w: &Workers, ctx: &Ctx) -> Result<Outcome, Problem> {
         .iter()
         .filter(|r| !names.contains(r.worker.as_str()))
     {
-        remove(w, ctx, r, "deployment removed", &mut out).await;
+        remove(w, r, "deployment removed", &mut out);
     }
     for d in &deployments {
         let mine: Vec<&Seen> = replicas.iter().filter(|r| r.worker == name_of(d)).collect();
         deployment(w, ctx, d, &mine, &mut out).await;
     }
+    settle(w, ctx, &mut out).await;
     Ok(out)
+}
+
+/// Stops (with `stop_grace_seconds`, all at once) and removes the replicas the pass let go,
+/// and announces each.
+async fn settle(w: &Workers, ctx: &Ctx, out: &mut Outcome) {
+    let o = &w.o;
+    let grace = o.policy.cfg.stop_grace_seconds;
+    let goes = std::mem::take(&mut out.goes);
+    let done = futures::future::join_all(goes.into_iter().map(|(r, e)| async move {
+        if r.running
+            && let Err(err) = o.engine.stop(&r.id, grace).await
+        {
+            tracing::debug!(container = %r.id, error = %err, "cannot stop a worker replica; removing it");
+        }
+        match o.engine.remove(&r.id).await {
+            Ok(()) => {
+                tracing::info!(worker = %r.worker, container = %r.id, action = %e.action, reason = %e.reason, "worker replica removed");
+                announce(w, ctx, &r.worker, e).await;
+                true
+            }
+            Err(err) => {
+                tracing::warn!(worker = %r.worker, container = %r.id, error = %err, "cannot remove a worker replica");
+                false
+            }
+        }
+    }))
+    .await;
+    out.changed |= done.into_iter().any(|d| d);
 }
 
 /// Moves the slots of hosts that are gone to live hosts with the image; the deployment as
@@ -299,7 +331,7 @@ async fn deployment(
             Some((_, Some(h))) if *h != o.host_id => format!("slot moved to host `{h}`"),
             Some(_) => continue,
         };
-        remove(w, ctx, r, &why, out).await;
+        remove(w, r, &why, out);
     }
     let mut rolling = false;
     for index in mine {
@@ -318,14 +350,14 @@ async fn deployment(
             Some(keep) if keep.running => {
                 for r in &current[1..] {
                     let why = if r.running { "duplicate" } else { "superseded" };
-                    remove(w, ctx, r, why, out).await;
+                    remove(w, r, why, out);
                 }
+                // Its old replicas go at the end of this pass: the next slot rolls after.
+                rolling |= !old.is_empty();
                 for r in &old {
-                    if o.engine.remove(&r.id).await.is_ok() {
-                        out.changed = true;
-                        let reason = format!("spec changed (generation {})", d.generation);
-                        announce(w, ctx, &name, event("replaced", index, keep, d, r, reason)).await;
-                    }
+                    let reason = format!("spec changed (generation {})", d.generation);
+                    let e = event("replaced", index, keep, d, r, reason);
+                    out.goes.push(((*r).clone(), e));
                 }
                 let age = chrono::Utc::now().timestamp() - keep.created;
                 if age >= i64::try_from(HEALTHY_AFTER.as_secs()).unwrap_or(60) {
@@ -364,7 +396,7 @@ async fn deployment(
                     make(w, ctx, d, index, None, reason, out).await;
                 } else {
                     for r in &old {
-                        remove(w, ctx, r, "superseded", out).await;
+                        remove(w, r, "superseded", out);
                     }
                     make(w, ctx, d, index, None, "new replica".into(), out).await;
                 }
@@ -455,28 +487,20 @@ async fn create(w: &Workers, d: &WorkerDeployment, index: u32) -> Result<Seen, P
     })
 }
 
-async fn remove(w: &Workers, ctx: &Ctx, r: &Seen, why: &str, out: &mut Outcome) {
-    match w.o.engine.remove(&r.id).await {
-        Ok(()) => {
-            out.changed = true;
-            tracing::info!(worker = %r.worker, container = %r.id, why, "worker replica removed");
-            let e = WorkerEventData {
-                action: "removed".into(),
-                worker: r.worker.clone(),
-                index: r.index.unwrap_or(0),
-                host_id: w.o.host_id.clone(),
-                container_id: r.id.clone(),
-                container_name: r.name.clone(),
-                generation: r.generation,
-                replaced_container_id: String::new(),
-                reason: why.to_string(),
-            };
-            announce(w, ctx, &r.worker, e).await;
-        }
-        Err(e) => {
-            tracing::warn!(worker = %r.worker, container = %r.id, error = %e, "cannot remove a worker replica")
-        }
-    }
+/// Lets a replica go at the end of the pass ([`settle`]), announced as removed for `why`.
+fn remove(w: &Workers, r: &Seen, why: &str, out: &mut Outcome) {
+    let e = WorkerEventData {
+        action: "removed".into(),
+        worker: r.worker.clone(),
+        index: r.index.unwrap_or(0),
+        host_id: w.o.host_id.clone(),
+        container_id: r.id.clone(),
+        container_name: r.name.clone(),
+        generation: r.generation,
+        replaced_container_id: String::new(),
+        reason: why.to_string(),
+    };
+    out.goes.push((r.clone(), e));
 }
 
 fn event(

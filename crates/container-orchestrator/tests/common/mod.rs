@@ -145,7 +145,8 @@ pub async fn wait_live(f: &Fleet, asked: &str, host: &str, live: bool) {
 pub fn run_labelled(f: &Fleet, name: &str, labels: &[String]) -> String {
     let mut all = vec!["tether.managed=true".to_string(), host_label(&f.host_id)];
     all.extend(labels.iter().cloned());
-    let mut args = vec!["run", "-d", "--name", name];
+    // With an init, so `sleep` ends on SIGTERM like the node's own containers.
+    let mut args = vec!["run", "-d", "--init", "--name", name];
     for l in &all {
         args.extend(["--label", l.as_str()]);
     }
