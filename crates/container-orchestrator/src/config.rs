@@ -125,6 +125,9 @@ pub struct OrchestratorConfig {
     pub workers_bucket: String,
     /// The most replicas (and `max_replicas`) a worker deployment may ask for.
     pub max_worker_replicas: u32,
+    /// Lifetime asked for each worker replica's token (`tokens.worker`; the permission node
+    /// caps it); renewed at two thirds of it (`crate::workers::credentials`).
+    pub worker_token_ttl_seconds: u32,
 }
 
 /// Seconds a tool container outlives its deadline before the janitor may remove it (the
@@ -186,6 +189,7 @@ impl Default for OrchestratorConfig {
             sessions_bucket: "tether_sessions".into(),
             workers_bucket: "tether_workers".into(),
             max_worker_replicas: 64,
+            worker_token_ttl_seconds: 900,
         }
     }
 }
@@ -293,6 +297,9 @@ impl OrchestratorConfig {
         }
         if self.max_worker_replicas == 0 || self.max_worker_replicas > 1000 {
             return bad("max_worker_replicas must be between 1 and 1000");
+        }
+        if self.worker_token_ttl_seconds < 6 {
+            return bad("worker_token_ttl_seconds must be at least 6");
         }
         for n in &self.allowed_networks {
             if n.is_empty()

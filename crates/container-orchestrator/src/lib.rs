@@ -116,7 +116,7 @@ pub async fn build(
     let node = tools::endpoints(node, &t);
     let node = relics::endpoints(node, &t);
     let node = workers::endpoints(node, &w);
-    let w2 = w.clone();
+    let (w2, w3) = (w.clone(), w.clone());
     Ok(sessions::endpoints(node, &t)
         .task("engine-events", move |ctx| events::follow(o1, ctx))
         .task("janitor", move |ctx| reconcile::janitor(o2, ctx))
@@ -129,7 +129,10 @@ pub async fn build(
         .task("worker-reconciler", move |ctx| {
             workers::reconcile::run(w, ctx)
         })
-        .task("worker-watch", move |ctx| workers::watch(w2, ctx)))
+        .task("worker-watch", move |ctx| workers::watch(w2, ctx))
+        .task("worker-credentials", move |ctx| {
+            workers::credentials::run(w3, ctx)
+        }))
 }
 
 /// Connects, builds and serves until `shutdown`, then drains.

@@ -122,6 +122,10 @@ pub struct ContainerSpec {
     /// Paths mounted as tmpfs (writable on a read-only root).
     pub writable_paths: Vec<String>,
     pub mounts: Vec<BindMount>,
+    /// A directory on a tmpfs volume of the engine's (anonymous: removed with the container)
+    /// that the orchestrator writes through the engine's archive API: a worker replica's token
+    /// (`crate::docker::files`). `None` for every other container.
+    pub secret_dir: Option<String>,
     pub start: bool,
 }
 
@@ -628,6 +632,7 @@ pub fn validate_create(
         read_only_root,
         writable_paths,
         mounts,
+        secret_dir: None,
         start: !req.create_only,
     })
 }

@@ -4,6 +4,8 @@
 //! - [`spec`]: a deploy request checked into its stored form, a replica's container, the
 //!   assignment of replica slots to hosts.
 //! - [`reconcile`]: each host's replicas against the desired state.
+//! - [`credentials`]: each replica's token (`TETHER_TOKEN_FILE`), obtained from the permission
+//!   node and renewed before it expires.
 //! - [`endpoints`]: `workers.deploy|get|list|scale|remove` (operators), on the shared and the
 //!   host-addressed subjects.
 //!
@@ -20,13 +22,13 @@
 //! orchestrator makes and removes containers only on its own host, one reconcile pass at a
 //! time, so two never race for one slot; a restart reads the labels again and keeps what runs.
 //!
-//! Not yet here (issue 17, later items): replicas get no token (credentials renewal), named
-//! profiles (only `default`, the hardened defaults), and scaling between `min_replicas` and
+//! Not yet here (issue 17, later items): named profiles (only `default`, the hardened defaults), and scaling between `min_replicas` and
 //! `max_replicas` on the backlog — the bounds are checked and stored, and the orchestrator
 //! keeps exactly `replicas`. A spec change is rolled one replica at a time *on each host*
 //! (hosts roll their own slots side by side), "up" means running by the engine (no health
 //! check yet).
 
+pub mod credentials;
 pub mod endpoints;
 pub mod reconcile;
 pub mod spec;
@@ -49,6 +51,8 @@ pub struct Workers {
     pub o: Arc<Orchestrator>,
     pub bucket: Bucket<WorkerDeployment>,
     backoff: reconcile::Backoffs,
+    /// The tokens of this host's replicas.
+    pub credentials: credentials::Credentials,
 }
 
 impl Workers {
@@ -70,6 +74,7 @@ impl Workers {
             o,
             bucket,
             backoff: reconcile::Backoffs::default(),
+            credentials: credentials::Credentials::default(),
         })
     }
 

@@ -210,6 +210,7 @@ pub async fn run(w: Arc<Workers>, ctx: Ctx) -> anyhow::Result<()> {
 /// One pass over this host's replicas.
 pub async fn pass(w: &Workers, ctx: &Ctx) -> Result<Outcome, Problem> {
     let o = &w.o;
+    let started = Instant::now();
     let mut deployments: Vec<WorkerDeployment> = Vec::new();
     for (d, _) in w.all().await? {
         deployments.push(move_gone_slots(w, &d).await?.unwrap_or(d));
@@ -227,8 +228,13 @@ pub async fn pass(w: &Workers, ctx: &Ctx) -> Result<Outcome, Problem> {
     }
     for d in &deployments {
         let mine: Vec<&Seen> = replicas.iter().filter(|r| r.worker == name_of(d)).collect();
+        let agent = d.spec.as_ref().map_or("", |s| s.agent_id.as_str());
+        for r in mine.iter().filter(|r| r.running) {
+            w.credentials.track(&r.id, name_of(d), agent);
+        }
         deployment(w, ctx, d, &mine, &mut out).await;
     }
+    w.credentials.keep_seen_since(started);
     settle(w, ctx, &mut out).await;
     Ok(out)
 }
@@ -247,6 +253,7 @@ async fn settle(w: &Workers, ctx: &Ctx, out: &mut Outcome) {
         }
         match o.engine.remove(&r.id).await {
             Ok(()) => {
+                w.credentials.forget(&r.id);
                 tracing::info!(worker = %r.worker, container = %r.id, action = %e.action, reason = %e.reason, "worker replica removed");
                 announce(w, ctx, &r.worker, e).await;
                 true
@@ -473,6 +480,9 @@ async fn create(w: &Workers, d: &WorkerDeployment, index: u32) -> Result<Seen, P
         }
         return Err(e.into());
     }
+    // Its token, at once (the volume exists only once the container runs).
+    let agent = d.spec.as_ref().map_or("", |s| s.agent_id.as_str());
+    w.credentials.track(&id, name_of(d), agent);
     Ok(Seen {
         id,
         name: spec.name,

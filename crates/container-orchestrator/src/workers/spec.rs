@@ -3,7 +3,8 @@
 //!
 //! A replica's container is made through the same [`validate_create`] as every other
 //! container (kind `worker`: no space, no expiry), so it is hardened the same way; the worker
-//! labels and `TETHER_WORKER*` variables are added after, as tool runs add theirs.
+//! labels and `TETHER_WORKER*` variables are added after, as tool runs add theirs, with
+//! `TETHER_AGENT_ID`, `TETHER_TOKEN_FILE` (a path) and the tmpfs volume the token is written to.
 
 use std::collections::HashMap;
 
@@ -12,6 +13,7 @@ use tether_proto::{
     CreateContainerRequest, DeployWorkerRequest, ResourceLimits, WorkerDeployment, WorkerSlot,
 };
 
+use super::credentials::{TOKEN_DIR, TOKEN_PATH};
 use crate::labels::{LABEL_DEPLOYMENT, LABEL_GENERATION, LABEL_REPLICA, LABEL_WORKER};
 use crate::spec::{ContainerSpec, Kind, Policy, validate_create};
 
@@ -209,6 +211,9 @@ fn container(
     c.env.push(format!("TETHER_WORKER={}", s.name));
     c.env.push(format!("TETHER_WORKER_REPLICA={index}"));
     c.env.push(format!("TETHER_AGENT_ID={}", s.agent_id));
+    // The path only: the token itself is written into the volume (`credentials`).
+    c.env.push(format!("TETHER_TOKEN_FILE={TOKEN_PATH}"));
+    c.secret_dir = Some(TOKEN_DIR.into());
     c.labels.insert(LABEL_WORKER.into(), s.name.clone());
     c.labels.insert(LABEL_REPLICA.into(), index.to_string());
     c.labels
