@@ -287,7 +287,12 @@ impl Fleet {
 
     /// A fleet with the permission node at `cfg`.
     pub async fn start_with(cfg: PermissionConfig) -> anyhow::Result<Fleet> {
-        let nats = NatsServer::start().await?;
+        Self::on(NatsServer::start().await?, cfg).await
+    }
+
+    /// A fleet on `nats` (e.g. [`NatsServer::start_for_containers`]) with the permission node
+    /// at `cfg`.
+    pub async fn on(nats: NatsServer, cfg: PermissionConfig) -> anyhow::Result<Fleet> {
         let key = SigningKey::generate().context("generate key")?;
         let bus = nats.node_bus(NodeKind::Permission);
         let perm = permission_node(

@@ -210,6 +210,8 @@ fn container(
     let mut c = validate_create(&create, "", created_by, policy, chrono::Utc::now())?;
     c.env.push(format!("TETHER_WORKER={}", s.name));
     c.env.push(format!("TETHER_WORKER_REPLICA={index}"));
+    // Names the instance (the worker libraries put it in what they report).
+    c.env.push(format!("TETHER_WORKER_NAME={}", c.name));
     c.env.push(format!("TETHER_AGENT_ID={}", s.agent_id));
     // The path only: the token itself is written into the volume (`credentials`).
     c.env.push(format!("TETHER_TOKEN_FILE={TOKEN_PATH}"));
