@@ -124,7 +124,7 @@ pub struct ContainerSpec {
     pub mounts: Vec<BindMount>,
     /// A directory on a tmpfs volume of the engine's (anonymous: removed with the container)
     /// that the orchestrator writes through the engine's archive API: a worker replica's token
-    /// (`crate::docker::files`). `None` for every other container.
+    /// (the engine module's `files`). `None` for every other container.
     pub secret_dir: Option<String>,
     pub start: bool,
 }

@@ -15,28 +15,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
-use tether_testkit::{NatsServer, NodeKind};
+use tether_testkit::{NatsServer, NodeKind, unverified_claims};
 
 const AGENT: &str = "echo-w";
 /// The replicas' token lifetime: short, so the test outlives several.
 const TTL: u32 = 8;
 const WAIT: Duration = Duration::from_secs(60);
 const IMAGE: &str = "tether-test/a2a-echo-worker:latest";
-
-fn worker_replicas(name: &str) -> Vec<String> {
-    let out = docker(&[
-        "ps",
-        "-q",
-        "--no-trunc",
-        "--filter",
-        "label=tether.kind=worker",
-        "--filter",
-        &format!("label=tether.worker={name}"),
-    ]);
-    let mut v: Vec<String> = out.lines().map(str::to_string).collect();
-    v.sort();
-    v
-}
 
 fn container_name(id: &str) -> String {
     docker(&["inspect", "-f", "{{.Name}}", id])
@@ -59,15 +44,6 @@ fn token_in(id: &str) -> Option<String> {
     let size = usize::from_str_radix(size.trim_matches(|c: char| c == '\0' || c == ' '), 8).ok()?;
     let body = out.stdout.get(512..512 + size)?;
     Some(String::from_utf8_lossy(body).trim().to_string())
-}
-
-fn claims(token: &str) -> Value {
-    use base64::Engine as _;
-    let part = token.split('.').nth(1).expect("a JWT");
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(part)
-        .expect("base64url");
-    serde_json::from_slice(&raw).expect("claims")
 }
 
 fn message(text: &str) -> Value {
@@ -172,7 +148,7 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
         .expect("deploy");
     assert_eq!(r["changed"], true, "{r}");
     let first = eventually(WAIT, "2 replicas run", || async {
-        let r = worker_replicas(&name);
+        let r = worker_replicas(&name, "-q");
         (r.len() == 2).then_some(r)
     })
     .await;
@@ -197,7 +173,7 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
         token_in(&first[0])
     })
     .await;
-    let c = claims(&token);
+    let c = unverified_claims(&token);
     assert_eq!(c["sub"], AGENT);
     assert_eq!(c["space"], "workers");
     assert_eq!(c["scopes"], json!(["a2a:serve"]));
@@ -227,7 +203,7 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
     }
     docker(&["kill", &first[0]]);
     let second = eventually(WAIT, "the killed replica is replaced", || async {
-        let r = worker_replicas(&name);
+        let r = worker_replicas(&name, "-q");
         (r.len() == 2 && !r.contains(&first[0])).then_some(r)
     })
     .await;
@@ -256,8 +232,8 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
         "tokens renewed past 2 lifetimes",
         || async {
             let t = token_in(&old)?;
-            let exp = claims(&t)["exp"].as_i64()?;
-            let issued_before = claims(&token)["exp"].as_i64()?;
+            let exp = unverified_claims(&t)["exp"].as_i64()?;
+            let issued_before = unverified_claims(&token)["exp"].as_i64()?;
             (started.elapsed() > Duration::from_secs(u64::from(TTL) * 2)
                 && exp > issued_before + i64::from(TTL))
             .then_some(t)
@@ -266,7 +242,7 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
     .await;
     assert_ne!(renewed, token);
     assert!(
-        worker_replicas(&name).contains(&old),
+        worker_replicas(&name, "-q").contains(&old),
         "the replica was not replaced"
     );
     let inspect = docker(&["inspect", &old]);
@@ -276,7 +252,7 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
     );
     // Both replicas, each past a lifetime of its token (the bus closed its connection at
     // each expiry; it came back with the renewed file), still serve.
-    let now: HashSet<String> = worker_replicas(&name)
+    let now: HashSet<String> = worker_replicas(&name, "-q")
         .iter()
         .map(|id| container_name(id))
         .collect();

@@ -22,29 +22,12 @@ fn command() -> Value {
     ])
 }
 
-/// Replicas of deployment `name` (`ps_flag` `-q`: running, `-aq`: all), straight from the
-/// engine: full ids, sorted.
-fn replicas(name: &str, ps_flag: &str) -> Vec<String> {
-    let out = docker(&[
-        "ps",
-        ps_flag,
-        "--no-trunc",
-        "--filter",
-        "label=tether.kind=worker",
-        "--filter",
-        &format!("label=tether.worker={name}"),
-    ]);
-    let mut v: Vec<String> = out.lines().map(str::to_string).collect();
-    v.sort();
-    v
-}
-
 fn running(name: &str) -> Vec<String> {
-    replicas(name, "-q")
+    worker_replicas(name, "-q")
 }
 
 fn all(name: &str) -> Vec<String> {
-    replicas(name, "-aq")
+    worker_replicas(name, "-aq")
 }
 
 fn inspect(id: &str, format: &str) -> String {

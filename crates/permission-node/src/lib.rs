@@ -445,14 +445,7 @@ async fn issue(st: Arc<State>, req: Request<IssueTokenRequest>) -> Result<Issued
             agent.agent_id
         )));
     }
-    if agent.revoked {
-        return Err(Problem::forbidden(format!(
-            "agent `{}` is revoked",
-            agent.agent_id
-        )));
-    }
-    let registered =
-        ScopeSet::parse(&agent.scopes).map_err(|e| Problem::internal(e.to_string()))?;
+    let registered = usable(&agent)?;
     let scopes = if b.scopes.is_empty() {
         registered
     } else {
@@ -467,6 +460,17 @@ async fn issue(st: Arc<State>, req: Request<IssueTokenRequest>) -> Result<Issued
     let issued = sign(&st, &agent, scopes, b.ttl_seconds)?;
     tracing::info!(agent = %agent.agent_id, jti = %issued.jti, by = %caller.agent_id, "token issued");
     Ok(issued)
+}
+
+/// The scopes of an agent that may get a token: not revoked.
+fn usable(agent: &Agent) -> Result<ScopeSet, Problem> {
+    if agent.revoked {
+        return Err(Problem::forbidden(format!(
+            "agent `{}` is revoked",
+            agent.agent_id
+        )));
+    }
+    ScopeSet::parse(&agent.scopes).map_err(|e| Problem::internal(e.to_string()))
 }
 
 /// A token of `agent` with `scopes`, for `ttl_seconds` (0: the default), never longer than

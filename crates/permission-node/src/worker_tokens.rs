@@ -18,12 +18,12 @@
 
 use std::sync::Arc;
 
-use tether_auth::{Scope, ScopeSet};
+use tether_auth::Scope;
 use tether_bus::kv::Bucket;
 use tether_bus::{Encoding, Problem, PublicRequest};
 use tether_proto::{IssueWorkerTokenRequest, IssuedToken, WorkerDeployment};
 
-use crate::{State, sign, validate_id};
+use crate::{State, sign, usable, validate_id};
 
 pub(crate) async fn issue_worker(
     st: Arc<State>,
@@ -37,14 +37,7 @@ pub(crate) async fn issue_worker(
         .get(&b.agent_id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("no agent `{}`", b.agent_id)))?;
-    if agent.revoked {
-        return Err(Problem::forbidden(format!(
-            "agent `{}` is revoked",
-            agent.agent_id
-        )));
-    }
-    let registered =
-        ScopeSet::parse(&agent.scopes).map_err(|e| Problem::internal(e.to_string()))?;
+    let registered = usable(&agent)?;
     // `allows` would let an operator agent through: the mark itself is required.
     if !registered.iter().any(|s| *s == Scope::WorkersHosted) {
         return Err(Problem::forbidden(format!(

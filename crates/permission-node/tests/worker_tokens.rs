@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tether_bus::kv::open_or_create_bucket;
 use tether_permission_node::access::NodeKind;
-use tether_testkit::Fleet;
+use tether_testkit::{Fleet, connect_with_events, unverified_claims};
 
 async fn ask(
     c: &async_nats::Client,
@@ -21,15 +21,6 @@ async fn ask(
         None,
     )
     .await
-}
-
-fn claims(token: &str) -> Value {
-    use base64::Engine as _;
-    let part = token.split('.').nth(1).expect("a JWT");
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(part)
-        .expect("base64url");
-    serde_json::from_slice(&raw).expect("claims JSON")
 }
 
 #[tokio::test]
@@ -70,7 +61,7 @@ async fn the_orchestrator_gets_tokens_only_for_hosted_agents_a_deployment_names(
     }
 
     let t = ask(&orch, "echo", "bot-w").await.expect("issued");
-    let c = claims(t["token"].as_str().expect("token"));
+    let c = unverified_claims(t["token"].as_str().expect("token"));
     assert_eq!(c["sub"], "bot-w");
     assert_eq!(c["space"], "space-w");
     assert_eq!(c["scopes"], json!(["a2a:serve"]), "the mark is not carried");
@@ -122,24 +113,12 @@ async fn no_agent_may_ask_for_a_worker_token() {
         .map(|s| s.as_str())
         .collect();
     let token = f.agent("greedy-w", "space-g", &all).await;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cfg = tether_bus::BusConfig {
         nats_url: f.nats.plain_url(),
         nats_token: Some(tether_bus::config::Secret::new(token)),
         ..Default::default()
     };
-    let c = tether_bus::connect::options(&cfg, "greedy")
-        .await
-        .expect("options")
-        .event_callback(move |e| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(e);
-            }
-        })
-        .connect(cfg.nats_url.as_str())
-        .await
-        .expect("connect");
+    let (c, mut rx) = connect_with_events(&cfg, "greedy").await.expect("connect");
     let req = async_nats::Request::new()
         .payload(
             json!({"worker": "echo", "agent_id": "greedy-w"})

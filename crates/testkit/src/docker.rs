@@ -115,15 +115,7 @@ pub fn build_busybox_image(tag: &str) -> anyhow::Result<()> {
     )?;
     std::fs::write(root.join("etc/group"), "root:x:0:\nnobody:x:65534:\n")?;
     write_dockerfile(ctx.path())?;
-    let ctx_arg = ctx.path().display().to_string();
-    let out = docker(&["build", "-q", "-t", tag, &ctx_arg])?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "`docker build -t {tag}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    build(tag, ctx.path())?;
     Ok(())
 }
 
@@ -171,7 +163,13 @@ pub fn build_binary_image(tag: &str, binary: &Path) -> anyhow::Result<String> {
         format!("FROM scratch\nCOPY root/ /\nENTRYPOINT [\"/bin/{name}\"]\n"),
     )
     .context("write Dockerfile")?;
-    let ctx_arg = ctx.path().display().to_string();
+    build(tag, ctx.path())?;
+    Ok(tag.to_string())
+}
+
+/// `docker build -q -t tag ctx`.
+fn build(tag: &str, ctx: &Path) -> anyhow::Result<()> {
+    let ctx_arg = ctx.display().to_string();
     let out = docker(&["build", "-q", "-t", tag, &ctx_arg])?;
     if !out.status.success() {
         anyhow::bail!(
@@ -180,7 +178,7 @@ pub fn build_binary_image(tag: &str, binary: &Path) -> anyhow::Result<String> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(tag.to_string())
+    Ok(())
 }
 
 /// `COPY` keeps the modes set in the context (1777 on /tmp), so no `RUN` step is needed.

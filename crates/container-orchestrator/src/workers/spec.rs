@@ -487,6 +487,14 @@ mod tests {
         assert!(!c.labels.contains_key(LABEL_EXPIRES));
         assert!(c.read_only_root);
         assert!(c.env.contains(&"TETHER_AGENT_ID=bot".to_string()));
+        // The token's path, never a token; the file lives on the replica's secret volume.
+        assert!(
+            c.env
+                .contains(&"TETHER_TOKEN_FILE=/run/tether/token".to_string())
+        );
+        assert!(!c.env.iter().any(|e| e.starts_with("TETHER_TOKEN=")));
+        assert_eq!(c.secret_dir.as_deref(), Some("/run/tether"));
+        assert!(c.env.contains(&format!("TETHER_WORKER_NAME={}", c.name)));
         assert!(!c.env.iter().any(|e| e.starts_with("TETHER_SPACE=")));
         assert_eq!(c.network_mode, "bridge");
         assert!(c.name.starts_with("tether-worker-echo-1-"), "{}", c.name);

@@ -181,3 +181,20 @@ pub async fn janitor_pass(f: &Fleet) {
     )
     .await;
 }
+
+/// Replicas of worker deployment `name` (`ps_flag` `-q`: running, `-aq`: all), straight from
+/// the engine: full ids, sorted.
+pub fn worker_replicas(name: &str, ps_flag: &str) -> Vec<String> {
+    let out = docker(&[
+        "ps",
+        ps_flag,
+        "--no-trunc",
+        "--filter",
+        "label=tether.kind=worker",
+        "--filter",
+        &format!("label=tether.worker={name}"),
+    ]);
+    let mut v: Vec<String> = out.lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
