@@ -24,7 +24,8 @@
 //! - [`sessions`]: session networks, `sessions.cleanup`, this host's part of sessions that
 //!   are over.
 //! - [`workers`]: worker deployments (`workers.*`): desired state in KV (`tether_workers`),
-//!   each host's replicas reconciled against it.
+//!   each host's replicas reconciled against it, each replica's token written into it and
+//!   renewed.
 //!
 //! The one design decision to know: the engine's labels are the truth. Which space a
 //! container belongs to is its `tether.space` label (set only by this node, never from a

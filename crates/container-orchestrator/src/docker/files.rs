@@ -16,7 +16,10 @@
 //! A renewal is atomic for readers: the new content is written to the one of two files
 //! (`<name>.a`, `<name>.b`) that `<name>` does not point at, then the symlink `<name>` is
 //! replaced to point at it. A reader sees the old token or the new one, whole; for an instant
-//! the link may be missing, which the worker libraries read as "keep the last token". The
+//! the link may be missing, which the worker libraries read as "keep the last token". Which
+//! file the link points at is kept in memory: the first write after a restart of the
+//! orchestrator takes `a`, which may be the one in use — that one write replaces the file in
+//! place (the engine removes it and writes it anew, a few hundred bytes). The
 //! volume is writable by the container (the engine refuses archive writes into a read-only
 //! mount): a replica can only spoil its own token.
 
