@@ -270,10 +270,28 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
     )
     .await;
 
-    // Revoked: work in flight is refused (its report comes 2 s after it started: the
-    // revocation reaches the gateway's verifier and closes the replicas' connections in less;
-    // the one-second bound itself is the permission node's `bus_auth` test), and nothing
-    // completes any more.
+    // Revoked: the replica's own token is refused by the gateway's work endpoints within a
+    // second (the verifiers follow revocations live; the callout closes the replicas'
+    // connections as fast: the permission node's `bus_auth` test), work in flight never
+    // completes, and nothing new is served.
+    let held = token_in(&old).expect("the replica's token");
+    let fr = &f;
+    let report = move |token: String| async move {
+        // A report of no task: refused for its body (400) while the token is good.
+        fr.call(
+            &format!("a2a.{AGENT}.work.event"),
+            json!({"taskId": "none"}),
+            Some(&token),
+        )
+        .await
+        .expect_err("not a valid report")
+        .status
+    };
+    assert_ne!(
+        report(held.clone()).await,
+        401,
+        "the replica's token is good"
+    );
     let late = send(&f, &alice, "sleep 2000 late").await;
     eventually(WAIT, "the late task is being worked on", || async {
         a2a(&f, "get", json!({"id": late}), &alice)
@@ -282,10 +300,23 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
             .filter(|t| state(t) == "TASK_STATE_WORKING")
     })
     .await;
-    let revoked_at = Instant::now();
     f.call("agents.revoke", json!({"agent_id": AGENT}), Some(&f.op))
         .await
         .expect("revoke");
+    let revoked_at = Instant::now();
+    eventually(
+        Duration::from_secs(1),
+        "the gateway refuses the replica's token within a second of the revocation",
+        || {
+            let held = held.clone();
+            async move { (report(held).await == 401).then_some(()) }
+        },
+    )
+    .await;
+    println!(
+        "replica token refused {:?} after the revocation",
+        revoked_at.elapsed()
+    );
     let after = send(&f, &alice, "after").await;
     // A bounded wait for something that must not happen: past the late task's own end, twice.
     tokio::time::sleep_until((revoked_at + Duration::from_secs(4)).into()).await;
