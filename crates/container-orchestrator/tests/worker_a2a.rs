@@ -3,8 +3,9 @@
 //! of agent `echo-w` on the real engine; the A2A gateway and the permission node on a real
 //! nats-server that containers reach. Both replicas consume; a `docker kill`ed replica is
 //! replaced and every task completes; the replicas outlive several token lifetimes (short
-//! here) and keep serving on renewed tokens that `docker inspect` never shows; revoking the
-//! agent stops its work.
+//! here) and keep serving on renewed tokens that `docker inspect` never shows, also from a
+//! restarted orchestrator; revoking the agent gets the replicas' token refused within a
+//! second, and their work never completes.
 //!
 //! Needs the workspace's binaries built (`cargo build --workspace --bins`; `just test` does).
 
@@ -120,7 +121,7 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
     let fleet = tether_testkit::Fleet::on(nats, Default::default())
         .await
         .expect("fleet");
-    let f = Fleet::start_on(fleet, "a2aw", true, |c| {
+    let mut f = Fleet::start_on(fleet, "a2aw", true, |c| {
         c.worker_token_ttl_seconds = TTL;
     })
     .await
@@ -250,6 +251,34 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
         !inspect.contains(&renewed),
         "docker inspect shows the renewed token"
     );
+    // A restart of the orchestrator keeps the replicas, and the new one renews their tokens
+    // (it learns them from the engine's labels, not from memory).
+    let kept = worker_replicas(&name, "-q");
+    let before = token_in(&old).expect("the replica's token");
+    f.orch
+        .take()
+        .expect("the orchestrator")
+        .shutdown()
+        .await
+        .expect("the orchestrator drains");
+    let mut cfg = orch_config(&f.host_id);
+    cfg.worker_token_ttl_seconds = TTL;
+    f.orch = Some(start_orchestrator(&f.node_bus(NodeKind::Orchestrator), cfg).await);
+    eventually(
+        WAIT,
+        "the restarted orchestrator writes a fresh token",
+        || async {
+            let t = token_in(&old)?;
+            (unverified_claims(&t)["jti"] != unverified_claims(&before)["jti"]).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        worker_replicas(&name, "-q"),
+        kept,
+        "the same replicas after the restart"
+    );
+
     // Both replicas, each past a lifetime of its token (the bus closed its connection at
     // each expiry; it came back with the renewed file), still serve.
     let now: HashSet<String> = worker_replicas(&name, "-q")
