@@ -329,6 +329,10 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
             .filter(|t| state(t) == "TASK_STATE_WORKING")
     })
     .await;
+    let mut events =
+        f.c.subscribe(format!("events.workers.{name}"))
+            .await
+            .expect("subscribe");
     f.call("agents.revoke", json!({"agent_id": AGENT}), Some(&f.op))
         .await
         .expect("revoke");
@@ -347,6 +351,14 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
         revoked_at.elapsed()
     );
     let after = send(&f, &alice, "after").await;
+    // The replicas get no more tokens, and the orchestrator says why.
+    let refused = next_event(&mut events, "tether.worker.token_refused").await;
+    assert!(
+        refused["data"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("revoked")),
+        "{refused}"
+    );
     // A bounded wait for something that must not happen: past the late task's own end, twice.
     tokio::time::sleep_until((revoked_at + Duration::from_secs(4)).into()).await;
     for id in [&late, &after] {

@@ -20,15 +20,17 @@
 //! The table of replicas to renew is in memory: filled by every reconcile pass from the
 //! engine's labels (and by each replica made), so after a restart of the orchestrator every
 //! running replica gets a fresh token in its first pass, and a replica that went is dropped.
-//! A refusal (revoked, not hosted, no deployment) is retried every [`REFUSED_RETRY`]; a
-//! failure to reach the permission node or the engine backs off from 1 s to 30 s.
+//! A refusal (revoked, not hosted, no deployment) is announced once on
+//! `events.workers.<name>` (`tether.worker.token_refused`, the reason with it) and retried
+//! every [`REFUSED_RETRY`]; a failure to reach the permission node or the engine backs off
+//! from 1 s to 30 s.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether_bus::{Ctx, Problem};
-use tether_proto::{IssueWorkerTokenRequest, IssuedToken};
+use tether_proto::{IssueWorkerTokenRequest, IssuedToken, WorkerEventData};
 use tokio::time::Instant;
 
 use super::Workers;
@@ -169,6 +171,16 @@ async fn renew(w: &Workers, ctx: &Ctx, id: String, e: Entry) {
             let said = format!("{}: {}", p.status, p.detail);
             if said != e.refused {
                 tracing::warn!(worker = %e.worker, agent = %e.agent, container = %id, error = %said, "no token for a worker replica");
+                if refused {
+                    let data = WorkerEventData {
+                        action: "token_refused".into(),
+                        worker: e.worker.clone(),
+                        container_id: id.clone(),
+                        reason: said.clone(),
+                        ..Default::default()
+                    };
+                    super::reconcile::announce(w, ctx, &e.worker, data).await;
+                }
             }
             creds.update(&id, |x| {
                 x.failures += 1;

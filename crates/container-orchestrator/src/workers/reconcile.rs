@@ -539,7 +539,7 @@ fn event(
 }
 
 /// Publishes a decision on `events.workers.<name>` (CloudEvents, `tether.worker.<action>`).
-async fn announce(w: &Workers, ctx: &Ctx, name: &str, mut data: WorkerEventData) {
+pub(super) async fn announce(w: &Workers, ctx: &Ctx, name: &str, mut data: WorkerEventData) {
     data.host_id = w.o.host_id.clone();
     let subject = if data.container_name.is_empty() {
         name.to_string()
