@@ -47,6 +47,22 @@ fn token_in(id: &str) -> Option<String> {
     Some(String::from_utf8_lossy(body).trim().to_string())
 }
 
+/// The file the token link in replica `id` points at (the tar entry of the link itself).
+fn link_target(id: &str) -> String {
+    let out = std::process::Command::new("docker")
+        .args(["cp", &format!("{id}:/run/tether/token"), "-"])
+        .output()
+        .expect("docker cp");
+    assert!(
+        out.status.success() && out.stdout.len() >= 512,
+        "docker cp of the link"
+    );
+    assert_eq!(out.stdout[156], b'2', "the token is a symlink");
+    String::from_utf8_lossy(&out.stdout[157..257])
+        .trim_end_matches('\0')
+        .to_string()
+}
+
 fn message(text: &str) -> Value {
     json!({
         "message": {"messageId": unique("m"), "role": "ROLE_USER", "parts": [{"text": text}]},
@@ -254,13 +270,15 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
     // A restart of the orchestrator keeps the replicas, and the new one renews their tokens
     // (it learns them from the engine's labels, not from memory).
     let kept = worker_replicas(&name, "-q");
-    let before = token_in(&old).expect("the replica's token");
     f.orch
         .take()
         .expect("the orchestrator")
         .shutdown()
         .await
         .expect("the orchestrator drains");
+    // Read once the old one wrote its last.
+    let before = token_in(&old).expect("the replica's token");
+    let target = link_target(&old);
     let mut cfg = orch_config(&f.host_id);
     cfg.worker_token_ttl_seconds = TTL;
     f.orch = Some(start_orchestrator(&f.node_bus(NodeKind::Orchestrator), cfg).await);
@@ -277,6 +295,12 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
         worker_replicas(&name, "-q"),
         kept,
         "the same replicas after the restart"
+    );
+    // It wrote the file not in use (it asked the engine which one is), then moved the link.
+    assert_ne!(
+        link_target(&old),
+        target,
+        "the restarted orchestrator wrote the file in use"
     );
 
     // Both replicas, each past a lifetime of its token (the bus closed its connection at

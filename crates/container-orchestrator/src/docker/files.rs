@@ -17,16 +17,16 @@
 //! (`<name>.a`, `<name>.b`) that `<name>` does not point at, then the symlink `<name>` is
 //! replaced to point at it. A reader sees the old token or the new one, whole; for an instant
 //! the link may be missing, which the worker libraries read as "keep the last token". Which
-//! file the link points at is kept in memory: the first write after a restart of the
-//! orchestrator takes `a`, which may be the one in use — that one write replaces the file in
-//! place (the engine removes it and writes it anew, a few hundred bytes). The
-//! volume is writable by the container (the engine refuses archive writes into a read-only
+//! file the link points at is kept in memory, and asked of the engine ([`Engine::secret_side`])
+//! for the first write after a restart of the orchestrator. The volume is writable by the container (the engine refuses archive writes into a read-only
 //! mount): a replica can only spoil its own token.
 
 use std::collections::HashMap;
 
 use bollard::models::{Mount, MountType, MountVolumeOptions, MountVolumeOptionsDriverConfig};
-use bollard::query_parameters::UploadToContainerOptionsBuilder;
+use bollard::query_parameters::{
+    ContainerArchiveInfoOptionsBuilder, UploadToContainerOptionsBuilder,
+};
 
 use super::{Engine, EngineError};
 
@@ -80,6 +80,20 @@ impl Side {
 }
 
 impl Engine {
+    /// The file the link `<dir>/<name>` points at now; `None` when there is no link (nothing
+    /// written yet) or the engine cannot say.
+    pub async fn secret_side(&self, id: &str, dir: &str, name: &str) -> Option<Side> {
+        let opts = ContainerArchiveInfoOptionsBuilder::default()
+            .path(&format!("{dir}/{name}"))
+            .build();
+        let stat = self
+            .docker
+            .get_container_archive_info(id, Some(opts))
+            .await
+            .ok()?;
+        side_of(&stat.link_target)
+    }
+
     /// Writes `content` (mode 0444) as `<dir>/<name>.<side>` and points the symlink
     /// `<dir>/<name>` at it, in one archive.
     pub async fn put_secret(
@@ -100,6 +114,17 @@ impl Engine {
             .docker
             .upload_to_container(id, Some(opts), bollard::body_full(tar.into()))
             .await?)
+    }
+}
+
+/// The side a link target (`token.a`, `/run/tether/token.b`) names.
+fn side_of(target: &str) -> Option<Side> {
+    if target.ends_with(".a") {
+        Some(Side::A)
+    } else if target.ends_with(".b") {
+        Some(Side::B)
+    } else {
+        None
     }
 }
 
@@ -185,5 +210,8 @@ mod tests {
             .expect("options");
         assert_eq!(opts.get("type").map(String::as_str), Some("tmpfs"));
         assert_eq!(Side::A.other(), Side::B);
+        assert_eq!(side_of("/run/tether/token.b"), Some(Side::B));
+        assert_eq!(side_of("token.a"), Some(Side::A));
+        assert_eq!(side_of(""), None);
     }
 }

@@ -195,7 +195,12 @@ async fn renew(w: &Workers, ctx: &Ctx, id: String, e: Entry) {
             return;
         }
     };
-    let side = e.side.map_or(Side::A, Side::other);
+    let now_at = match e.side {
+        Some(s) => Some(s),
+        // After a restart: the file in use, as the engine sees it.
+        None => w.o.engine.secret_side(&id, TOKEN_DIR, TOKEN_NAME).await,
+    };
+    let side = now_at.map_or(Side::A, Side::other);
     let written =
         w.o.engine
             .put_secret(&id, TOKEN_DIR, TOKEN_NAME, side, token.token.as_bytes())
