@@ -374,12 +374,7 @@ async fn revoke(st: Arc<State>, req: Request<RevokeRequest>) -> Result<RevokeRes
             "name either `agent_id` or `jti`, not both",
         )),
         (false, true) => {
-            validate_id("agent_id", &b.agent_id)?;
-            let (agent, _) = st
-                .agents
-                .get(&b.agent_id)
-                .await?
-                .ok_or_else(|| Problem::not_found(format!("no agent `{}`", b.agent_id)))?;
+            let agent = registered_agent(&st, &b.agent_id).await?;
             req.caller.space_for(&agent.space)?;
             // The revocation first: from here on its tokens are refused, whatever follows.
             st.revoked
@@ -430,12 +425,7 @@ async fn revoke(st: Arc<State>, req: Request<RevokeRequest>) -> Result<RevokeRes
 async fn issue(st: Arc<State>, req: Request<IssueTokenRequest>) -> Result<IssuedToken, Problem> {
     let caller = &req.caller;
     let b = &req.body;
-    validate_id("agent_id", &b.agent_id)?;
-    let (agent, _) = st
-        .agents
-        .get(&b.agent_id)
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("no agent `{}`", b.agent_id)))?;
+    let agent = registered_agent(&st, &b.agent_id).await?;
     let allowed = caller.is_operator()
         || caller.agent_id == agent.agent_id
         || (caller.scopes.allows(Scope::TokensIssue) && caller.space == agent.space);
@@ -460,6 +450,16 @@ async fn issue(st: Arc<State>, req: Request<IssueTokenRequest>) -> Result<Issued
     let issued = sign(&st, &agent, scopes, b.ttl_seconds)?;
     tracing::info!(agent = %agent.agent_id, jti = %issued.jti, by = %caller.agent_id, "token issued");
     Ok(issued)
+}
+
+/// The agent `id` (a valid id, registered: 400 or 404 otherwise).
+async fn registered_agent(st: &State, id: &str) -> Result<Agent, Problem> {
+    validate_id("agent_id", id)?;
+    st.agents
+        .get(id)
+        .await?
+        .map(|(a, _)| a)
+        .ok_or_else(|| Problem::not_found(format!("no agent `{id}`")))
 }
 
 /// The scopes of an agent that may get a token: not revoked.

@@ -23,7 +23,7 @@ use tether_bus::kv::Bucket;
 use tether_bus::{Encoding, Problem, PublicRequest};
 use tether_proto::{IssueWorkerTokenRequest, IssuedToken, WorkerDeployment};
 
-use crate::{State, sign, usable, validate_id};
+use crate::{State, registered_agent, sign, usable, validate_id};
 
 pub(crate) async fn issue_worker(
     st: Arc<State>,
@@ -31,12 +31,7 @@ pub(crate) async fn issue_worker(
 ) -> Result<IssuedToken, Problem> {
     let b = &req.body;
     validate_id("worker", &b.worker)?;
-    validate_id("agent_id", &b.agent_id)?;
-    let (agent, _) = st
-        .agents
-        .get(&b.agent_id)
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("no agent `{}`", b.agent_id)))?;
+    let agent = registered_agent(&st, &b.agent_id).await?;
     let registered = usable(&agent)?;
     // `allows` would let an operator agent through: the mark itself is required.
     if !registered.iter().any(|s| *s == Scope::WorkersHosted) {
