@@ -140,6 +140,27 @@ mod tests {
     }
 
     #[test]
+    fn a_renewal_by_symlink_swap_is_followed() {
+        // How the orchestrator renews a replica's token (container-orchestrator
+        // `docker::files`): two files and a link to the current one, gone for an instant.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let link = dir.path().join("token");
+        std::fs::write(dir.path().join("token.a"), "first-token").expect("write");
+        std::os::unix::fs::symlink("token.a", &link).expect("link");
+        let t = TokenSource::file(&link);
+        assert_eq!(t.current().as_deref(), Ok("first-token"));
+        std::fs::write(dir.path().join("token.b"), "second-token").expect("write");
+        std::fs::remove_file(&link).expect("unlink");
+        assert_eq!(
+            t.current().as_deref(),
+            Ok("first-token"),
+            "the last token read"
+        );
+        std::os::unix::fs::symlink("token.b", &link).expect("link");
+        assert_eq!(t.current().as_deref(), Ok("second-token"));
+    }
+
+    #[test]
     fn missing_or_empty_is_an_error_that_does_not_quote() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("token");

@@ -91,6 +91,10 @@ pub enum Scope {
     A2aCall,
     /// Serve A2A work as the token's agent (a worker).
     A2aServe,
+    /// The agent may be run by the orchestrator as a worker deployment: the orchestrator may
+    /// obtain its tokens (`tokens.worker`) while a deployment names it. Grants nothing on
+    /// the bus by itself, and is left out of the tokens the orchestrator obtains.
+    WorkersHosted,
 }
 
 impl Scope {
@@ -109,6 +113,7 @@ impl Scope {
         Scope::EventsRead,
         Scope::A2aCall,
         Scope::A2aServe,
+        Scope::WorkersHosted,
     ];
 
     /// What an agent registered without scopes gets (`tether agent register` with no
@@ -143,6 +148,7 @@ impl Scope {
             Scope::EventsRead => "events:read",
             Scope::A2aCall => "a2a:call",
             Scope::A2aServe => "a2a:serve",
+            Scope::WorkersHosted => "workers:hosted",
         }
     }
 }
@@ -206,6 +212,11 @@ impl ScopeSet {
     }
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+    /// The set without `s`.
+    pub fn without(mut self, s: Scope) -> ScopeSet {
+        self.0.remove(&s);
+        self
     }
 }
 

@@ -4,6 +4,7 @@
 //! - [`ps`]: live nodes and endpoints from the micro protocol.
 //! - [`up`]: bring a fleet up from a launch file (`deploy/bringup.toml`), supervise, tear down.
 //! - [`identity`]: signing keys, offline operator tokens, agents and tokens through the node.
+//! - [`workers`]: worker deployments (`tether workers deploy|ls|scale|rm`).
 //!
 //! Exit codes: 0 ok, 1 the service answered with an error, 2 usage, 3 nothing answered
 //! (no responders or timed out), 64 bad launch file or configuration.
@@ -15,6 +16,7 @@ pub mod identity;
 pub mod ping;
 pub mod ps;
 pub mod up;
+pub mod workers;
 
 /// Exit code: the service answered with an error.
 pub const EXIT_SERVICE_ERROR: i32 = 1;

@@ -78,6 +78,51 @@ enum Cmd {
         #[command(subcommand)]
         cmd: A2aCmd,
     },
+    /// Worker deployments, through the orchestrators (operator token from --token or
+    /// TETHER_TOKEN, else one signed here from the signing key).
+    Workers {
+        #[command(subcommand)]
+        cmd: WorkersCmd,
+    },
+}
+
+#[derive(Args)]
+struct DeployArgs {
+    #[command(flatten)]
+    spec: tether_cli::workers::Deploy,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    auth: TokenArg,
+}
+
+#[derive(Subcommand)]
+enum WorkersCmd {
+    /// Create a deployment, or change it (the same spec again changes nothing; a changed one
+    /// rolls the replicas one at a time).
+    Deploy(Box<DeployArgs>),
+    /// Every deployment, with its running replicas on the hosts that answered.
+    Ls {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        auth: TokenArg,
+    },
+    /// Set a deployment's replicas (within its min and max).
+    Scale {
+        name: String,
+        replicas: u32,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        auth: TokenArg,
+    },
+    /// Remove a deployment: every host removes its replicas.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        auth: TokenArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -330,6 +375,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 print!("{}", tether_cli::a2a::render(&agents));
             }
         }
+        Cmd::Workers { cmd } => workers(server, cmd).await?,
         Cmd::Up { launch } => {
             up::up(
                 up::UpArgs {
@@ -472,6 +518,48 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             };
             println!("{out}");
         }
+    }
+    Ok(())
+}
+
+/// How a `tether workers` answer is printed (unless `--json`).
+enum Show {
+    Status,
+    Table,
+    Removed(String),
+}
+
+async fn workers(server: &tether_bus::BusConfig, cmd: WorkersCmd) -> Result<(), CliError> {
+    use serde_json::json;
+    use tether_cli::workers as w;
+    let (subject, body, auth, json, show) = match cmd {
+        WorkersCmd::Deploy(d) => {
+            let body = d.spec.body().map_err(|e| CliError::new(2, e))?;
+            ("workers.deploy", body, d.auth, d.json, Show::Status)
+        }
+        WorkersCmd::Ls { json, auth } => ("workers.list", json!({}), auth, json, Show::Table),
+        WorkersCmd::Scale {
+            name,
+            replicas,
+            json,
+            auth,
+        } => {
+            let body = json!({"name": name, "replicas": replicas});
+            ("workers.scale", body, auth, json, Show::Status)
+        }
+        WorkersCmd::Rm { name, auth } => {
+            let body = json!({"name": name});
+            ("workers.remove", body, auth, false, Show::Removed(name))
+        }
+    };
+    let token = token_or_operator(auth.token, server);
+    let out = request(server, subject, body, token).await?;
+    let bad_answer = |e: String| CliError::new(1, e);
+    match show {
+        _ if json => println!("{out}"),
+        Show::Status => println!("{}", w::summary(&out).map_err(bad_answer)?),
+        Show::Table => print!("{}", w::render(&out).map_err(bad_answer)?),
+        Show::Removed(name) => println!("{name} removed"),
     }
     Ok(())
 }

@@ -1,39 +1,11 @@
 //! `tether a2a ls` and `tether call` on A2A subjects, against a fleet with the A2A gateway: the
 //! CLI connects with the caller's own token and sends `A2A-Version: 1.0` itself.
 
-use std::process::{Command, Output};
+mod common;
 
+use common::{tether, text};
 use serde_json::json;
 use tether_testkit::{Fleet, NodeKind};
-
-/// Runs `tether` off the test's runtime (the fleet's auth callout must answer its connect).
-async fn tether(args: &[&str], token: &str) -> Output {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let token = token.to_string();
-    tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
-        cmd.args(&args);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("TETHER_") || k == "NATS_URL" {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("TETHER_TOKEN", &token)
-            .env("TETHER_SIGNING_KEY_FILE", "/nonexistent/key.pem")
-            .output()
-            .expect("tether runs")
-    })
-    .await
-    .expect("join")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a2a_ls_lists_agents_with_live_workers_and_call_reaches_a2a() {

@@ -120,6 +120,14 @@ pub struct OrchestratorConfig {
     pub tool_max_timeout_seconds: i32,
     /// KV bucket of sessions (expiry, closed), read by every orchestrator's janitor.
     pub sessions_bucket: String,
+
+    /// KV bucket of worker deployments (`crate::workers`), shared by every orchestrator.
+    pub workers_bucket: String,
+    /// The most replicas (and `max_replicas`) a worker deployment may ask for.
+    pub max_worker_replicas: u32,
+    /// Lifetime asked for each worker replica's token (`tokens.worker`; the permission node
+    /// caps it); renewed at two thirds of it (`crate::workers::credentials`).
+    pub worker_token_ttl_seconds: u32,
 }
 
 /// Seconds a tool container outlives its deadline before the janitor may remove it (the
@@ -179,6 +187,9 @@ impl Default for OrchestratorConfig {
             tool_default_timeout_seconds: 300,
             tool_max_timeout_seconds: 3600,
             sessions_bucket: "tether_sessions".into(),
+            workers_bucket: "tether_workers".into(),
+            max_worker_replicas: 64,
+            worker_token_ttl_seconds: 900,
         }
     }
 }
@@ -255,6 +266,7 @@ impl OrchestratorConfig {
             &self.tool_results_bucket,
             &self.tool_jobs_stream,
             &self.sessions_bucket,
+            &self.workers_bucket,
         ] {
             if !tether_bus::subject::is_valid_token(b) {
                 return Err(InvalidConfig(format!(
@@ -282,6 +294,12 @@ impl OrchestratorConfig {
         }
         if self.max_sessions_per_space == 0 {
             return bad("max_sessions_per_space must be at least 1");
+        }
+        if self.max_worker_replicas == 0 || self.max_worker_replicas > 1000 {
+            return bad("max_worker_replicas must be between 1 and 1000");
+        }
+        if self.worker_token_ttl_seconds < 6 {
+            return bad("worker_token_ttl_seconds must be at least 6");
         }
         for n in &self.allowed_networks {
             if n.is_empty()

@@ -31,6 +31,8 @@ use crate::labels::{
 };
 use crate::spec::ContainerSpec;
 
+pub mod files;
+
 const MIB: i64 = 1024 * 1024;
 
 /// Why an engine call failed.
@@ -463,7 +465,7 @@ pub fn create_body(spec: &ContainerSpec, cfg: &OrchestratorConfig) -> ContainerC
             )
         })
         .collect();
-    let mounts: Vec<Mount> = spec
+    let mut mounts: Vec<Mount> = spec
         .mounts
         .iter()
         .map(|m| Mount {
@@ -474,6 +476,7 @@ pub fn create_body(spec: &ContainerSpec, cfg: &OrchestratorConfig) -> ContainerC
             ..Default::default()
         })
         .collect();
+    mounts.extend(spec.secret_dir.as_deref().map(files::secret_dir_mount));
     let host = HostConfig {
         memory: Some(memory),
         // Equal to memory: no swap on top.

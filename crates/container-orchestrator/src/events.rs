@@ -6,7 +6,7 @@
 //! than from our own requests, so changes made behind the node's back (a `docker rm -f`, a
 //! process dying) are published too; and the same events keep the node's state honest: a
 //! destroyed space container is unbound at once, an OOM kill is counted for the exec that
-//! caused it. After a broken stream the node reconnects with `since`, skipping events it saw.
+//! caused it, a worker replica that exited or vanished wakes the worker reconciler. After a broken stream the node reconnects with `since`, skipping events it saw.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -156,6 +156,7 @@ async fn handle(o: &Orchestrator, ctx: &Ctx, ev: EventMessage) {
     let kind = get(LABEL_KIND);
     match action {
         "oom" => o.note_oom(&id),
+        "exited" | "removed" if kind == "worker" => o.workers_poke.notify_one(),
         "removed" if kind == "space" && !space.is_empty() => {
             match o.spaces.unbind_if(&space, &o.host_id, &id).await {
                 Ok(true) => {

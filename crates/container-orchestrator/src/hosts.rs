@@ -286,6 +286,12 @@ impl Hosts {
     /// The host a new space of `image` goes to (this one has it when `here_has_image`);
     /// `None` when no live host has it.
     pub fn place(&self, image: &str, here_has_image: bool) -> Option<String> {
+        self.candidates(image, here_has_image).into_iter().next()
+    }
+
+    /// Every live host that has `image` (this one when `here_has_image`), in placement order:
+    /// the host [`Hosts::place`] picks first.
+    pub fn candidates(&self, image: &str, here_has_image: bool) -> Vec<String> {
         let now = Instant::now();
         let own = lock(&self.own).clone();
         let t = lock(&self.table);
@@ -294,7 +300,13 @@ impl Hosts {
             .filter(|s| liveness(s, now, self.dead_after) == Liveness::Live)
             .map(|s| &s.record)
             .filter(|r| has_image(&r.images, image));
-        choose(here_has_image.then_some(&own).into_iter().chain(others)).map(|r| r.host_id.clone())
+        let mut hosts: Vec<&HostRecord> = here_has_image
+            .then_some(&own)
+            .into_iter()
+            .chain(others)
+            .collect();
+        hosts.sort_by(|a, b| placement_order(a, b));
+        hosts.into_iter().map(|r| r.host_id.clone()).collect()
     }
 
     /// Every host with a record: this one first, then the others by id.
@@ -320,12 +332,15 @@ impl Hosts {
 /// The host placement picks among `hosts`: the most free memory, then the fewest running
 /// containers, then the lowest host id.
 pub fn choose<'a>(hosts: impl IntoIterator<Item = &'a HostRecord>) -> Option<&'a HostRecord> {
-    hosts.into_iter().min_by(|a, b| {
-        b.free_memory_mb
-            .cmp(&a.free_memory_mb)
-            .then(a.containers.cmp(&b.containers))
-            .then(a.host_id.cmp(&b.host_id))
-    })
+    hosts.into_iter().min_by(|a, b| placement_order(a, b))
+}
+
+/// The order of [`choose`]: the host it picks compares first.
+fn placement_order(a: &HostRecord, b: &HostRecord) -> std::cmp::Ordering {
+    b.free_memory_mb
+        .cmp(&a.free_memory_mb)
+        .then(a.containers.cmp(&b.containers))
+        .then(a.host_id.cmp(&b.host_id))
 }
 
 /// An image reference as the engine lists it: Docker Hub's implicit names dropped, `:latest`

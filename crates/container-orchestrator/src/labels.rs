@@ -25,6 +25,12 @@ pub const LABEL_RELIC_ID: &str = "tether.relic_id";
 pub const LABEL_HEALTH_PORT: &str = "tether.health_port";
 pub const LABEL_HEALTH_ENDPOINT: &str = "tether.health_endpoint";
 
+// Worker replicas (`tether.kind=worker`).
+pub const LABEL_WORKER: &str = "tether.worker";
+pub const LABEL_REPLICA: &str = "tether.replica";
+pub const LABEL_GENERATION: &str = "tether.generation";
+pub const LABEL_DEPLOYMENT: &str = "tether.deployment";
+
 /// `tether.kind` of a session's network.
 pub const KIND_SESSION_NETWORK: &str = "session-network";
 

@@ -23,6 +23,9 @@
 //! - [`relics`]: session service containers (`relics.*`) with health checks.
 //! - [`sessions`]: session networks, `sessions.cleanup`, this host's part of sessions that
 //!   are over.
+//! - [`workers`]: worker deployments (`workers.*`): desired state in KV (`tether_workers`),
+//!   each host's replicas reconciled against it, each replica's token written into it and
+//!   renewed.
 //!
 //! The one design decision to know: the engine's labels are the truth. Which space a
 //! container belongs to is its `tether.space` label (set only by this node, never from a
@@ -45,6 +48,7 @@ pub mod space;
 pub mod spec;
 pub mod state;
 pub mod tools;
+pub mod workers;
 
 #[cfg(test)]
 mod testing;
@@ -102,6 +106,7 @@ pub async fn build(
         reply_budget,
     ));
     let t = Arc::new(state::Shared::open(o.clone(), bus, &js).await?);
+    let w = Arc::new(workers::Workers::open(o.clone(), &js).await?);
     let node = Node::new(NAME, env!("CARGO_PKG_VERSION"))
         .description("agent spaces, tool runs and relics on one Docker host")
         .metadata("host_id", host_id);
@@ -111,6 +116,8 @@ pub async fn build(
     let node = node::endpoints(node, &o);
     let node = tools::endpoints(node, &t);
     let node = relics::endpoints(node, &t);
+    let node = workers::endpoints(node, &w);
+    let (w2, w3) = (w.clone(), w.clone());
     Ok(sessions::endpoints(node, &t)
         .task("engine-events", move |ctx| events::follow(o1, ctx))
         .task("janitor", move |ctx| reconcile::janitor(o2, ctx))
@@ -119,7 +126,14 @@ pub async fn build(
         })
         .task("tool-workers", move |ctx| tools::workers(t1, ctx))
         .task("tool-cancels", move |ctx| tools::cancel_listener(t2, ctx))
-        .task("tool-janitor", move |ctx| tools::janitor(t3, ctx)))
+        .task("tool-janitor", move |ctx| tools::janitor(t3, ctx))
+        .task("worker-reconciler", move |ctx| {
+            workers::reconcile::run(w, ctx)
+        })
+        .task("worker-watch", move |ctx| workers::watch(w2, ctx))
+        .task("worker-credentials", move |ctx| {
+            workers::credentials::run(w3, ctx)
+        }))
 }
 
 /// Connects, builds and serves until `shutdown`, then drains.

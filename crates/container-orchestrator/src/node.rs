@@ -110,7 +110,11 @@ async fn resolve(
     }
     if !container.is_empty() {
         let meta = o.engine.managed(container).await?;
-        if caller.space_for(&meta.space).is_err() {
+        // A container in no space (a worker replica) is an operator's alone: an empty space
+        // would otherwise read as the caller's own.
+        if caller.space_for(&meta.space).is_err()
+            || (meta.space.is_empty() && !caller.is_operator())
+        {
             return Err(Problem::forbidden(format!(
                 "container `{container}` belongs to another space; agent `{}` may act only in `{}`",
                 caller.agent_id, caller.space

@@ -9,8 +9,11 @@
 //!
 //! A host whose heartbeat stopped ([`crate::hosts`]) is not asked at all: the request is
 //! answered 503 naming it at once (a `Prefer` or `Also` answer stands on this host's part).
-//! A forward that fails maps one way: no responders (host down) → 503, timeout → 504, any
-//! other failure to reach it → 503; a problem the other host answered is passed on as it is.
+//! A handler may also answer its host's part and name several other hosts whose parts are
+//! merged in ([`Routed::AlsoEach`]: the replicas of a worker deployment), each asked in turn;
+//! a host that does not answer leaves its part out. A forward that fails maps one way: no
+//! responders (host down) → 503, timeout → 504, any other failure to reach it → 503; a problem
+//! the other host answered is passed on as it is.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -64,6 +67,9 @@ pub enum Routed<R> {
     /// This host's part; the other host's part is merged in by the function when the request
     /// came on the shared subject and that host answers.
     Also(Elsewhere, R, fn(R, R) -> R),
+    /// [`Routed::Also`] with several other hosts: each one's part is merged in, in order, when
+    /// it answers.
+    AlsoEach(Vec<Elsewhere>, R, fn(R, R) -> R),
 }
 
 /// Which of its two subjects a request came on.
@@ -220,7 +226,18 @@ where
                 r
             }
         },
-        (Routed::Prefer(_, r) | Routed::Also(_, r, _), Via::Host) => r,
+        (Routed::AlsoEach(others, mut r, merge), Via::Shared) => {
+            for e in &others {
+                match hop.forward(e).await {
+                    Ok(theirs) => r = merge(r, theirs),
+                    Err(p) => {
+                        tracing::debug!(host = %e.host, path, error = %p, "host did not answer its part")
+                    }
+                }
+            }
+            r
+        }
+        (Routed::Prefer(_, r) | Routed::Also(_, r, _) | Routed::AlsoEach(_, r, _), Via::Host) => r,
     };
     let body = enc.encode(&out)?;
     Ok(match enc {

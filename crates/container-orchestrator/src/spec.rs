@@ -40,6 +40,9 @@ pub enum Kind {
     Space,
     Tool,
     Relic,
+    /// A replica of a worker deployment (`workers.*`): made only by the worker
+    /// reconciler, never by `containers.create`; in no space, and never expires.
+    Worker,
 }
 
 impl Kind {
@@ -48,8 +51,9 @@ impl Kind {
             "" | "space" => Ok(Kind::Space),
             "tool" => Ok(Kind::Tool),
             "relic" => Ok(Kind::Relic),
+            "worker" => Ok(Kind::Worker),
             other => Err(Problem::bad_request(format!(
-                "`kind` must be space, tool or relic (got {other:?})"
+                "`kind` must be space, tool, relic or worker (got {other:?})"
             ))),
         }
     }
@@ -58,6 +62,7 @@ impl Kind {
             Kind::Space => "space",
             Kind::Tool => "tool",
             Kind::Relic => "relic",
+            Kind::Worker => "worker",
         }
     }
 }
@@ -117,6 +122,10 @@ pub struct ContainerSpec {
     /// Paths mounted as tmpfs (writable on a read-only root).
     pub writable_paths: Vec<String>,
     pub mounts: Vec<BindMount>,
+    /// A directory on a tmpfs volume of the engine's (anonymous: removed with the container)
+    /// that the orchestrator writes through the engine's archive API: a worker replica's token
+    /// (the engine module's `files`). `None` for every other container.
+    pub secret_dir: Option<String>,
     pub start: bool,
 }
 
@@ -397,7 +406,7 @@ fn validate_network(mode: &str, kind: Kind, policy: &Policy) -> Result<String, P
     let cfg = &policy.cfg;
     let mode = if mode.is_empty() {
         match kind {
-            Kind::Space => cfg.space_network_mode.clone(),
+            Kind::Space | Kind::Worker => cfg.space_network_mode.clone(),
             Kind::Tool | Kind::Relic => cfg.tool_network_mode.clone(),
         }
     } else {
@@ -479,7 +488,9 @@ fn validate_labels(labels: &HashMap<String, String>) -> Result<(), Problem> {
     Ok(())
 }
 
-/// Validates a create request for `space` (already authorized) made by `agent_id`.
+/// Validates a create request for `space` (already authorized) made by `agent_id`. A worker
+/// replica (kind `worker`, built by the worker reconciler) has no space (`space` empty): it
+/// gets no space, session or expiry label and no `TETHER_SPACE`/`TETHER_SESSION`.
 pub fn validate_create(
     req: &CreateContainerRequest,
     space: &str,
@@ -496,7 +507,9 @@ pub fn validate_create(
             req.image
         )));
     }
-    if !tether_bus::subject::is_valid_token(space) {
+    let kind = Kind::parse(&req.kind)?;
+    let spaceless = kind == Kind::Worker && space.is_empty();
+    if !spaceless && !tether_bus::subject::is_valid_token(space) {
         return Err(bad(format!(
             "`space` {space:?} must be 1-128 characters of A-Z a-z 0-9 - _"
         )));
@@ -507,7 +520,6 @@ pub fn validate_create(
             req.session_id
         )));
     }
-    let kind = Kind::parse(&req.kind)?;
     let name = if req.name.is_empty() {
         let short = uuid::Uuid::new_v4().simple().to_string();
         let mut n = format!("tether-{}-{space}", kind.as_str());
@@ -580,19 +592,23 @@ pub fn validate_create(
         extra_hosts.push("host.docker.internal:host-gateway".into());
     }
     env.push(format!("TETHER_NATS_URL={nats_url}"));
-    env.push(format!("TETHER_SPACE={space}"));
-    env.push(format!("TETHER_SESSION={}", req.session_id));
+    if !spaceless {
+        env.push(format!("TETHER_SPACE={space}"));
+        env.push(format!("TETHER_SESSION={}", req.session_id));
+    }
 
     let expires_at = now + chrono::Duration::seconds(i64::from(ttl_seconds));
     let mut labels = req.labels.clone();
     labels.insert(LABEL_MANAGED.into(), "true".into());
-    labels.insert(LABEL_SPACE.into(), space.into());
-    labels.insert(LABEL_SESSION.into(), req.session_id.clone());
     labels.insert(LABEL_KIND.into(), kind.as_str().into());
-    labels.insert(
-        LABEL_EXPIRES.into(),
-        expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-    );
+    if !spaceless {
+        labels.insert(LABEL_SPACE.into(), space.into());
+        labels.insert(LABEL_SESSION.into(), req.session_id.clone());
+        labels.insert(
+            LABEL_EXPIRES.into(),
+            expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        );
+    }
     labels.insert(LABEL_HOST.into(), policy.host_id.clone());
     labels.insert(LABEL_CREATED_BY.into(), agent_id.into());
 
@@ -616,6 +632,7 @@ pub fn validate_create(
         read_only_root,
         writable_paths,
         mounts,
+        secret_dir: None,
         start: !req.create_only,
     })
 }

@@ -45,6 +45,9 @@ pub struct Orchestrator {
     traces: Mutex<HashMap<String, String>>,
     /// Containers whose exec processes must be reaped at a time (unix seconds).
     reap_at: Mutex<HashMap<String, i64>>,
+    /// Wakes the worker reconciler (worker deployments): a deployment changed, or a replica
+    /// exited or vanished.
+    pub workers_poke: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -71,6 +74,7 @@ impl Orchestrator {
             oom: Mutex::default(),
             traces: Mutex::default(),
             reap_at: Mutex::default(),
+            workers_poke: tokio::sync::Notify::new(),
         }
     }
 

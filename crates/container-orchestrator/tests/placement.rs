@@ -34,20 +34,6 @@ fn host_label_of(container_id: &str) -> String {
     ])
 }
 
-/// Waits until the orchestrator of `asked` counts `host` live (or not).
-async fn wait_live(f: &Fleet, asked: &str, host: &str, live: bool) {
-    let subject = format!("hosts.{asked}.hosts.list");
-    eventually(Duration::from_secs(15), "host list", || async {
-        let l = f.call(&subject, json!({}), Some(&f.op)).await.ok()?;
-        l["hosts"]
-            .as_array()?
-            .iter()
-            .any(|h| h["record"]["host_id"] == host && h["live"] == live)
-            .then_some(())
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn spaces_go_to_the_freer_host_and_wait_for_it_when_it_is_gone() {
     // Host A (in-process) offers 1 GiB to tether containers, host B (a process) 64 GiB.

@@ -113,10 +113,13 @@ impl NodeKind {
     }
 
     /// Subjects it sends requests to besides its own families: the shell server asks the
-    /// orchestrator (on the host that holds the space, when it knows it) to exec.
+    /// orchestrator (on the host that holds the space, when it knows it) to exec; the
+    /// orchestrator asks the permission node for its worker replicas' tokens (`tokens.worker`:
+    /// no other identity but an operator may publish it).
     fn calls(self) -> &'static [&'static str] {
         match self {
             NodeKind::Shell => &["containers.>", "hosts.*.containers.>"],
+            NodeKind::Orchestrator => &["tokens.worker"],
             _ => &[],
         }
     }
@@ -131,6 +134,7 @@ impl NodeKind {
                 "tether_tool_results",
                 "tether_tool_results_done",
                 "tether_sessions",
+                "tether_workers",
             ],
             NodeKind::Shell => &["tether_shell_sessions"],
             NodeKind::Model => &[],
@@ -139,10 +143,12 @@ impl NodeKind {
     }
 
     /// KV buckets it only reads: every verifier follows the keys and revocations; the shell
-    /// server routes by the orchestrator's space bindings.
+    /// server routes by the orchestrator's space bindings; the permission node checks the
+    /// orchestrator's worker deployments before it issues a replica's token.
     fn reads_buckets(self) -> &'static [&'static str] {
         match self {
-            NodeKind::Permission => &[],
+            // The worker deployments that `tokens.worker` checks.
+            NodeKind::Permission => &["tether_workers"],
             NodeKind::Shell => &["tether_keys", "tether_revoked", "tether_spaces"],
             _ => &["tether_keys", "tether_revoked"],
         }
@@ -312,6 +318,8 @@ fn scope_subjects(s: Scope) -> &'static [&'static str] {
         ],
         // Its own agent's work only: see `for_claims`.
         Scope::A2aServe => &[],
+        // A mark on the agent's record for `tokens.worker`, no subject.
+        Scope::WorkersHosted => &[],
     }
 }
 
@@ -487,7 +495,12 @@ mod tests {
         );
         // Every orchestrator writes its own host record and reads the others'.
         let orch = NodeKind::Orchestrator.permissions(None);
-        for s in ["$KV.tether_hosts.>", "$JS.API.*.*.KV_tether_hosts.>"] {
+        for s in [
+            "$KV.tether_hosts.>",
+            "$JS.API.*.*.KV_tether_hosts.>",
+            "$KV.tether_workers.>",
+            "$JS.API.*.*.KV_tether_workers.>",
+        ] {
             assert!(orch.publish.allow.contains(&s.to_string()), "{s}");
         }
         assert!(
@@ -496,6 +509,46 @@ mod tests {
                 .allow
                 .iter()
                 .any(|s| s.contains("tether_hosts"))
+        );
+    }
+
+    #[test]
+    fn only_the_orchestrator_asks_for_worker_tokens() {
+        let orch = NodeKind::Orchestrator.permissions(None);
+        assert!(orch.publish.allow.contains(&"tokens.worker".to_string()));
+        for kind in [NodeKind::Shell, NodeKind::Model, NodeKind::A2a] {
+            let p = kind.permissions(None);
+            assert!(
+                !p.publish.allow.iter().any(|s| s.starts_with("tokens.")),
+                "{kind:?}"
+            );
+        }
+        // No agent scope reaches it, whatever it holds short of operator.
+        let all: Vec<Scope> = Scope::ALL
+            .iter()
+            .copied()
+            .filter(|s| *s != Scope::Operator)
+            .collect();
+        let p = for_claims(&claims(&all), None);
+        assert!(
+            !p.publish
+                .allow
+                .iter()
+                .any(|s| s == "tokens.worker" || s == "tokens.>" || s == ">")
+        );
+        // The permission node reads the deployments, never writes them.
+        let perm = NodeKind::Permission.permissions(None);
+        assert!(
+            perm.publish
+                .allow
+                .contains(&"$JS.API.DIRECT.GET.KV_tether_workers.>".to_string())
+        );
+        assert!(
+            !perm
+                .publish
+                .allow
+                .iter()
+                .any(|s| s == "$KV.tether_workers.>")
         );
     }
 }

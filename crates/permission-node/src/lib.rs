@@ -18,12 +18,14 @@
 //! - `agents.revoke` needs `agents:admin`.
 //! - `tokens.issue`: an agent may refresh its own token; `tokens:issue` may issue for agents
 //!   of the caller's own space; operator for anyone. Scopes are a subset of the agent's.
+//! - `tokens.worker` (a worker replica's token, for the orchestrator): see [`worker_tokens`].
 //! - `auth.keys` is public: public keys are not secrets.
 
 pub mod access;
 pub mod callout;
 pub mod nats_jwt;
 pub mod server_conf;
+pub mod worker_tokens;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -60,6 +62,8 @@ pub struct PermissionConfig {
     /// Longest lifetime a token can get; longer requests are capped.
     pub max_token_ttl_seconds: u64,
     pub agents_bucket: String,
+    /// The orchestrators' worker deployments (read to check `tokens.worker`).
+    pub workers_bucket: String,
     /// Replicas of the KV buckets (3 on a JetStream cluster).
     pub kv_replicas: usize,
     /// The bus's auth callout (`[callout]`): off unless its key files are set.
@@ -74,6 +78,7 @@ impl Default for PermissionConfig {
             default_token_ttl_seconds: 900,
             max_token_ttl_seconds: 3600,
             agents_bucket: "tether_agents".into(),
+            workers_bucket: "tether_workers".into(),
             kv_replicas: 1,
             callout: callout::CalloutConfig::default(),
         }
@@ -139,6 +144,7 @@ struct State {
     agents: Bucket<Agent>,
     keys: kv::Store,
     revoked: kv::Store,
+    js: async_nats::jetstream::Context,
 }
 
 /// Builds the node: opens the buckets, publishes the public key, retires older keys.
@@ -179,9 +185,11 @@ pub async fn build(
         agents,
         keys,
         revoked,
+        js: js.clone(),
     });
     let s = |st: &Arc<State>| st.clone();
     let (s1, s2, s3, s4, s5, s6) = (s(&st), s(&st), s(&st), s(&st), s(&st), s(&st));
+    let s7 = s(&st);
     Ok(Node::new(NAME, env!("CARGO_PKG_VERSION"))
         .description("agents, spaces and signed tokens")
         .metadata("kid", st.key.kid())
@@ -198,6 +206,10 @@ pub async fn build(
                 .scope(Scope::AgentsAdmin),
         )
         .endpoint(Endpoint::new("tokens.issue", move |r| issue(s5.clone(), r)))
+        // Public at the token level: the bus lets only the orchestrator publish it.
+        .endpoint(Endpoint::public("tokens.worker", move |r| {
+            worker_tokens::issue_worker(s7.clone(), r)
+        }))
         .endpoint(Endpoint::public("auth.keys", move |r| {
             public_keys(s6.clone(), r)
         })))
@@ -362,12 +374,7 @@ async fn revoke(st: Arc<State>, req: Request<RevokeRequest>) -> Result<RevokeRes
             "name either `agent_id` or `jti`, not both",
         )),
         (false, true) => {
-            validate_id("agent_id", &b.agent_id)?;
-            let (agent, _) = st
-                .agents
-                .get(&b.agent_id)
-                .await?
-                .ok_or_else(|| Problem::not_found(format!("no agent `{}`", b.agent_id)))?;
+            let agent = registered_agent(&st, &b.agent_id).await?;
             req.caller.space_for(&agent.space)?;
             // The revocation first: from here on its tokens are refused, whatever follows.
             st.revoked
@@ -418,12 +425,7 @@ async fn revoke(st: Arc<State>, req: Request<RevokeRequest>) -> Result<RevokeRes
 async fn issue(st: Arc<State>, req: Request<IssueTokenRequest>) -> Result<IssuedToken, Problem> {
     let caller = &req.caller;
     let b = &req.body;
-    validate_id("agent_id", &b.agent_id)?;
-    let (agent, _) = st
-        .agents
-        .get(&b.agent_id)
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("no agent `{}`", b.agent_id)))?;
+    let agent = registered_agent(&st, &b.agent_id).await?;
     let allowed = caller.is_operator()
         || caller.agent_id == agent.agent_id
         || (caller.scopes.allows(Scope::TokensIssue) && caller.space == agent.space);
@@ -433,14 +435,7 @@ async fn issue(st: Arc<State>, req: Request<IssueTokenRequest>) -> Result<Issued
             agent.agent_id
         )));
     }
-    if agent.revoked {
-        return Err(Problem::forbidden(format!(
-            "agent `{}` is revoked",
-            agent.agent_id
-        )));
-    }
-    let registered =
-        ScopeSet::parse(&agent.scopes).map_err(|e| Problem::internal(e.to_string()))?;
+    let registered = usable(&agent)?;
     let scopes = if b.scopes.is_empty() {
         registered
     } else {
@@ -452,8 +447,41 @@ async fn issue(st: Arc<State>, req: Request<IssueTokenRequest>) -> Result<Issued
         }
         asked
     };
-    // Never longer than the maximum, whether asked for or defaulted.
-    let ttl = match u64::from(b.ttl_seconds) {
+    let issued = sign(&st, &agent, scopes, b.ttl_seconds)?;
+    tracing::info!(agent = %agent.agent_id, jti = %issued.jti, by = %caller.agent_id, "token issued");
+    Ok(issued)
+}
+
+/// The agent `id` (a valid id, registered: 400 or 404 otherwise).
+async fn registered_agent(st: &State, id: &str) -> Result<Agent, Problem> {
+    validate_id("agent_id", id)?;
+    st.agents
+        .get(id)
+        .await?
+        .map(|(a, _)| a)
+        .ok_or_else(|| Problem::not_found(format!("no agent `{id}`")))
+}
+
+/// The scopes of an agent that may get a token: not revoked.
+fn usable(agent: &Agent) -> Result<ScopeSet, Problem> {
+    if agent.revoked {
+        return Err(Problem::forbidden(format!(
+            "agent `{}` is revoked",
+            agent.agent_id
+        )));
+    }
+    ScopeSet::parse(&agent.scopes).map_err(|e| Problem::internal(e.to_string()))
+}
+
+/// A token of `agent` with `scopes`, for `ttl_seconds` (0: the default), never longer than
+/// the maximum.
+fn sign(
+    st: &State,
+    agent: &Agent,
+    scopes: ScopeSet,
+    ttl_seconds: u32,
+) -> Result<IssuedToken, Problem> {
+    let ttl = match u64::from(ttl_seconds) {
         0 => st.cfg.default_token_ttl_seconds,
         t => t,
     }
@@ -471,11 +499,10 @@ async fn issue(st: Arc<State>, req: Request<IssueTokenRequest>) -> Result<Issued
         .key
         .sign(&claims)
         .map_err(|e| Problem::internal(format!("cannot sign: {e}")))?;
-    tracing::info!(agent = %agent.agent_id, jti = %claims.jti, ttl, by = %caller.agent_id, "token issued");
     Ok(IssuedToken {
         token,
-        agent_id: agent.agent_id,
-        space: agent.space,
+        agent_id: agent.agent_id.clone(),
+        space: agent.space.clone(),
         scopes: claims.scopes.to_strings(),
         jti: claims.jti,
         expires_at: claims.exp,

@@ -27,6 +27,7 @@ const BUCKETS: &[&str] = &[
     "tether_revoked",
     "tether_spaces",
     "tether_hosts",
+    "tether_workers",
     "tether_sessions",
     "tether_tool_results",
     "tether_shell_sessions",

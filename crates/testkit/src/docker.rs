@@ -115,7 +115,61 @@ pub fn build_busybox_image(tag: &str) -> anyhow::Result<()> {
     )?;
     std::fs::write(root.join("etc/group"), "root:x:0:\nnobody:x:65534:\n")?;
     write_dockerfile(ctx.path())?;
-    let ctx_arg = ctx.path().display().to_string();
+    build(tag, ctx.path())?;
+    Ok(())
+}
+
+/// Builds `tag`: `FROM scratch` with the dynamically linked `binary` (a workspace binary, e.g.
+/// from [`crate::cargo_bin`]) as its entrypoint, plus the shared libraries `ldd` names for it
+/// at the same paths (the loader included), an empty `/tmp` (1777) and `/etc/passwd`. Built
+/// every time (the engine's layer cache makes an unchanged one cheap). Returns the tag.
+pub fn build_binary_image(tag: &str, binary: &Path) -> anyhow::Result<String> {
+    let ctx = tempfile::Builder::new()
+        .prefix("tether-bin-ctx-")
+        .tempdir()
+        .context("create build context dir")?;
+    let root = ctx.path().join("root");
+    for d in ["tmp", "etc", "bin"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/:/bin/false\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )?;
+    let name = binary
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{} has no file name", binary.display()))?;
+    std::fs::copy(binary, root.join("bin").join(name))
+        .with_context(|| format!("copy {}", binary.display()))?;
+    let ldd = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("run `ldd` (install libc-bin)")?;
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let dest = root.join(lib.trim_start_matches('/'));
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // Follows symlinks: the library itself under the name the binary asks for.
+        std::fs::copy(lib, &dest).with_context(|| format!("copy {lib}"))?;
+    }
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM scratch\nCOPY root/ /\nENTRYPOINT [\"/bin/{name}\"]\n"),
+    )
+    .context("write Dockerfile")?;
+    build(tag, ctx.path())?;
+    Ok(tag.to_string())
+}
+
+/// `docker build -q -t tag ctx`.
+fn build(tag: &str, ctx: &Path) -> anyhow::Result<()> {
+    let ctx_arg = ctx.display().to_string();
     let out = docker(&["build", "-q", "-t", tag, &ctx_arg])?;
     if !out.status.success() {
         anyhow::bail!(

@@ -234,6 +234,19 @@ pub async fn request(
     }))
 }
 
+/// The claims of a JWT, read WITHOUT verifying it (what a test checks a node issued).
+pub fn unverified_claims(token: &str) -> Value {
+    use base64::Engine as _;
+    let part = token
+        .split('.')
+        .nth(1)
+        .unwrap_or_else(|| panic!("not a JWT: {} characters", token.len()));
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("JWT claims are base64url");
+    serde_json::from_slice(&raw).expect("JWT claims are JSON")
+}
+
 /// Polls `f` until it returns `Some` (its value is returned) or `within` passes (then it
 /// panics naming `what`).
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
@@ -287,7 +300,12 @@ impl Fleet {
 
     /// A fleet with the permission node at `cfg`.
     pub async fn start_with(cfg: PermissionConfig) -> anyhow::Result<Fleet> {
-        let nats = NatsServer::start().await?;
+        Self::on(NatsServer::start().await?, cfg).await
+    }
+
+    /// A fleet on `nats` (e.g. [`NatsServer::start_for_containers`]) with the permission node
+    /// at `cfg`.
+    pub async fn on(nats: NatsServer, cfg: PermissionConfig) -> anyhow::Result<Fleet> {
         let key = SigningKey::generate().context("generate key")?;
         let bus = nats.node_bus(NodeKind::Permission);
         let perm = permission_node(

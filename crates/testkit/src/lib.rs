@@ -35,7 +35,7 @@ pub use cluster::{ClusterFleet, NatsCluster};
 pub use fleet::{
     Body, CALL_TIMEOUT, Fleet, NodeKind, POLL_TIMEOUT, Problem, bus, call, connect_with_events,
     eventually, num, operator_token, permission_node, poll, register_agent, request, sign_token,
-    unique,
+    unique, unverified_claims,
 };
 pub use nats::{NatsServer, binary as nats_server_binary, connect};
 

@@ -18,6 +18,9 @@ use tether_permission_node::access::NodeKind;
 use tether_permission_node::callout::CalloutConfig;
 use tether_permission_node::server_conf::{ADMIN_USER, BusKeys};
 
+/// Where a test's server listens unless it is for containers.
+const LOOPBACK: &str = "127.0.0.1";
+
 /// The key bundle's folder in the server's temp dir.
 const KEYS_DIR: &str = "keys";
 
@@ -56,6 +59,9 @@ pub struct NatsServer {
     extra_conf: String,
     /// The admin password and the authorization blocks; `None` for [`NatsServer::start_open`].
     auth: Option<(String, String)>,
+    /// The address it listens on: loopback, or every interface for
+    /// [`NatsServer::start_for_containers`].
+    listen_host: &'static str,
 }
 
 /// Why a spawn did not become a ready server.
@@ -156,20 +162,32 @@ impl NatsServer {
         Self::start_with_config("").await
     }
 
+    /// Like [`NatsServer::start`], listening on every interface instead of loopback only, so
+    /// containers reach it through `host.docker.internal` (the host gateway, which is where
+    /// the orchestrator's `container_nats_url` points them for a loopback bus URL). The bus
+    /// is authorized as always; clients of the test still use `127.0.0.1`.
+    pub async fn start_for_containers() -> anyhow::Result<NatsServer> {
+        Self::start_inner("", true, "0.0.0.0").await
+    }
+
     /// A server WITHOUT authorization: only for a benchmark's baseline (the round trip with
     /// and without authorization). Tests use [`NatsServer::start`].
     pub async fn start_open() -> anyhow::Result<NatsServer> {
-        Self::start_inner("", false).await
+        Self::start_inner("", false, LOOPBACK).await
     }
 
     /// Like [`NatsServer::start`], with `extra_conf` appended to the generated config file
     /// (nats-server config syntax, e.g. `max_payload: 1MB` or an `accounts { .. }` block).
     /// `listen` and `jetstream` are set by the fixture.
     pub async fn start_with_config(extra_conf: &str) -> anyhow::Result<NatsServer> {
-        Self::start_inner(extra_conf, true).await
+        Self::start_inner(extra_conf, true, LOOPBACK).await
     }
 
-    async fn start_inner(extra_conf: &str, authorized: bool) -> anyhow::Result<NatsServer> {
+    async fn start_inner(
+        extra_conf: &str,
+        authorized: bool,
+        listen_host: &'static str,
+    ) -> anyhow::Result<NatsServer> {
         let mut last = None;
         for _ in 0..START_ATTEMPTS {
             let dir = tempfile::Builder::new()
@@ -190,6 +208,7 @@ impl NatsServer {
                 dir,
                 extra_conf: extra_conf.to_string(),
                 auth,
+                listen_host,
             };
             match s.spawn_and_wait().await {
                 Ok(()) => return Ok(s),
@@ -325,7 +344,8 @@ impl NatsServer {
     fn write_conf(&self) -> anyhow::Result<()> {
         let store = self.store_dir();
         let conf = format!(
-            "# written by tether-testkit\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: {store}\n}}\n{auth}\n{extra}\n",
+            "# written by tether-testkit\nlisten: {host}:{port}\njetstream {{\n  store_dir: {store}\n}}\n{auth}\n{extra}\n",
+            host = self.listen_host,
             port = self.port,
             store = conf_string(&store),
             auth = self.auth.as_ref().map_or("", |(_, conf)| conf.as_str()),
@@ -350,6 +370,7 @@ impl NatsServer {
             dir,
             extra_conf,
             auth: Some((keys.admin_password.clone(), keys.authorization_conf(None))),
+            listen_host: LOOPBACK,
         })
     }
 

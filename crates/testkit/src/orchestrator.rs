@@ -66,8 +66,17 @@ impl OrchFleet {
         node: bool,
         tweak: impl FnOnce(&mut OrchestratorConfig),
     ) -> anyhow::Result<OrchFleet> {
+        Self::start_on(Fleet::start().await?, prefix, node, tweak).await
+    }
+
+    /// [`OrchFleet::start`] on `fleet` (e.g. one whose server containers reach).
+    pub async fn start_on(
+        mut fleet: Fleet,
+        prefix: &str,
+        node: bool,
+        tweak: impl FnOnce(&mut OrchestratorConfig),
+    ) -> anyhow::Result<OrchFleet> {
         let image = docker::busybox_image()?;
-        let mut fleet = Fleet::start().await?;
         let host_id = unique(prefix);
         fleet.clean_label(host_label(&host_id));
         let orch = if node {

@@ -186,6 +186,24 @@ class TokenTest(unittest.TestCase):
         self.assertIsNone(TokenSource.from_env({}))
 
 
+    def test_a_renewal_by_symlink_swap_is_followed(self):
+        """The orchestrator renews a replica's token as two files and a link to the current one
+        (crates/container-orchestrator/src/docker/files.rs); for an instant the link is gone."""
+        with tempfile.TemporaryDirectory() as d:
+            link = os.path.join(d, "token")
+            with open(os.path.join(d, "token.a"), "w") as f:
+                f.write("first-token")
+            os.symlink("token.a", link)
+            src = TokenSource.from_env({"TETHER_TOKEN_FILE": link})
+            self.assertEqual(src(), "first-token")
+            with open(os.path.join(d, "token.b"), "w") as f:
+                f.write("second-token")
+            os.remove(link)
+            self.assertEqual(src(), "first-token", "no link for an instant: the last token read")
+            os.symlink("token.b", link)
+            self.assertEqual(src(), "second-token")
+
+
 class StandInGateway:
     """In-process stand-in for the gateway's work.event endpoint (records bodies)."""
 

@@ -31,6 +31,11 @@ impl CreateCall {
         policy: &Policy,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Self, Problem> {
+        if b.kind == Kind::Worker.as_str() {
+            return Err(Problem::bad_request(
+                "worker containers are made by `workers.deploy`, not `containers.create`",
+            ));
+        }
         let space = caller.space_for(&b.space)?;
         let spec = validate_create(b, &space, &caller.agent_id, policy, now)?;
         Ok(Self { space, spec })

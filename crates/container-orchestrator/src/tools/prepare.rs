@@ -327,6 +327,7 @@ pub(super) fn fallback_prepared(space: &str, agent: &str, id: &str) -> Prepared 
             read_only_root: true,
             writable_paths: Vec::new(),
             mounts: Vec::new(),
+            secret_dir: None,
             start: false,
         },
         timeout: Duration::from_secs(1),

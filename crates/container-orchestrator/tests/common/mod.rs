@@ -123,25 +123,53 @@ pub async fn wait_up(f: &Fleet, host_id: &str) {
     .await;
 }
 
+/// Waits until the orchestrator of `asked` counts `host` live (or not).
+pub async fn wait_live(f: &Fleet, asked: &str, host: &str, live: bool) {
+    let subject = format!("hosts.{asked}.hosts.list");
+    eventually(Duration::from_secs(15), "host list", || async {
+        let l = f
+            .call(&subject, serde_json::json!({}), Some(&f.op))
+            .await
+            .ok()?;
+        l["hosts"]
+            .as_array()?
+            .iter()
+            .any(|h| h["record"]["host_id"] == host && h["live"] == live)
+            .then_some(())
+    })
+    .await;
+}
+
+/// Runs `sleep 600` in `f`'s image behind the orchestrator's back as container `name`, labelled
+/// managed by `f`'s host and with `labels`; its id.
+pub fn run_labelled(f: &Fleet, name: &str, labels: &[String]) -> String {
+    let mut all = vec!["tether.managed=true".to_string(), host_label(&f.host_id)];
+    all.extend(labels.iter().cloned());
+    // With an init, so `sleep` ends on SIGTERM like the node's own containers.
+    let mut args = vec!["run", "-d", "--init", "--name", name];
+    for l in &all {
+        args.extend(["--label", l.as_str()]);
+    }
+    args.extend([f.image.as_str(), "sleep", "600"]);
+    let id = docker(&args);
+    assert!(!id.is_empty(), "container {name} started");
+    id
+}
+
 /// Waits until the janitor of `f`'s host has made a full pass that started after this call:
 /// a managed container of that host whose `tether.expires` is long past is put on the engine,
 /// and the janitor removes it on its next pass.
 pub async fn janitor_pass(f: &Fleet) {
     let name = unique("witness");
-    let labels = [
-        "tether.managed=true".to_string(),
-        host_label(&f.host_id),
-        "tether.kind=space".to_string(),
-        format!("tether.space={name}"),
-        "tether.expires=2000-01-01T00:00:00Z".to_string(),
-    ];
-    let mut args = vec!["run", "-d", "--name", &name];
-    for l in &labels {
-        args.extend(["--label", l.as_str()]);
-    }
-    args.extend([f.image.as_str(), "sleep", "600"]);
-    let id = docker(&args);
-    assert!(!id.is_empty(), "witness container started");
+    run_labelled(
+        f,
+        &name,
+        &[
+            "tether.kind=space".to_string(),
+            format!("tether.space={name}"),
+            "tether.expires=2000-01-01T00:00:00Z".to_string(),
+        ],
+    );
     eventually(
         Duration::from_secs(30),
         "a janitor pass removed the witness",
@@ -152,4 +180,21 @@ pub async fn janitor_pass(f: &Fleet) {
         },
     )
     .await;
+}
+
+/// Replicas of worker deployment `name` (`ps_flag` `-q`: running, `-aq`: all), straight from
+/// the engine: full ids, sorted.
+pub fn worker_replicas(name: &str, ps_flag: &str) -> Vec<String> {
+    let out = docker(&[
+        "ps",
+        ps_flag,
+        "--no-trunc",
+        "--filter",
+        "label=tether.kind=worker",
+        "--filter",
+        &format!("label=tether.worker={name}"),
+    ]);
+    let mut v: Vec<String> = out.lines().map(str::to_string).collect();
+    v.sort();
+    v
 }
