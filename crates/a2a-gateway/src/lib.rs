@@ -190,7 +190,7 @@ async fn open(
 ) -> anyhow::Result<(Node, Option<http::HttpServer>)> {
     cfg.validate()?;
     let js = async_nats::jetstream::new(client.clone());
-    let verifier: Arc<dyn Verify> = Arc::new(KvVerifier::start(&js, &bus, stop).await?);
+    let verifier: Arc<dyn Verify> = Arc::new(KvVerifier::start(&js, bus, stop).await?);
     let http = http::start(&cfg, bus, client.clone()).await?;
     let bridge = match (&http, cfg.a2a_public_url.trim()) {
         (_, u) if !u.is_empty() => Some(u.trim_end_matches('/').to_string()),

@@ -107,7 +107,7 @@ async fn open(
     warn_local(&cfg);
     let addr = cfg.mcp_addr()?;
     let js = async_nats::jetstream::new(client.clone());
-    let verifier: Arc<dyn Verify> = Arc::new(KvVerifier::start(&js, &bus, stop).await?);
+    let verifier: Arc<dyn Verify> = Arc::new(KvVerifier::start(&js, bus, stop).await?);
     let shell = Arc::new(Shell::open(bus, cfg, client).await?);
     let http = match addr {
         Some(a) => Some(mcp::serve_http(shell.clone(), verifier.clone(), a).await?),
