@@ -68,7 +68,17 @@ pub async fn open_or_create_bucket(
     if !config.max_age.is_zero() && config.max_age < Duration::from_secs(120) {
         stream.duplicate_window = config.max_age;
     }
-    if let Err(create_err) = answered(&what, || js.create_stream(stream.clone())).await? {
+    let placing = tokio::time::Instant::now() + PLACEMENT_WAIT;
+    let created = loop {
+        match answered(&what, || js.create_stream(stream.clone())).await? {
+            Err(e) if no_peers_yet(&e) && tokio::time::Instant::now() < placing => {
+                tracing::warn!(bucket = %config.bucket, "the cluster has no peers for the bucket yet; asking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            r => break r,
+        }
+    };
+    if let Err(create_err) = created {
         // Another replica may have created it between our two calls; otherwise report.
         return answered(&what, || js.get_key_value(config.bucket.clone()))
             .await?
@@ -82,6 +92,16 @@ pub async fn open_or_create_bucket(
     answered(&what, || js.get_key_value(config.bucket.clone()))
         .await?
         .map_err(|e| anyhow::anyhow!("could not open KV bucket `{}`: {e}", config.bucket))
+}
+
+/// How long a bucket's creation is asked again while the cluster cannot place its replicas:
+/// a cluster that just formed (every member started together, as compose and the test
+/// fixtures do) answers "no suitable peers" until its meta layer knows them all.
+const PLACEMENT_WAIT: Duration = Duration::from_secs(30);
+
+/// JetStream's "no suitable peers for placement" (error code 10005).
+fn no_peers_yet(e: &jetstream::context::CreateStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(j) if j.error_code().0 == 10005)
 }
 
 /// How long one JetStream API request of a node's start may go unanswered before it is asked

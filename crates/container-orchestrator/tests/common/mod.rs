@@ -117,8 +117,9 @@ fn node_log(host_id: &str) -> std::process::Stdio {
 /// Waits until the node of `host_id` answers on its host subject.
 pub async fn wait_up(f: &Fleet, host_id: &str) {
     let subject = format!("hosts.{host_id}.containers.list");
-    eventually(Duration::from_secs(30), "orchestrator answers", || async {
-        f.call(&subject, "{}", Some(&f.op)).await.ok().map(|_| ())
+    // `poll`: a round whose reply is lost or late is asked again, not waited out.
+    eventually(Duration::from_secs(60), "orchestrator answers", || async {
+        f.poll(&subject, "{}", Some(&f.op)).await.map(|_| ())
     })
     .await;
 }
