@@ -15,13 +15,15 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tether_testkit::{eventually, poll, unique};
+use tether_testkit::{eventually, exec_ok, poll, unique};
 
 const TAG: &str = "dev";
 const JOBS: usize = 16;
 /// Bounds only a hang crosses: a fleet of seven containers starting on a busy 2-core machine,
 /// and an orchestrator's restart (its jobs come back after their ack wait, 30 s).
 const UP: Duration = Duration::from_secs(240);
+/// One exec attempt; a lost or late one is asked again.
+const EXEC_WAIT: Duration = Duration::from_secs(5);
 const RESUME: Duration = Duration::from_secs(120);
 const JOB_DONE: Duration = Duration::from_secs(300);
 const SCOPES: &[&str] = &[
@@ -50,8 +52,8 @@ impl Compose {
             ("TETHER_IMAGE_TAG", TAG.to_string()),
             ("TETHER_HOST_ID", host_id.clone()),
             ("TETHER_NATS_PORT", nats.to_string()),
-            ("TETHER_MCP_PORT", free_port().to_string()),
-            ("TETHER_A2A_PORT", free_port().to_string()),
+            ("TETHER_MCP_PORT", port().to_string()),
+            ("TETHER_A2A_PORT", port().to_string()),
             ("TETHER_COMPOSE_STATE", state.path().display().to_string()),
             ("TETHER_COMPOSE_WAIT", UP.as_secs().to_string()),
         ];
@@ -126,18 +128,10 @@ fn docker(args: &[&str]) -> String {
     tether_testkit::docker::run(args)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// A port whose next two are free too (the three servers' client ports).
 fn three_free_ports() -> u16 {
     for _ in 0..100 {
-        let p = free_port();
+        let p = port();
         if p < 65000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
             return p;
         }
@@ -157,23 +151,6 @@ fn operator_token(key: &Path) -> String {
         .expect("utf-8")
         .trim()
         .to_string()
-}
-
-/// One exec of `true`: whether it was answered with success (a lost or late request is
-/// `false`, and the caller asks again).
-async fn exec_ok(c: &async_nats::Client, token: &str) -> bool {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Authorization", format!("Bearer {token}").as_str());
-    let req = async_nats::Request::new()
-        .headers(headers)
-        .payload(json!({"command": "true"}).to_string().into());
-    let Ok(m) =
-        tether_bus::connect::request(c, "containers.exec".into(), req, Duration::from_secs(5))
-            .await
-    else {
-        return false;
-    };
-    serde_json::from_slice::<Value>(&m.payload).is_ok_and(|v| v["exit_code"] == 0)
 }
 
 /// The compose service of the NATS server the orchestrator is connected to (from each
@@ -238,7 +215,7 @@ async fn the_compose_fleet_survives_a_killed_server_and_a_killed_orchestrator() 
         .expect("space container");
     let container = space["container_id"].as_str().expect("id").to_string();
     eventually(RESUME, "an exec in the new space", || async {
-        exec_ok(&c, &t).await.then_some(())
+        exec_ok(&c, &t, EXEC_WAIT).await.then_some(())
     })
     .await;
 
@@ -269,7 +246,7 @@ async fn the_compose_fleet_survives_a_killed_server_and_a_killed_orchestrator() 
     let killed = Instant::now();
     docker(&["kill", &server_id]);
     let gap = eventually(RESUME, "an exec after the server's kill", || async {
-        exec_ok(&c, &t).await.then(|| killed.elapsed())
+        exec_ok(&c, &t, EXEC_WAIT).await.then(|| killed.elapsed())
     })
     .await;
     println!(
@@ -290,7 +267,7 @@ async fn the_compose_fleet_survives_a_killed_server_and_a_killed_orchestrator() 
     let gap = eventually(
         RESUME,
         "an exec after the orchestrator's restart",
-        || async { exec_ok(&c, &t).await.then(|| killed.elapsed()) },
+        || async { exec_ok(&c, &t, EXEC_WAIT).await.then(|| killed.elapsed()) },
     )
     .await;
     println!("compose: killed and started the orchestrator: exec served again after {gap:?}");
@@ -325,7 +302,7 @@ async fn the_compose_fleet_survives_a_killed_server_and_a_killed_orchestrator() 
     })
     .await;
     eventually(RESUME, "an exec at the end", || async {
-        exec_ok(&c, &t).await.then_some(())
+        exec_ok(&c, &t, EXEC_WAIT).await.then_some(())
     })
     .await;
 
@@ -358,4 +335,9 @@ async fn the_compose_fleet_survives_a_killed_server_and_a_killed_orchestrator() 
     let down = fleet.script(&["down"]);
     assert!(down.status.success(), "compose down: {down:?}");
     assert_eq!(fleet.leftovers(), Vec::<String>::new(), "left behind");
+}
+
+/// A free loopback port.
+fn port() -> u16 {
+    tether_testkit::free_port().expect("free port")
 }

@@ -13,34 +13,19 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tether_testkit::cluster::wait_connected_elsewhere;
 use tether_testkit::docker::{Cleanup, busybox_image, host_label};
-use tether_testkit::{ClusterFleet, NodeKind, eventually, orchestrator, unique};
+use tether_testkit::{ClusterFleet, NodeKind, eventually, exec_ok, orchestrator, unique};
 
 const JOBS: usize = 40;
 /// A bound on the failover gap that only a hang crosses (the target is 2 s).
 const GAP_BOUND: Duration = Duration::from_secs(15);
+/// One exec attempt; a lost or late one is asked again.
+const EXEC_WAIT: Duration = Duration::from_secs(2);
 const SCOPES: &[&str] = &[
     "containers:write",
     "containers:exec",
     "containers:read",
     "tools:run",
 ];
-
-/// One exec of `true` with a short timeout: whether it was answered with success (a lost or
-/// late request is `false`, and the caller asks again).
-async fn exec_ok(c: &async_nats::Client, token: &str) -> bool {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Authorization", format!("Bearer {token}").as_str());
-    let req = async_nats::Request::new()
-        .headers(headers)
-        .payload(json!({"command": "true"}).to_string().into());
-    let Ok(m) =
-        tether_bus::connect::request(c, "containers.exec".into(), req, Duration::from_secs(2))
-            .await
-    else {
-        return false;
-    };
-    serde_json::from_slice::<Value>(&m.payload).is_ok_and(|v| v["exit_code"] == 0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_orchestrator_fails_over_and_loses_no_acknowledged_job() {
@@ -75,7 +60,7 @@ async fn the_orchestrator_fails_over_and_loses_no_acknowledged_job() {
     eventually(
         Duration::from_secs(60),
         "an exec before the kill",
-        || async { exec_ok(&f.c, &t).await.then_some(()) },
+        || async { exec_ok(&f.c, &t, EXEC_WAIT).await.then_some(()) },
     )
     .await;
 
@@ -117,7 +102,7 @@ async fn the_orchestrator_fails_over_and_loses_no_acknowledged_job() {
 
     // Execs work again through another server.
     let gap = eventually(GAP_BOUND, "an exec served after the kill", || async {
-        exec_ok(&f.c, &t).await.then(|| killed.elapsed())
+        exec_ok(&f.c, &t, EXEC_WAIT).await.then(|| killed.elapsed())
     })
     .await;
     let now_on = wait_connected_elsewhere(&client, port).await;
@@ -163,7 +148,7 @@ async fn the_orchestrator_fails_over_and_loses_no_acknowledged_job() {
     eventually(
         Duration::from_secs(60),
         "an exec after the rejoin",
-        || async { exec_ok(&f.c, &t).await.then_some(()) },
+        || async { exec_ok(&f.c, &t, EXEC_WAIT).await.then_some(()) },
     )
     .await;
 

@@ -440,3 +440,19 @@ pub fn operator_token(key: &SigningKey) -> anyhow::Result<String> {
         3600,
     )
 }
+
+/// One `containers.exec` of `true` as the agent of `token`, through
+/// `tether_bus::connect::request`: whether it was answered with success within `timeout` (a
+/// lost or late request is `false`, and the caller asks again), for failover tests.
+pub async fn exec_ok(c: &async_nats::Client, token: &str, timeout: Duration) -> bool {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Authorization", format!("Bearer {token}").as_str());
+    let req = async_nats::Request::new()
+        .headers(headers)
+        .payload(json!({"command": "true"}).to_string().into());
+    let Ok(m) = tether_bus::connect::request(c, "containers.exec".into(), req, timeout).await
+    else {
+        return false;
+    };
+    serde_json::from_slice::<Value>(&m.payload).is_ok_and(|v| v["exit_code"] == 0)
+}

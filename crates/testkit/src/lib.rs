@@ -34,10 +34,10 @@ use anyhow::Context;
 pub use cluster::{ClusterFleet, NatsCluster};
 pub use fleet::{
     Body, CALL_TIMEOUT, Fleet, NodeKind, POLL_TIMEOUT, Problem, bus, call, connect_with_events,
-    eventually, num, operator_token, permission_node, poll, register_agent, request, sign_token,
-    unique, unverified_claims,
+    eventually, exec_ok, num, operator_token, permission_node, poll, register_agent, request,
+    sign_token, unique, unverified_claims,
 };
-pub use nats::{NatsServer, binary as nats_server_binary, connect};
+pub use nats::{NatsServer, binary as nats_server_binary, connect, free_port};
 
 /// Path of a binary built by cargo in this workspace (e.g. `"tether"`, `"permission-node"`),
 /// found next to the running test executable (`target/<profile>/deps/<test>` →

@@ -79,7 +79,7 @@ impl From<SpawnError> for anyhow::Error {
     }
 }
 
-pub(crate) fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     // Bind and release: another process may take the port before the server does; `start`
     // retries on that.
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
