@@ -16,6 +16,13 @@ deps:
 build:
     cargo build --workspace
 
+# The space daemon as a static binary (glibc, crt-static): what the orchestrator puts into space
+# containers, whose images may have no libc at all. Only the target's own crates get the flag
+# (`--target`), so build scripts and proc macros stay dynamic. `--release` for the benches.
+# The static space daemon, target/x86_64-unknown-linux-gnu/<profile>/tether-spaced
+spaced *ARGS:
+    CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" cargo build --target x86_64-unknown-linux-gnu -p tether-space-daemon --bin tether-spaced {{ ARGS }}
+
 # The nats-server lines scripts/install-deps.sh keeps apart from PATH (tether needs >= 2.10, for
 # auth callout): the current one (2.15.1) and the oldest supported one (2.10.26).
 nats_current := env("TETHER_NATS_CURRENT_DIR", env("XDG_CACHE_HOME", env("HOME") / ".cache") / "tether/nats-current") / "bin/nats-server"
@@ -27,13 +34,21 @@ nats_oldest := env("TETHER_NATS_OLDEST_DIR", env("XDG_CACHE_HOME", env("HOME") /
 # Unit, integration (real nats-server, real Docker) and interop (Python clients) tests, first
 # on the current nats-server line (2.15.1), then through test-compat on the oldest supported
 # one (2.10.26). TETHER_NATS_SERVER is set for both, so `tether up` in tests/ finds it too.
+# Space containers run the space daemon in tests (`just spaced`), so exec takes its path; the
+# exec, shell and MCP tests then run again with TETHER_TEST_SPACE_DAEMON=off, on the engine's
+# exec API (`exec_engine_filter`).
 # All tests, on nats-server 2.15 (current) and then on 2.10 (oldest supported)
 test: deps
     @echo "test: $({{ quote(nats_current) }} --version)"
     cargo build --workspace --bins
+    just spaced
     deploy/image.sh dev
     TETHER_NATS_SERVER={{ quote(nats_current) }} cargo nextest run --workspace --no-fail-fast
+    TETHER_TEST_SPACE_DAEMON=off TETHER_NATS_SERVER={{ quote(nats_current) }} cargo nextest run --workspace --no-fail-fast -E {{ quote(exec_engine_filter) }}
     just test-compat
+
+# The test binaries of exec, shell and MCP: what runs a second time on the engine's exec path.
+exec_engine_filter := "(package(tether-container-orchestrator) & binary(orchestrator)) | package(tether-shell-server)"
 
 # The same tests against the oldest supported nats-server (2.10.26) that
 # scripts/install-deps.sh keeps apart from PATH; extra arguments go to nextest. The compose
@@ -42,6 +57,7 @@ test: deps
 test-compat *ARGS: deps
     @echo "test-compat: $({{ quote(nats_oldest) }} --version)"
     cargo build --workspace --bins
+    just spaced
     TETHER_NATS_SERVER={{ quote(nats_oldest) }} cargo nextest run --workspace --no-fail-fast -E 'not binary(compose)' {{ ARGS }}
 
 # Formatting and lints, warnings as errors (what CI checks); no import cycle between the
@@ -61,10 +77,14 @@ k8s-check: deps
 
 # Each crate's `[[bench]] harness = false` target (crates/*/benches/*.rs) prints its p50/p99 and
 # throughput against its baseline; `--bench '*'` runs every such target in the workspace (and
-# not the empty libtest bench harness of each lib/bin).
-# Run every benchmark target; extra arguments go to cargo (e.g. `just bench -p tether-bus`)
+# not the empty libtest bench harness of each lib/bin). The release binaries are built first:
+# benches that run a node or worker binary (benches/workers.rs) take it from target/release.
+# Run every benchmark target; extra arguments go to cargo instead of `--workspace` (e.g.
+# `just bench -p tether-bus`)
 bench *ARGS: deps
-    cargo bench --workspace --bench '*' {{ ARGS }}
+    cargo build --release --workspace --bins
+    just spaced --release
+    cargo bench {{ if ARGS == "" { "--workspace" } else { "" } }} --bench '*' {{ ARGS }}
 
 # Starts nats-server with nats/nats-server.conf when nothing answers at the bus URL (the current
 # line from scripts/install-deps.sh unless TETHER_NATS_SERVER names another); Ctrl-C stops

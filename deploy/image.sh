@@ -32,6 +32,12 @@ command -v docker >/dev/null || die "docker is not installed"
 
 echo "image: cargo build --release (${nodes[*]})"
 cargo build --release --locked $(printf -- '--bin %s ' "${nodes[@]}")
+# The space daemon the orchestrator puts into space containers, static (their images may have
+# no libc; `just spaced`): next to the orchestrator, where it looks for it.
+echo "image: cargo build --release tether-spaced (static)"
+CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked --target x86_64-unknown-linux-gnu -p tether-space-daemon --bin tether-spaced
+spaced="$target/x86_64-unknown-linux-gnu/release/tether-spaced"
 
 # Copies a file to the same path under the root filesystem $1, following symlinks.
 put() {
@@ -65,6 +71,8 @@ for n in "${nodes[@]}"; do
     # Symbols are for debugging the host's copy; panics still name their file and line.
     strip --strip-unneeded "$root/usr/local/bin/$n"
 done
+put "$root" "$spaced" /usr/local/bin/tether-spaced
+strip --strip-unneeded "$root/usr/local/bin/tether-spaced"
 if [ "$base" = scratch ]; then
     base_fs "$root"
     for n in "${nodes[@]}"; do

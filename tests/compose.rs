@@ -209,7 +209,7 @@ async fn the_compose_fleet_survives_a_killed_server_and_a_killed_orchestrator() 
         .await
         .expect("connect to the compose bus");
 
-    let t = tether_testkit::register_agent(&c, &op, &unique("a"), &unique("s"), SCOPES).await;
+    let t = tether_testkit::register_agent(&c, None, &op, &unique("a"), &unique("s"), SCOPES).await;
     let space = tether_testkit::call(&c, "containers.create", json!({"image": busybox}), Some(&t))
         .await
         .expect("space container");

@@ -3,8 +3,9 @@
 //! Design decision: the settings come from the same layers as every tether node
 //! (`tether.toml`, then `TETHER_*`): `TETHER_NATS_URL`, `TETHER_TOKEN` or `TETHER_TOKEN_FILE`
 //! (the file wins; it is re-read when it changes), `TETHER_AGENT_ID` (default: the token's
-//! `sub`), `TETHER_WORKER_CONCURRENCY`, `TETHER_WORKER_NAME`. The connection authenticates
-//! with the token and listens on `_INBOX.<agent>`.
+//! `sub`), `TETHER_WORKER_CONCURRENCY`, `TETHER_WORKER_NAME`, `TETHER_ENV_FILE` (a profile's
+//! secrets, [`crate::secret_env`]). The connection authenticates with the token and listens
+//! on `_INBOX.<agent>`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tether_bus::config::{BusConfig, Layers, Secret};
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::Executor;
+use crate::secret_env::SecretEnv;
 use crate::token::TokenSource;
 use crate::worker::{WorkerConfig, run};
 
@@ -34,18 +36,40 @@ pub struct WorkerSettings {
     /// `TETHER_WORKER_NAME`: names this worker instance (the echo agent puts it in its
     /// artifacts' metadata).
     pub worker_name: Option<String>,
+    /// `TETHER_ENV_FILE`: the replica's secret environment (set by the orchestrator when the
+    /// deployment's profile has an `env_file`).
+    pub env_file: Option<PathBuf>,
+    /// `TETHER_ENV_FILE` as loaded by [`WorkerSettings::load`], for the processes an executor
+    /// spawns ([`SecretEnv::apply`]).
+    #[serde(skip)]
+    pub secrets: SecretEnv,
 }
 
 impl WorkerSettings {
-    /// Reads and checks the settings (a token is required; the agent id must be known).
+    /// Reads and checks the settings (a token is required; the agent id must be known) and
+    /// loads the secret environment.
     pub fn load(layers: &Layers) -> anyhow::Result<(Self, TokenSource, String)> {
-        let s: WorkerSettings = layers.node()?;
+        let mut s: WorkerSettings = layers.node()?;
+        s.secrets = s.secret_env()?;
         let token = s.token_source()?;
         let agent = s.agent(&token)?;
         if s.worker_concurrency == Some(0) {
             anyhow::bail!("worker_concurrency must be at least 1");
         }
         Ok((s, token, agent))
+    }
+
+    /// The secret environment for the processes an executor spawns: empty without
+    /// `TETHER_ENV_FILE`, else the file (waited for up to [`crate::secret_env::WAIT`]).
+    pub fn secret_env(&self) -> anyhow::Result<SecretEnv> {
+        match &self.env_file {
+            Some(p) => {
+                let e = SecretEnv::load(p, crate::secret_env::WAIT)?;
+                tracing::info!(names = ?e.names(), "loaded TETHER_ENV_FILE");
+                Ok(e)
+            }
+            None => Ok(SecretEnv::default()),
+        }
     }
 
     pub fn token_source(&self) -> anyhow::Result<TokenSource> {

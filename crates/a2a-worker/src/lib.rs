@@ -11,6 +11,8 @@
 //! - [`wire`]: subjects and bodies of the contract; reply classification.
 //! - [`token`]: [`TokenSource`], a fixed token or a file re-read when it changes.
 //! - [`env`]: a worker process's settings from `TETHER_*` and its start.
+//! - [`secret_env`]: [`SecretEnv`], a replica's `TETHER_ENV_FILE`, given to the processes an
+//!   executor spawns.
 //! - [`echo`]: the example agent (binary `a2a-echo-worker`).
 //!
 //! The one design decision to know: the gateway's answer to each event is the truth about the
@@ -23,6 +25,7 @@ pub mod env;
 pub mod events;
 pub mod executor;
 pub mod run;
+pub mod secret_env;
 pub mod token;
 pub mod wire;
 pub mod worker;
@@ -30,6 +33,7 @@ pub mod worker;
 pub use events::{EventError, Events};
 pub use executor::{Executor, TaskContext};
 pub use run::WorkerStats;
+pub use secret_env::SecretEnv;
 pub use token::TokenSource;
 pub use wire::EventReply;
 pub use worker::{WorkerConfig, minimal_card, run};

@@ -95,6 +95,9 @@ pub enum Scope {
     /// obtain its tokens (`tokens.worker`) while a deployment names it. Grants nothing on
     /// the bus by itself, and is left out of the tokens the orchestrator obtains.
     WorkersHosted,
+    /// The bus identity of a space's daemon (`tether-spaced`): answer the exec requests of
+    /// the token's space, nothing else. Issued only by `tokens.daemon`; never registered.
+    DaemonServe,
 }
 
 impl Scope {
@@ -114,6 +117,7 @@ impl Scope {
         Scope::A2aCall,
         Scope::A2aServe,
         Scope::WorkersHosted,
+        Scope::DaemonServe,
     ];
 
     /// What an agent registered without scopes gets (`tether agent register` with no
@@ -149,6 +153,7 @@ impl Scope {
             Scope::A2aCall => "a2a:call",
             Scope::A2aServe => "a2a:serve",
             Scope::WorkersHosted => "workers:hosted",
+            Scope::DaemonServe => "daemon:serve",
         }
     }
 }
@@ -448,6 +453,11 @@ pub struct Validation {
 }
 
 /// Seconds since the Unix epoch.
+/// Spaces whose id starts with this are a warm-pool container's own before it has a space
+/// (the orchestrator's `pool` module asks `tokens.daemon` for `tether-pool-<hex>`): no agent is
+/// registered into one, so no agent's space can ever share a pool daemon's subject.
+pub const POOL_SPACE_PREFIX: &str = "tether-pool-";
+
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

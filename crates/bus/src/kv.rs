@@ -39,14 +39,24 @@ use crate::codec::Encoding;
 /// version, or by a node that came first with the default) is raised to them: the server
 /// copies it to the new peers while it serves. Never lowered: fewer replicas is a decision
 /// for an operator, not for whichever node starts first.
+///
+/// Reads see every acknowledged write (see [`direct_reads`]): a replicated bucket answers gets
+/// from its stream's leader only, so one made by an earlier version with direct gets is
+/// changed to that here.
 pub async fn open_or_create_bucket(
     js: &jetstream::Context,
     config: kv::Config,
 ) -> anyhow::Result<kv::Store> {
     let what = format!("open KV bucket `{}`", config.bucket);
-    if let Ok(store) = answered(&what, || js.get_key_value(config.bucket.clone())).await? {
-        raise_replicas(js, &config).await?;
-        return Ok(store);
+    if answered(&what, || js.get_key_value(config.bucket.clone()))
+        .await?
+        .is_ok()
+    {
+        settle(js, &config).await?;
+        // Opened again: a store decides at opening whether its reads are direct gets.
+        return answered(&what, || js.get_key_value(config.bucket.clone()))
+            .await?
+            .map_err(|e| anyhow::anyhow!("could not open KV bucket `{}`: {e}", config.bucket));
     }
     let mut stream = jetstream::stream::Config {
         name: format!("KV_{}", config.bucket),
@@ -58,7 +68,7 @@ pub async fn open_or_create_bucket(
         num_replicas: config.num_replicas.max(1),
         allow_rollup: true,
         deny_delete: true,
-        allow_direct: true,
+        allow_direct: direct_reads(config.num_replicas),
         discard: jetstream::stream::DiscardPolicy::New,
         ..Default::default()
     };
@@ -133,29 +143,61 @@ where
     )
 }
 
-/// Raises the replicas of an existing bucket's stream to `config.num_replicas`.
-async fn raise_replicas(js: &jetstream::Context, config: &kv::Config) -> anyhow::Result<()> {
+/// Whether a bucket of `replicas` copies answers gets as direct gets.
+///
+/// Design decision: only an R1 bucket does. A direct get may be answered by any replica of
+/// the stream, and a follower answers from what it has applied so far — so a record written
+/// and acknowledged a moment ago can read as absent (found in CI: an agent registered, then a
+/// token refused for "no agent" on a three-server cluster). Without direct gets a get is the
+/// stream leader's `STREAM.MSG.GET`, which has every acknowledged write.
+pub fn direct_reads(replicas: usize) -> bool {
+    replicas <= 1
+}
+
+/// Brings an existing bucket's stream to what `config` needs: its replicas raised to
+/// `config.num_replicas` (never lowered), and direct gets as [`direct_reads`] says for the
+/// replicas it ends with.
+async fn settle(js: &jetstream::Context, config: &kv::Config) -> anyhow::Result<()> {
     let name = format!("KV_{}", config.bucket);
     let what = format!("read KV bucket `{}`", config.bucket);
     let mut stream = answered(&what, || js.get_stream(&name))
         .await?
         .map_err(|e| anyhow::anyhow!("cannot read KV bucket `{}`: {e}", config.bucket))?;
     let mut stream_config = stream.cached_info().config.clone();
-    if stream_config.num_replicas >= config.num_replicas {
+    let from = stream_config.num_replicas;
+    let replicas = from.max(config.num_replicas);
+    let direct = direct_reads(replicas);
+    if replicas == from && stream_config.allow_direct == direct {
         return Ok(());
     }
-    let from = stream_config.num_replicas;
-    stream_config.num_replicas = config.num_replicas;
-    answered(&what, || js.update_stream(stream_config.clone()))
-        .await?
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "KV bucket `{}` has {from} replica(s); raising it to {} failed: {e}",
-                config.bucket,
-                config.num_replicas
-            )
-        })?;
-    tracing::info!(bucket = %config.bucket, from, to = config.num_replicas, "raised the replicas of a KV bucket");
+    stream_config.num_replicas = replicas;
+    stream_config.allow_direct = direct;
+    if replicas == from {
+        // Only the reads change (a bucket an earlier version made with direct gets). A node
+        // that may only read the bucket (a token verifier) has no right to change it: it asks
+        // once, and reads as the bucket says until its owner has changed it.
+        match tokio::time::timeout(API_ATTEMPT, js.update_stream(stream_config.clone())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(bucket = %config.bucket, error = %e, "could not turn off direct gets of a replicated KV bucket; its reads may lag its writes");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::warn!(bucket = %config.bucket, "no answer to turning off direct gets of a replicated KV bucket (no right to?); its reads may lag its writes");
+                return Ok(());
+            }
+        }
+    } else {
+        answered(&what, || js.update_stream(stream_config.clone()))
+            .await?
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "KV bucket `{}` has {from} replica(s); raising it to {replicas} failed: {e}",
+                    config.bucket,
+                )
+            })?;
+    }
+    tracing::info!(bucket = %config.bucket, from, to = replicas, direct, "settled the replicas and reads of a KV bucket");
     let _ = stream.info().await;
     Ok(())
 }

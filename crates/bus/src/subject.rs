@@ -26,6 +26,17 @@ pub fn is_valid_token(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// A name that is at once a KV key, a subject token and part of a container name (a worker
+/// deployment's): `[a-z0-9][a-z0-9-]{0,62}`.
+pub fn is_valid_name(s: &str) -> bool {
+    s.len() <= 63
+        && s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
 /// The subject a caller may have a node stream chunks to (`stream_subject` of an exec or a
 /// shell command): a subject without wildcards in the caller's own inbox
 /// (`_INBOX.<agent_id>.…`), or in a node's (`_INBOX_NODES.…`: a node streaming on an agent's

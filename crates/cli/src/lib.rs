@@ -2,7 +2,8 @@
 //!
 //! - [`call`]: request any subject (`/containers/create` or `containers.create`), JSON or protobuf.
 //! - [`ps`]: live nodes and endpoints from the micro protocol.
-//! - [`up`]: bring a fleet up from a launch file (`deploy/bringup.toml`), supervise, tear down.
+//! - [`up`]: bring a fleet up from a launch file (`deploy/bringup.toml`), supervise, tear down;
+//!   [`up_bus`]: the bus it uses or starts; [`up_workers`]: the file's `[[workers]]`.
 //! - [`identity`]: signing keys, offline operator tokens, agents and tokens through the node.
 //! - [`workers`]: worker deployments (`tether workers deploy|ls|scale|rm`).
 //!
@@ -16,6 +17,8 @@ pub mod identity;
 pub mod ping;
 pub mod ps;
 pub mod up;
+pub mod up_bus;
+pub mod up_workers;
 pub mod workers;
 
 /// Exit code: the service answered with an error.

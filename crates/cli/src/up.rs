@@ -23,6 +23,11 @@
 //! ready_timeout_seconds = 30
 //! bus_user = "permission-node"                 # a node kind's bus credentials (default: its
 //!                                              # name's, if a kind), or "admin"
+//!
+//! [[workers]]                                  # deployed once every node is ready, removed
+//! name = "echo"                                # on stop: [`crate::up_workers`]
+//! agent = "echo-w"
+//! image = "tether/a2a-echo-worker:dev"
 //! ```
 //!
 //! Relative paths are resolved against the launch file's folder. Nodes start in dependency
@@ -61,6 +66,9 @@ pub struct LaunchFile {
     pub parameters: BTreeMap<String, toml::Value>,
     #[serde(default)]
     pub nodes: Vec<NodeSpec>,
+    /// Worker deployments made once every node is ready ([`crate::up_workers`]).
+    #[serde(default)]
+    pub workers: Vec<crate::up_workers::WorkerEntry>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -172,6 +180,7 @@ impl LaunchFile {
                 }
             }
         }
+        crate::up_workers::check(&lf.workers)?;
         let order = topo_order(&lf.nodes)?;
         Ok((lf, order))
     }
@@ -426,64 +435,6 @@ async fn wait_ready(
     false
 }
 
-fn host_port(url: &str) -> (String, u16) {
-    let rest = url.split("://").nth(1).unwrap_or(url);
-    let hostport = rest
-        .split(',')
-        .next()
-        .unwrap_or(rest)
-        .rsplit('@')
-        .next()
-        .unwrap_or(rest);
-    match hostport.rsplit_once(':') {
-        Some((h, p)) => (h.to_string(), p.parse().unwrap_or(4222)),
-        None => (hostport.to_string(), 4222),
-    }
-}
-
-/// The bus `tether up` uses: `--server`, else `TETHER_NATS_URL`, else `NATS_URL`, else the
-/// launch file's `[bus] url` (an empty value counts as unset).
-fn bus_url(server: Option<&str>, launch: &str, env: impl Fn(&str) -> Option<String>) -> String {
-    let given = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
-    given(server.map(str::to_string))
-        .or_else(|| given(env("TETHER_NATS_URL")))
-        .or_else(|| given(env("NATS_URL")))
-        .unwrap_or_else(|| launch.to_string())
-}
-
-/// Nothing answered `tether up`'s admin connection at `url`. A server of its own is started
-/// only for one address where nothing listens: a list names a cluster someone else runs, and
-/// a server that listens but refused the connection is not ours to replace.
-async fn refuse_to_start_a_server(url: &str) -> Result<(), CliError> {
-    let shown = tether_bus::connect::display_url(url);
-    let servers = tether_bus::connect::servers(url).map_err(|e| config_err(format!("{e:#}")))?;
-    for s in &servers {
-        let addr = format!("{}:{}", s.host(), s.port());
-        let open = tokio::time::timeout(
-            Duration::from_secs(1),
-            tokio::net::TcpStream::connect(addr.as_str()),
-        )
-        .await;
-        if matches!(open, Ok(Ok(_))) {
-            return Err(CliError::new(
-                1,
-                format!(
-                    "a server listens at {addr} but refused this machine's bus admin (see `tether bus init`); not starting another"
-                ),
-            ));
-        }
-    }
-    if servers.len() > 1 {
-        return Err(CliError::new(
-            1,
-            format!(
-                "none of the bus servers {shown} answers; `tether up` starts a server only for a single address"
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// Options of `tether up`.
 pub struct UpArgs {
     pub launch: PathBuf,
@@ -508,7 +459,7 @@ pub async fn up(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let url = bus_url(args.server.as_deref(), &lf.bus.url, |k| {
+    let url = crate::up_bus::bus_url(args.server.as_deref(), &lf.bus.url, |k| {
         std::env::var(k).ok()
     });
     let secrets = match &lf.secrets_file {
@@ -530,60 +481,66 @@ pub async fn up(
     // and each node connects as its own kind's user.
     let access = crate::bus_access::LocalBus::load_or_create()?;
     let admin = access.admin_url(&url);
-    let client = match tokio::time::timeout(Duration::from_secs(2), admin_connect(&admin)).await {
-        Ok(Ok(c)) => {
-            log(&format!("using the bus at {url}"));
-            c
-        }
-        _ => {
-            refuse_to_start_a_server(&url).await?;
-            let (host, port) = host_port(&url);
-            let mut cmd = Command::new(
-                std::env::var("TETHER_NATS_SERVER").unwrap_or_else(|_| "nats-server".into()),
-            );
-            let conf = access.write_server_conf(
-                lf.bus
-                    .server_config
-                    .as_ref()
-                    .map(|p| base.join(p))
-                    .as_deref(),
-            )?;
-            cmd.arg("-c").arg(conf);
-            cmd.args(["-a", host.as_str(), "-p", &port.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .process_group(0)
-                .kill_on_drop(true);
-            let mut child = cmd
-                .spawn()
-                .map_err(|e| CliError::new(1, format!("cannot start nats-server: {e}")))?;
-            pipe_output(&mut child, "[nats-server]".into());
-            log(&format!(
-                "started nats-server, pid {}, at {url}",
-                child.id().unwrap_or(0)
-            ));
-            nats_child = Some(child);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-            loop {
-                if let Ok(Ok(c)) =
-                    tokio::time::timeout(Duration::from_secs(1), admin_connect(&admin)).await
-                {
-                    break c;
-                }
-                if tokio::time::Instant::now() > deadline {
-                    if let Some(c) = nats_child.as_mut() {
-                        terminate(c, Duration::from_secs(5)).await;
-                    }
-                    return Err(CliError::new(
-                        1,
-                        format!("nats-server did not come up at {url}"),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+    let client =
+        match tokio::time::timeout(Duration::from_secs(2), crate::up_bus::admin_connect(&admin))
+            .await
+        {
+            Ok(Ok(c)) => {
+                log(&format!("using the bus at {url}"));
+                c
             }
-        }
-    };
+            _ => {
+                crate::up_bus::refuse_to_start_a_server(&url).await?;
+                let (host, port) = crate::up_bus::host_port(&url);
+                let mut cmd = Command::new(
+                    std::env::var("TETHER_NATS_SERVER").unwrap_or_else(|_| "nats-server".into()),
+                );
+                let conf = access.write_server_conf(
+                    lf.bus
+                        .server_config
+                        .as_ref()
+                        .map(|p| base.join(p))
+                        .as_deref(),
+                )?;
+                cmd.arg("-c").arg(conf);
+                cmd.args(["-a", host.as_str(), "-p", &port.to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .process_group(0)
+                    .kill_on_drop(true);
+                let mut child = cmd
+                    .spawn()
+                    .map_err(|e| CliError::new(1, format!("cannot start nats-server: {e}")))?;
+                pipe_output(&mut child, "[nats-server]".into());
+                log(&format!(
+                    "started nats-server, pid {}, at {url}",
+                    child.id().unwrap_or(0)
+                ));
+                nats_child = Some(child);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+                loop {
+                    if let Ok(Ok(c)) = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        crate::up_bus::admin_connect(&admin),
+                    )
+                    .await
+                    {
+                        break c;
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        if let Some(c) = nats_child.as_mut() {
+                            terminate(c, Duration::from_secs(5)).await;
+                        }
+                        return Err(CliError::new(
+                            1,
+                            format!("nats-server did not come up at {url}"),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
 
     let mut common: Vec<(String, String)> = vec![("TETHER_NATS_URL".into(), url.clone())];
     for (k, v) in &lf.parameters {
@@ -656,11 +613,21 @@ pub async fn up(
         log(&format!("{} is ready", n.name));
     }
 
+    let mut deployed = Vec::new();
+    if failed.is_none() {
+        let (names, r) = tokio::select! {
+            r = crate::up_workers::bring_up(&client, &lf.workers) => r,
+            _ = &mut shutdown => (Vec::new(), Err(CliError::new(0, "interrupted"))),
+        };
+        deployed = names;
+        failed = r.err();
+    }
     if failed.is_none() {
         log("fleet is up; Ctrl-C stops it");
         shutdown.await;
     }
     log("stopping");
+    crate::up_workers::take_down(&client, &deployed).await;
     for (name, stop, tasks) in stages.into_iter().rev() {
         stop.cancel();
         for t in tasks {
@@ -676,18 +643,6 @@ pub async fn up(
         Some(e) if e.code != 0 => Err(e),
         _ => Ok(()),
     }
-}
-
-/// A connection as the bundle's admin user (`admin_url` carries the credentials).
-async fn admin_connect(admin_url: &str) -> anyhow::Result<async_nats::Client> {
-    let cfg = tether_bus::BusConfig {
-        nats_url: admin_url.to_string(),
-        ..Default::default()
-    };
-    Ok(tether_bus::connect::options(&cfg, "tether-up")
-        .await?
-        .connect(tether_bus::connect::servers(admin_url)?)
-        .await?)
 }
 
 #[cfg(test)]
@@ -752,38 +707,5 @@ depends_on = ["a"]
         );
         std::fs::write(&p, "oops\n").expect("write");
         assert!(read_secrets(&p).is_err());
-    }
-
-    #[test]
-    fn the_bus_comes_from_the_flag_then_the_environment_then_the_file() {
-        let env = |vars: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                vars.iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| v.to_string())
-            }
-        };
-        let file = "nats://127.0.0.1:4222";
-        let both = env(&[
-            ("TETHER_NATS_URL", "nats://t:1"),
-            ("NATS_URL", "nats://n:2"),
-        ]);
-        assert_eq!(bus_url(Some("nats://s:3"), file, both), "nats://s:3");
-        assert_eq!(bus_url(None, file, both), "nats://t:1");
-        assert_eq!(
-            bus_url(None, file, env(&[("NATS_URL", "nats://n:2")])),
-            "nats://n:2"
-        );
-        assert_eq!(bus_url(None, file, env(&[("TETHER_NATS_URL", " ")])), file);
-        assert_eq!(bus_url(Some(""), file, env(&[])), file);
-    }
-
-    #[test]
-    fn host_and_port() {
-        assert_eq!(
-            host_port("nats://127.0.0.1:4333"),
-            ("127.0.0.1".into(), 4333)
-        );
-        assert_eq!(host_port("nats://u:p@h:1,nats://x:2"), ("h".into(), 1));
     }
 }

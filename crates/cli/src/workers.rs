@@ -39,6 +39,16 @@ pub struct Deploy {
     pub cpu_limit: Option<f64>,
     #[arg(long)]
     pub pids_limit: Option<i32>,
+    /// `SOURCE:TARGET[:ro|rw]` beyond the profile's own mounts (repeatable; read-only unless
+    /// `:rw`); each must lie under one of the profile's `allowed_mounts`.
+    #[arg(long = "mount")]
+    pub mounts: Vec<String>,
+    /// Scaled deployments (`--max` above `--min`): backlog per replica (0: the node's default).
+    #[arg(long, default_value_t = 0)]
+    pub target_backlog: u32,
+    /// Scaled deployments: seconds of a smaller backlog before scaling down (0: the default).
+    #[arg(long, default_value_t = 0)]
+    pub scale_down_after: u32,
 }
 
 impl Deploy {
@@ -58,6 +68,11 @@ impl Deploy {
             (None, false) => json!(self.argv),
             (None, true) => Value::Null,
         };
+        let mounts = self
+            .mounts
+            .iter()
+            .map(|m| mount(m))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut b = json!({
             "name": self.name,
             "agent_id": self.agent_id,
@@ -73,12 +88,31 @@ impl Deploy {
                 "cpu_limit": self.cpu_limit.unwrap_or(0.0),
                 "pids_limit": self.pids_limit.unwrap_or(0),
             },
+            "mounts": mounts,
+            "target_backlog_per_replica": self.target_backlog,
+            "scale_down_after_seconds": self.scale_down_after,
         });
         if !command.is_null() {
             b["command"] = command;
         }
         Ok(b)
     }
+}
+
+/// `SOURCE:TARGET[:ro|rw]` as a `MountSpec` (read-only unless `:rw`).
+fn mount(m: &str) -> Result<Value, String> {
+    let bad = || format!("--mount {m:?} must be SOURCE:TARGET[:ro|rw]");
+    let parts: Vec<&str> = m.split(':').collect();
+    let (source, target, writable) = match parts.as_slice() {
+        [s, t] => (*s, *t, false),
+        [s, t, "ro"] => (*s, *t, false),
+        [s, t, "rw"] => (*s, *t, true),
+        _ => return Err(bad()),
+    };
+    if source.is_empty() || target.is_empty() {
+        return Err(bad());
+    }
+    Ok(json!({"source": source, "target": target, "writable": writable}))
 }
 
 /// One line about a deployment as `workers.deploy` or `workers.scale` answered it.
@@ -177,9 +211,33 @@ mod tests {
         assert!(both.body().is_err());
         let bad = Deploy {
             env: vec!["NOEQUALS".into()],
-            ..d
+            ..d.clone()
         };
         assert!(bad.body().expect_err("bad env").contains("KEY=value"));
+        let mounted = Deploy {
+            mounts: vec!["/srv/a:/a".into(), "/srv/b:/b:rw".into(), "/c:/c:ro".into()],
+            target_backlog: 8,
+            scale_down_after: 30,
+            ..d.clone()
+        };
+        let b = mounted.body().expect("body");
+        assert_eq!(
+            b["mounts"],
+            json!([
+                {"source": "/srv/a", "target": "/a", "writable": false},
+                {"source": "/srv/b", "target": "/b", "writable": true},
+                {"source": "/c", "target": "/c", "writable": false},
+            ])
+        );
+        assert_eq!(b["target_backlog_per_replica"], 8);
+        assert_eq!(b["scale_down_after_seconds"], 30);
+        for m in ["/a", "/a:/b:rx", ":/b", "/a:", "/a:/b:rw:x"] {
+            let bad = Deploy {
+                mounts: vec![m.into()],
+                ..d.clone()
+            };
+            assert!(bad.body().expect_err(m).contains("SOURCE:TARGET"), "{m}");
+        }
     }
 
     #[test]

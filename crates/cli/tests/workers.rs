@@ -24,6 +24,8 @@ impl Drop for Orchestrator {
 async fn workers_deploy_ls_scale_rm() {
     let image = busybox_image().expect("test image");
     let mut f = Fleet::start().await.expect("fleet");
+    // `workers.deploy` refuses an agent not marked `workers:hosted`.
+    f.agent("bot", "workers", &["workers:hosted"]).await;
     let host = unique("cli");
     f.clean_label(host_label(&host));
     let bus = f.node_bus(NodeKind::Orchestrator);

@@ -12,40 +12,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
-use bollard::exec::{CreateExecOptions, StartExecResults};
 use common::*;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::json;
-
-async fn bollard_exec(d: &Docker, id: &str) {
-    let e = d
-        .create_exec(
-            id,
-            CreateExecOptions::<String> {
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                cmd: Some(vec!["true".into()]),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    if let StartExecResults::Attached { mut output, .. } = d.start_exec(&e.id, None).await.unwrap()
-    {
-        while output.next().await.is_some() {}
-    }
-    let r = d.inspect_exec(&e.id).await.unwrap();
-    assert_eq!(r.exit_code, Some(0));
-}
-
-fn cli_exec(id: &str) {
-    let s = std::process::Command::new("docker")
-        .args(["exec", id, "true"])
-        .status()
-        .unwrap();
-    assert!(s.success());
-}
+use tether_testkit::docker::{cli_exec_true, engine_exec_true};
 
 fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()
@@ -93,9 +64,9 @@ async fn main() {
     // Warm up every path.
     for _ in 0..20 {
         f.exec(&agents[0], body.clone()).await.unwrap();
-        bollard_exec(&docker, &id0).await;
+        engine_exec_true(&docker, &id0).await;
     }
-    cli_exec(&id0);
+    cli_exec_true(&id0);
 
     let (mut h_bus, mut h_direct, mut h_cli) = (hist(), hist(), hist());
     let cli_every = 6;
@@ -105,11 +76,11 @@ async fn main() {
         assert_eq!(r["exit_code"], 0);
         h_bus.record(t.elapsed().as_micros() as u64).unwrap();
         let t = Instant::now();
-        bollard_exec(&docker, &id0).await;
+        engine_exec_true(&docker, &id0).await;
         h_direct.record(t.elapsed().as_micros() as u64).unwrap();
         if i % cli_every == 0 {
             let t = Instant::now();
-            cli_exec(&id0);
+            cli_exec_true(&id0);
             h_cli.record(t.elapsed().as_micros() as u64).unwrap();
         }
     }

@@ -4,8 +4,16 @@
 //! Every limit has a default (used when a request leaves it at 0) and a maximum (a request
 //! above it is refused with 400); the engine's own bounds (host CPUs and memory) cap the
 //! maximums further when the node starts. Bind mounts are refused unless their host path lies
-//! under an `allowed_mounts` entry — the operator's allowlist, where `{space}` stands for the
-//! requesting space.
+//! under an `allowed_mounts` entry of the profile in use — the operator's allowlist, where
+//! `{space}` stands for the requesting space.
+//!
+//! Run-profiles are `[profiles.<name>]` tables ([`Profile`]; checked by the `profiles` module,
+//! which says what they are for). Migration: the
+//! top-level `allowed_mounts` of earlier versions is still read, as
+//! `[profiles.default].allowed_mounts` (both lists count); move it there, since `default` is
+//! what `containers.create` and worker deployments without a profile use.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +26,55 @@ pub enum UnboundPolicy {
     Adopt,
     /// Stop and remove it.
     Remove,
+}
+
+/// The profile that always exists: the hardened defaults.
+pub const DEFAULT_PROFILE: &str = "default";
+
+/// How a fixed mount is mounted.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MountMode {
+    #[default]
+    Ro,
+    Rw,
+}
+
+/// A bind mount every replica of the profile gets.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileMount {
+    /// Absolute host path.
+    pub source: String,
+    /// Absolute path in the container.
+    pub target: String,
+    #[serde(default)]
+    pub mode: MountMode,
+}
+
+/// Default limits of a profile's replicas (0 = the node's default).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfileLimits {
+    pub memory_mb: i32,
+    pub cpu_limit: f64,
+    pub pids_limit: i32,
+}
+
+/// One `[profiles.<name>]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Profile {
+    pub mounts: Vec<ProfileMount>,
+    /// Host paths a request may add mounts from.
+    pub allowed_mounts: Vec<AllowedMount>,
+    /// `name:IP` or `name:host-gateway`.
+    pub extra_hosts: Vec<String>,
+    /// none, bridge, or an operator network's name; empty = the node's `space_network_mode`.
+    pub network: String,
+    /// A file of `KEY=VALUE` lines given to every replica as `/run/tether/env`.
+    pub env_file: String,
+    pub resource_limits: ProfileLimits,
 }
 
 /// One host path (or folder) bind mounts may come from.
@@ -77,7 +134,10 @@ pub struct OrchestratorConfig {
     pub max_sessions_per_space: usize,
     /// Size of each writable (tmpfs) path.
     pub tmpfs_size_mb: u32,
+    /// Kept for earlier configurations: read as `[profiles.default].allowed_mounts`.
     pub allowed_mounts: Vec<AllowedMount>,
+    /// Run-profiles by name (`[profiles.<name>]`); `default` exists even when not listed.
+    pub profiles: BTreeMap<String, Profile>,
     pub unbound_policy: UnboundPolicy,
     /// Run the engine's init (tini) as PID 1, so killed commands' orphans are reaped.
     pub use_init: bool,
@@ -121,13 +181,50 @@ pub struct OrchestratorConfig {
     /// KV bucket of sessions (expiry, closed), read by every orchestrator's janitor.
     pub sessions_bucket: String,
 
-    /// KV bucket of worker deployments (`crate::workers`), shared by every orchestrator.
+    /// KV bucket of worker deployments (the `workers` module), shared by every orchestrator.
     pub workers_bucket: String,
     /// The most replicas (and `max_replicas`) a worker deployment may ask for.
     pub max_worker_replicas: u32,
     /// Lifetime asked for each worker replica's token (`tokens.worker`; the permission node
-    /// caps it); renewed at two thirds of it (`crate::workers::credentials`).
+    /// caps it); renewed at two thirds of it (the workers' `credentials` module).
     pub worker_token_ttl_seconds: u32,
+    /// How often scaled deployments' backlogs are read and decided on (the workers' scale module).
+    pub worker_scale_interval_ms: u64,
+    /// The A2A gateway's work stream, whose `work_<agent>` consumers scaling reads (the
+    /// gateway's `a2a_work_stream`).
+    pub worker_work_stream: String,
+
+    /// Put the space daemon (`tether-spaced`) into every new space container as its init and
+    /// send `containers.exec` to it (the `daemon` module). Off: every exec uses the engine's
+    /// exec API, as do containers made before. Also off when containers get no bus URL.
+    pub space_daemon: bool,
+    /// The daemon's static binary; empty = `tether-spaced` next to the orchestrator's own
+    /// executable. Missing while `space_daemon` is on: a warning at start, and no daemon.
+    pub space_daemon_binary: String,
+    /// Lifetime asked for each daemon's token (`tokens.daemon`; the permission node may cap
+    /// it); renewed at half of it.
+    pub space_daemon_token_ttl_seconds: u32,
+
+    /// Warm pools of never-used space containers (`[[pool]]`; the `pool` module): a
+    /// `containers.create` whose spec matches one is served from it.
+    pub pool: Vec<PoolConfig>,
+}
+
+/// One `[[pool]]`: what its containers are made as (a space container of this image, network
+/// and limits, no mounts, no session) and how many are kept ready.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    pub image: String,
+    /// Containers kept ready (1..=64).
+    pub size: u32,
+    /// Empty = `space_network_mode`.
+    pub network_mode: String,
+    /// 0 = the node's default. A create asking other limits is still served from the pool;
+    /// the engine updates the taken container's limits.
+    pub memory_mb: i32,
+    pub cpu_limit: f64,
+    pub pids_limit: i32,
 }
 
 /// Seconds a tool container outlives its deadline before the janitor may remove it (the
@@ -160,6 +257,7 @@ impl Default for OrchestratorConfig {
             max_sessions_per_space: 8,
             tmpfs_size_mb: 256,
             allowed_mounts: Vec::new(),
+            profiles: BTreeMap::new(),
             unbound_policy: UnboundPolicy::Adopt,
             use_init: true,
             idle_command: vec![
@@ -190,7 +288,34 @@ impl Default for OrchestratorConfig {
             workers_bucket: "tether_workers".into(),
             max_worker_replicas: 64,
             worker_token_ttl_seconds: 900,
+            worker_scale_interval_ms: 2000,
+            worker_work_stream: "A2A_WORK".into(),
+            space_daemon: true,
+            space_daemon_binary: String::new(),
+            space_daemon_token_ttl_seconds: 600,
+            pool: Vec::new(),
         }
+    }
+}
+
+impl OrchestratorConfig {
+    /// The profiles as configured, `default` always among them (with the top-level
+    /// `allowed_mounts` alias merged in).
+    pub fn effective_profiles(&self) -> BTreeMap<String, Profile> {
+        let mut all = self.profiles.clone();
+        let d = all.entry(DEFAULT_PROFILE.to_string()).or_default();
+        let mut allowed = self.allowed_mounts.clone();
+        allowed.append(&mut d.allowed_mounts);
+        d.allowed_mounts = allowed;
+        all
+    }
+
+    /// The mounts `containers.create` may ask for: the `default` profile's allowlist.
+    pub fn default_allowed_mounts(&self) -> Vec<AllowedMount> {
+        self.effective_profiles()
+            .remove(DEFAULT_PROFILE)
+            .map(|p| p.allowed_mounts)
+            .unwrap_or_default()
     }
 }
 
@@ -267,6 +392,7 @@ impl OrchestratorConfig {
             &self.tool_jobs_stream,
             &self.sessions_bucket,
             &self.workers_bucket,
+            &self.worker_work_stream,
         ] {
             if !tether_bus::subject::is_valid_token(b) {
                 return Err(InvalidConfig(format!(
@@ -298,8 +424,14 @@ impl OrchestratorConfig {
         if self.max_worker_replicas == 0 || self.max_worker_replicas > 1000 {
             return bad("max_worker_replicas must be between 1 and 1000");
         }
+        if !(100..=600_000).contains(&self.worker_scale_interval_ms) {
+            return bad("worker_scale_interval_ms must be between 100 and 600000");
+        }
         if self.worker_token_ttl_seconds < 6 {
             return bad("worker_token_ttl_seconds must be at least 6");
+        }
+        if self.space_daemon_token_ttl_seconds < 6 {
+            return bad("space_daemon_token_ttl_seconds must be at least 6");
         }
         for n in &self.allowed_networks {
             if n.is_empty()
@@ -453,5 +585,13 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().is_err(), "dead after less than two beats");
+        for (interval, stream) in [(50, "A2A_WORK"), (2000, "a.b")] {
+            let c = OrchestratorConfig {
+                worker_scale_interval_ms: interval,
+                worker_work_stream: stream.into(),
+                ..Default::default()
+            };
+            assert!(c.validate().is_err(), "{interval} {stream}");
+        }
     }
 }

@@ -23,15 +23,19 @@ use bollard::query_parameters::{
     ListImagesOptions, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use tether_bus::Problem;
-use tether_proto::{ContainerInfo, MountSpec, ResourceLimits};
 
 use crate::config::OrchestratorConfig;
 use crate::labels::{
-    LABEL_EXPIRES, LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_SESSION, LABEL_SPACE,
+    LABEL_DAEMON, LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_POOL, LABEL_SESSION, LABEL_SPACE,
+    space_of,
 };
 use crate::spec::ContainerSpec;
 
 pub mod files;
+mod info;
+mod taken;
+
+pub use info::{info_from_inspect, info_from_summary, summary_name};
 
 const MIB: i64 = 1024 * 1024;
 
@@ -116,8 +120,8 @@ impl From<EngineError> for Problem {
     }
 }
 
-/// The immutable identity of a managed container (its labels never change, nor its memory
-/// limit: the node never updates a container).
+/// The identity of a managed container, cached: its labels never change; its name and limits
+/// change only when a pool container is taken (`taken`), which drops it from the cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Meta {
     pub id: String,
@@ -128,6 +132,11 @@ pub struct Meta {
     pub image: String,
     /// The memory limit, MiB (always set on a managed container).
     pub memory_mb: i64,
+    /// The space daemon's volume (`tether.daemon` label): empty when the container has no
+    /// space daemon as its init.
+    pub daemon: String,
+    /// Made for a warm pool (`tether.pool`): its space's environment is in its bind file.
+    pub pool: bool,
 }
 
 /// Cached identities, by id and by name; bounded, and forgotten on `destroy`/`rename`.
@@ -255,15 +264,15 @@ impl Engine {
             return Err(self.not_managed(id_or_name));
         }
         let l = labels.cloned().unwrap_or_default();
+        let name = c
+            .name
+            .as_deref()
+            .unwrap_or_default()
+            .trim_start_matches('/');
         let meta = Arc::new(Meta {
             id: c.id.clone().unwrap_or_default(),
-            name: c
-                .name
-                .clone()
-                .unwrap_or_default()
-                .trim_start_matches('/')
-                .to_string(),
-            space: l.get(LABEL_SPACE).cloned().unwrap_or_default(),
+            name: name.to_string(),
+            space: space_of(&l, name),
             session_id: l.get(LABEL_SESSION).cloned().unwrap_or_default(),
             kind: l.get(LABEL_KIND).cloned().unwrap_or_default(),
             image: c
@@ -272,6 +281,8 @@ impl Engine {
                 .and_then(|c| c.image.clone())
                 .unwrap_or_default(),
             memory_mb: c.host_config.as_ref().and_then(|h| h.memory).unwrap_or(0) / MIB,
+            daemon: l.get(LABEL_DAEMON).cloned().unwrap_or_default(),
+            pool: l.contains_key(LABEL_POOL),
         });
         self.remember(&meta);
         Ok((meta, c))
@@ -325,16 +336,42 @@ impl Engine {
             format!("{LABEL_MANAGED}=true"),
             format!("{LABEL_HOST}={}", self.host_id),
         ];
-        for (k, v) in [
-            (LABEL_SPACE, space),
-            (LABEL_SESSION, session),
-            (LABEL_KIND, kind),
-        ] {
+        for (k, v) in [(LABEL_SESSION, session), (LABEL_KIND, kind)] {
             if !v.is_empty() {
                 labels.push(format!("{k}={v}"));
             }
         }
-        let filters = HashMap::from([("label".to_string(), labels)]);
+        if space.is_empty() {
+            return self.list_labelled(labels, None).await;
+        }
+        // A space's containers: its label's, and the pool containers taken for it (named).
+        let mut pooled = labels.clone();
+        pooled.push(LABEL_POOL.to_string());
+        labels.push(format!("{LABEL_SPACE}={space}"));
+        let mut list = self.list_labelled(labels, None).await?;
+        let name = format!(
+            "^/{}{space}\\.",
+            crate::labels::POOL_TAKEN_PREFIX.replace('.', "\\.")
+        );
+        let taken = self.list_labelled(pooled, Some(name)).await?;
+        list.extend(taken.into_iter().filter(|c| {
+            let l = c.labels.clone().unwrap_or_default();
+            space_of(&l, &summary_name(c)) == space
+        }));
+        Ok(list)
+    }
+
+    /// This host's managed containers with every label of `labels` (and a name matching the
+    /// engine's regular expression `name`).
+    async fn list_labelled(
+        &self,
+        labels: Vec<String>,
+        name: Option<String>,
+    ) -> Result<Vec<ContainerSummary>, EngineError> {
+        let mut filters = HashMap::from([("label".to_string(), labels)]);
+        if let Some(n) = name {
+            filters.insert("name".to_string(), vec![n]);
+        }
         let opts = ListContainersOptionsBuilder::default()
             .all(true)
             .filters(&filters)
@@ -477,6 +514,15 @@ pub fn create_body(spec: &ContainerSpec, cfg: &OrchestratorConfig) -> ContainerC
         })
         .collect();
     mounts.extend(spec.secret_dir.as_deref().map(files::secret_dir_mount));
+    if let Some(d) = &spec.daemon {
+        mounts.push(Mount {
+            target: Some(d.dir.clone()),
+            source: Some(d.volume.clone()),
+            typ: Some(MountType::VOLUME),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     let host = HostConfig {
         memory: Some(memory),
         // Equal to memory: no swap on top.
@@ -492,7 +538,8 @@ pub fn create_body(spec: &ContainerSpec, cfg: &OrchestratorConfig) -> ContainerC
         mounts: Some(mounts),
         network_mode: Some(spec.network_mode.clone()),
         extra_hosts: Some(spec.extra_hosts.clone()),
-        init: Some(cfg.use_init),
+        // The space daemon is the init where it runs (it reaps every child).
+        init: Some(cfg.use_init && spec.daemon.is_none()),
         restart_policy: Some(RestartPolicy {
             name: Some(RestartPolicyNameEnum::NO),
             maximum_retry_count: None,
@@ -506,140 +553,20 @@ pub fn create_body(spec: &ContainerSpec, cfg: &OrchestratorConfig) -> ContainerC
         }),
         ..Default::default()
     };
+    // With the daemon, the image's entrypoint and the command are its arguments already.
+    let (entrypoint, cmd) = match &spec.daemon {
+        Some(d) => (Some(d.entrypoint.clone()), None),
+        None => (None, spec.cmd.clone()),
+    };
     ContainerCreateBody {
         image: Some(spec.image.clone()),
-        cmd: spec.cmd.clone(),
+        entrypoint,
+        cmd,
         env: Some(spec.env.clone()),
         working_dir: spec.workdir.clone(),
         labels: Some(spec.labels.clone()),
         stop_timeout: Some(i64::from(cfg.stop_grace_seconds)),
         host_config: Some(host),
-        ..Default::default()
-    }
-}
-
-fn label(l: &HashMap<String, String>, k: &str) -> String {
-    l.get(k).cloned().unwrap_or_default()
-}
-
-/// What callers see of an inspected managed container.
-pub fn info_from_inspect(c: &ContainerInspectResponse, host_id: &str) -> ContainerInfo {
-    let labels = c
-        .config
-        .as_ref()
-        .and_then(|c| c.labels.clone())
-        .unwrap_or_default();
-    let state = c.state.as_ref();
-    let hc = c.host_config.as_ref();
-    let created = c.created.clone().unwrap_or_default();
-    let expires = label(&labels, LABEL_EXPIRES);
-    let ttl = match (
-        chrono::DateTime::parse_from_rfc3339(&created),
-        chrono::DateTime::parse_from_rfc3339(&expires),
-    ) {
-        (Ok(a), Ok(b)) => i32::try_from((b - a).num_seconds().max(0)).unwrap_or(i32::MAX),
-        _ => 0,
-    };
-    let mut writable_paths: Vec<String> = hc
-        .and_then(|h| h.tmpfs.as_ref())
-        .map(|t| t.keys().cloned().collect())
-        .unwrap_or_default();
-    writable_paths.sort();
-    let mounts = hc
-        .and_then(|h| h.mounts.as_ref())
-        .map(|ms| {
-            ms.iter()
-                .map(|m| MountSpec {
-                    source: m.source.clone().unwrap_or_default(),
-                    target: m.target.clone().unwrap_or_default(),
-                    writable: !m.read_only.unwrap_or(false),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let fin = state
-        .and_then(|s| s.finished_at.clone())
-        .unwrap_or_default();
-    ContainerInfo {
-        container_id: c.id.clone().unwrap_or_default(),
-        container_name: c
-            .name
-            .clone()
-            .unwrap_or_default()
-            .trim_start_matches('/')
-            .to_string(),
-        image: c
-            .config
-            .as_ref()
-            .and_then(|c| c.image.clone())
-            .unwrap_or_default(),
-        space: label(&labels, LABEL_SPACE),
-        session_id: label(&labels, LABEL_SESSION),
-        kind: label(&labels, LABEL_KIND),
-        host_id: host_id.to_string(),
-        state: state
-            .and_then(|s| s.status)
-            .map(|s| s.to_string())
-            .unwrap_or_default(),
-        exit_code: state
-            .and_then(|s| s.exit_code)
-            .map(|c| i32::try_from(c).unwrap_or(-1))
-            .unwrap_or_default(),
-        oom_killed: state.and_then(|s| s.oom_killed).unwrap_or(false),
-        created_at: created,
-        started_at: state
-            .and_then(|s| s.started_at.clone())
-            .filter(|s| !s.starts_with("0001-"))
-            .unwrap_or_default(),
-        finished_at: if fin.starts_with("0001-") {
-            String::new()
-        } else {
-            fin
-        },
-        expires_at: expires,
-        resource_limits: hc.map(|h| ResourceLimits {
-            memory_mb: i32::try_from(h.memory.unwrap_or(0) / MIB).unwrap_or(i32::MAX),
-            cpu_limit: h.nano_cpus.unwrap_or(0) as f64 / 1e9,
-            pids_limit: i32::try_from(h.pids_limit.unwrap_or(0)).unwrap_or(i32::MAX),
-            timeout_seconds: ttl,
-        }),
-        network_mode: hc.and_then(|h| h.network_mode.clone()).unwrap_or_default(),
-        read_only_root: hc.and_then(|h| h.readonly_rootfs).unwrap_or(false),
-        writable_paths,
-        mounts,
-        labels,
-    }
-}
-
-/// What callers see of a listed managed container (the engine's summary is shorter).
-pub fn info_from_summary(c: &ContainerSummary, host_id: &str) -> ContainerInfo {
-    let labels = c.labels.clone().unwrap_or_default();
-    ContainerInfo {
-        container_id: c.id.clone().unwrap_or_default(),
-        container_name: c
-            .names
-            .as_ref()
-            .and_then(|n| n.first())
-            .map(|n| n.trim_start_matches('/').to_string())
-            .unwrap_or_default(),
-        image: c.image.clone().unwrap_or_default(),
-        space: label(&labels, LABEL_SPACE),
-        session_id: label(&labels, LABEL_SESSION),
-        kind: label(&labels, LABEL_KIND),
-        host_id: host_id.to_string(),
-        state: c.state.map(|s| s.to_string()).unwrap_or_default(),
-        created_at: c
-            .created
-            .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-            .unwrap_or_default(),
-        expires_at: label(&labels, LABEL_EXPIRES),
-        network_mode: c
-            .host_config
-            .as_ref()
-            .and_then(|h| h.network_mode.clone())
-            .unwrap_or_default(),
-        labels,
         ..Default::default()
     }
 }
@@ -740,6 +667,7 @@ mod tests {
             host_cpus: 2.0,
             host_memory_mb: 4096,
             container_nats_url: "nats://host.docker.internal:4222".into(),
+            subject_prefix: None,
         };
         let req = tether_proto::CreateContainerRequest {
             image: "img".into(),

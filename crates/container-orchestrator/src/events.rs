@@ -18,7 +18,7 @@ use futures::StreamExt;
 use tether_bus::Ctx;
 use tether_proto::ContainerEventData;
 
-use crate::labels::{LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_SESSION, LABEL_SPACE};
+use crate::labels::{LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_SESSION};
 use crate::state::Orchestrator;
 
 /// The event action of a lifecycle change, if it is one we publish.
@@ -152,7 +152,14 @@ async fn handle(o: &Orchestrator, ctx: &Ctx, ev: EventMessage) {
     let Some(action) = action_of(&raw_action) else {
         return;
     };
-    let space = get(LABEL_SPACE);
+    if matches!(action, "exited" | "removed") && attrs.contains_key(crate::labels::LABEL_POOL) {
+        // A pool container went: the pool is filled again.
+        if action == "removed" {
+            o.pool.forget(&id);
+        }
+        o.pool.wake.notify_one();
+    }
+    let space = crate::labels::space_of(&attrs, &name);
     let kind = get(LABEL_KIND);
     match action {
         "oom" => o.note_oom(&id),

@@ -13,7 +13,8 @@
 //! [`REAPER`] (run by the janitor) kills the execs that were still running past it.
 //!
 //! Output beyond the cap is read and dropped (so the command never blocks on a full pipe) and
-//! reported as `truncated`.
+//! reported as `truncated`. The [`Collector`] is shared with the space daemon's path
+//! (the `daemon` module's `exec`), so both give the same result and the same stream.
 
 use std::time::{Duration, Instant};
 
@@ -141,13 +142,16 @@ pub struct ExecOutcome {
     pub output_bytes: u64,
 }
 
+/// Which output stream a chunk is of.
 #[derive(Clone, Copy)]
-enum Which {
+pub enum Which {
     Out,
     Err,
 }
 
-struct Collector {
+/// An exec's output as it comes, from the engine or from a space daemon: kept within the cap,
+/// and streamed (numbered `stdout`/`stderr` chunks, then `end` with the exit code) when asked.
+pub struct Collector {
     out: ExecOutcome,
     cap: usize,
     seq: u64,
@@ -155,7 +159,36 @@ struct Collector {
 }
 
 impl Collector {
-    async fn push(&mut self, which: Which, data: Bytes) {
+    pub fn new(cap: usize, stream: Option<StreamTo>) -> Self {
+        Self {
+            out: ExecOutcome::default(),
+            cap,
+            seq: 0,
+            stream,
+        }
+    }
+
+    /// Ends the stream with the exit code and gives the outcome.
+    pub async fn finish(
+        mut self,
+        exit_code: i32,
+        timed_out: bool,
+        duration: Duration,
+    ) -> ExecOutcome {
+        self.out.exit_code = exit_code;
+        self.out.timed_out |= timed_out;
+        self.out.duration = duration;
+        self.publish("end", Bytes::new(), Some(exit_code)).await;
+        self.out
+    }
+
+    /// Marks output as dropped (beyond a cap elsewhere) and counts bytes seen but not given.
+    pub fn note(&mut self, truncated: bool, output_bytes: u64) {
+        self.out.truncated |= truncated;
+        self.out.output_bytes = self.out.output_bytes.max(output_bytes);
+    }
+
+    pub async fn push(&mut self, which: Which, data: Bytes) {
         self.out.output_bytes += data.len() as u64;
         let held = self.out.stdout.len() + self.out.stderr.len();
         let room = self.cap.saturating_sub(held);
@@ -309,12 +342,7 @@ pub async fn run(docker: &Docker, spec: ExecSpec) -> Result<ExecOutcome, EngineE
         spec.stdin,
     )
     .await?;
-    let mut c = Collector {
-        out: ExecOutcome::default(),
-        cap: spec.max_output,
-        seq: 0,
-        stream: spec.stream,
-    };
+    let mut c = Collector::new(spec.max_output, spec.stream);
     if !drain(&mut output, &mut c, deadline).await {
         c.out.timed_out = true;
         let killed = kill(docker, &spec.container_id, &exec_id, spec.user.as_deref()).await;
@@ -336,11 +364,8 @@ pub async fn run(docker: &Docker, spec: ExecSpec) -> Result<ExecOutcome, EngineE
         w.abort();
     }
     drop(output);
-    c.out.exit_code = exit_code(docker, &engine_exec).await;
-    c.out.duration = started.elapsed();
-    let code = c.out.exit_code;
-    c.publish("end", Bytes::new(), Some(code)).await;
-    Ok(c.out)
+    let code = exit_code(docker, &engine_exec).await;
+    Ok(c.finish(code, false, started.elapsed()).await)
 }
 
 /// The exit code once the engine has it (-1 when the process is somehow still running).
@@ -392,12 +417,7 @@ pub async fn run_script(
         None,
     )
     .await?;
-    let mut c = Collector {
-        out: ExecOutcome::default(),
-        cap: 64 * 1024,
-        seq: 0,
-        stream: None,
-    };
+    let mut c = Collector::new(64 * 1024, None);
     if !drain(
         &mut output,
         &mut c,

@@ -24,7 +24,7 @@ async fn main() -> ExitCode {
         args.config.config.as_deref(),
         |layers| {
             let cfg = layers.node::<OrchestratorConfig>()?;
-            cfg.validate()?;
+            tether_container_orchestrator::validate_config(&cfg)?;
             Ok(cfg)
         },
         run,

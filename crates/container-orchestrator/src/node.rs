@@ -5,6 +5,8 @@
 //! `container` (id or name) or by `space` (its bound container), and the caller must be an
 //! operator or belong to the container's `tether.space` label — the label, not a request
 //! field, decides. A space bound on another host is answered there (see [`crate::route`]).
+//! `containers.exec` goes to the container's space daemon when it has one that can take the
+//! request, else to the engine's exec API (`crate::daemon` says when; both give one result).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -183,6 +185,11 @@ impl StartCall {
         };
         o.note_trace(&m.id, traceparent(req).as_deref());
         o.engine.start(&m.id).await?;
+        if m.pool && !m.space.is_empty() {
+            crate::pool_take::restarted(o, &req.ctx, &m).await;
+        } else {
+            o.daemon.started(&m);
+        }
         let (_, c) = o.engine.inspect_managed(&m.id).await?;
         Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
     }
@@ -365,7 +372,12 @@ impl InspectCall {
             Target::Remote(e) => return Ok(Routed::On(e)),
         };
         let (_, c) = o.engine.inspect_managed(&m.id).await?;
-        Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
+        let mut info = info_from_inspect(&c, &o.host_id);
+        // containerd may deliver a task's exit before the OOM kill that caused it, and the
+        // engine then records the exit as no OOM; the `oom` event this node saw says otherwise.
+        info.oom_killed |=
+            info.state == "exited" && info.exit_code == 137 && o.oom_count(&m.id) > 0;
+        Ok(Routed::Here(info))
     }
 }
 
@@ -499,7 +511,23 @@ impl ExecCall {
                 subject,
             }),
         };
-        let out = match crate::exec::run(o.engine.docker(), spec).await {
+        let by_daemon = if crate::daemon::exec::takes_daemon(&o.daemon, &m, &spec) {
+            crate::daemon::exec::run(&o.daemon, &req.ctx.client, &m, &spec).await?
+        } else {
+            None
+        };
+        let ran = match by_daemon {
+            Some(out) => Ok(out),
+            None if m.pool => {
+                let mut spec = spec;
+                let mut env = crate::pool_take::env_of(o, &m).await;
+                env.append(&mut spec.env);
+                spec.env = env;
+                crate::exec::run(o.engine.docker(), spec).await
+            }
+            None => crate::exec::run(o.engine.docker(), spec).await,
+        };
+        let out = match ran {
             Ok(out) => out,
             Err(e) if e.kind() == EngineErrorKind::NotFound => {
                 // The cached identity was stale: the container is gone.

@@ -23,7 +23,8 @@ use tether_bus::Ctx;
 use tether_proto::SpaceBinding;
 
 use crate::config::UnboundPolicy;
-use crate::labels::{LABEL_EXPIRES, LABEL_KIND, LABEL_SESSION, LABEL_SPACE};
+use crate::docker::summary_name;
+use crate::labels::{LABEL_KIND, LABEL_SESSION, expires_of, space_of};
 use crate::space::Reserve;
 use crate::state::Orchestrator;
 
@@ -70,14 +71,12 @@ pub async fn pass(o: &Orchestrator, first: bool) -> anyhow::Result<Report> {
     for c in containers {
         let labels = c.labels.clone().unwrap_or_default();
         let id = c.id.clone().unwrap_or_default();
-        let expired = labels
-            .get(LABEL_EXPIRES)
-            .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
-            .is_some_and(|e| e.with_timezone(&chrono::Utc) <= now());
+        let name = summary_name(&c);
+        let expired = expires_of(&labels, &name).is_some_and(|e| e <= now());
         if expired {
             match o.engine.remove(&id).await {
                 Ok(()) => {
-                    let space = labels.get(LABEL_SPACE).cloned().unwrap_or_default();
+                    let space = space_of(&labels, &name);
                     if labels.get(LABEL_KIND).is_some_and(|k| k == "space") {
                         let _ = o.spaces.unbind_if(&space, &o.host_id, &id).await;
                     }
@@ -134,7 +133,7 @@ pub async fn pass(o: &Orchestrator, first: bool) -> anyhow::Result<Report> {
     for c in space_containers {
         let id = c.id.clone().unwrap_or_default();
         let labels = c.labels.clone().unwrap_or_default();
-        let space = labels.get(LABEL_SPACE).cloned().unwrap_or_default();
+        let space = space_of(&labels, &summary_name(c));
         let young = c
             .created
             .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
@@ -161,12 +160,7 @@ pub async fn pass(o: &Orchestrator, first: bool) -> anyhow::Result<Report> {
                         space: space.clone(),
                         host_id: o.host_id.clone(),
                         container_id: id.clone(),
-                        container_name: c
-                            .names
-                            .as_ref()
-                            .and_then(|n| n.first())
-                            .map(|n| n.trim_start_matches('/').to_string())
-                            .unwrap_or_default(),
+                        container_name: summary_name(c),
                         session_id: labels.get(LABEL_SESSION).cloned().unwrap_or_default(),
                         bound_at: now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                         bound_by: "reconcile".into(),

@@ -11,7 +11,7 @@ use std::path::Path;
 use tether_bus::Problem;
 use tether_proto::{CreateContainerRequest, MountSpec, ResourceLimits};
 
-use crate::config::OrchestratorConfig;
+use crate::config::{AllowedMount, OrchestratorConfig};
 use crate::labels::{
     LABEL_CREATED_BY, LABEL_EXPIRES, LABEL_HOST, LABEL_KIND, LABEL_MANAGED, LABEL_SESSION,
     LABEL_SPACE, SESSION_NETWORK_PREFIX,
@@ -78,6 +78,8 @@ pub struct Policy {
     pub host_memory_mb: i64,
     /// `TETHER_NATS_URL` for containers.
     pub container_nats_url: String,
+    /// The deployment's subject prefix (the bus config's), for the space daemons' subjects.
+    pub subject_prefix: Option<String>,
 }
 
 impl Policy {
@@ -126,7 +128,20 @@ pub struct ContainerSpec {
     /// that the orchestrator writes through the engine's archive API: a worker replica's token
     /// (the engine module's `files`). `None` for every other container.
     pub secret_dir: Option<String>,
+    /// The space daemon as the container's init (the `daemon` module): `None` for every container
+    /// but a space's, and for a space's when the daemon is off.
+    pub daemon: Option<DaemonSetup>,
     pub start: bool,
+}
+
+/// How a space container runs the space daemon: its volume (mounted read-only) and the
+/// entrypoint that starts the daemon with the image's own command after `--`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonSetup {
+    pub volume: String,
+    /// Where the volume is mounted.
+    pub dir: String,
+    pub entrypoint: Vec<String>,
 }
 
 impl ContainerSpec {
@@ -165,7 +180,8 @@ pub fn is_valid_image_ref(s: &str) -> bool {
         && !s.contains("..")
 }
 
-fn is_env_name(k: &str) -> bool {
+/// An environment variable's name: `[A-Za-z_][A-Za-z0-9_]*`, at most 256.
+pub fn is_env_name(k: &str) -> bool {
     !k.is_empty()
         && k.len() <= 256
         && k.chars()
@@ -284,7 +300,7 @@ fn is_forbidden_target(p: &str) -> bool {
 
 fn validate_mounts(
     mounts: &[MountSpec],
-    policy: &Policy,
+    allowlist: &[AllowedMount],
     space: &str,
 ) -> Result<Vec<BindMount>, Problem> {
     if mounts.len() > 32 {
@@ -300,7 +316,12 @@ fn validate_mounts(
             )));
         }
         let allowed = |path: &str| {
-            policy.cfg.allowed_mounts.iter().find(|a| {
+            allowlist.iter().find(|a| {
+                // An entry per space means nothing for a container in no space (a worker
+                // replica): with `{space}` empty it would allow the parent of every space.
+                if space.is_empty() && a.path.contains("{space}") {
+                    return false;
+                }
                 let dir = a.path.replace("{space}", space);
                 is_under(path, &dir) && dir != "/" && !dir.is_empty()
             })
@@ -437,7 +458,8 @@ fn validate_network(mode: &str, kind: Kind, policy: &Policy) -> Result<String, P
     Ok(mode)
 }
 
-fn validate_extra_hosts(hosts: &[String]) -> Result<Vec<String>, Problem> {
+/// `name:IP` or `name:host-gateway` entries, at most 32.
+pub fn validate_extra_hosts(hosts: &[String]) -> Result<Vec<String>, Problem> {
     if hosts.len() > 32 {
         return Err(bad("at most 32 `extra_hosts`"));
     }
@@ -498,6 +520,20 @@ pub fn validate_create(
     policy: &Policy,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<ContainerSpec, Problem> {
+    let allowlist = policy.cfg.default_allowed_mounts();
+    validate_create_in(req, space, agent_id, policy, now, &allowlist)
+}
+
+/// [`validate_create`] with the mounts checked against `allowlist` (a profile's
+/// `allowed_mounts`).
+pub fn validate_create_in(
+    req: &CreateContainerRequest,
+    space: &str,
+    agent_id: &str,
+    policy: &Policy,
+    now: chrono::DateTime<chrono::Utc>,
+    allowlist: &[AllowedMount],
+) -> Result<ContainerSpec, Problem> {
     if req.image.is_empty() {
         return Err(bad("`image` is required"));
     }
@@ -549,7 +585,7 @@ pub fn validate_create(
     validate_labels(&req.labels)?;
     let network_mode = validate_network(&req.network_mode, kind, policy)?;
     let mut extra_hosts = validate_extra_hosts(&req.extra_hosts)?;
-    let mounts = validate_mounts(&req.mounts, policy, space)?;
+    let mounts = validate_mounts(&req.mounts, allowlist, space)?;
 
     let read_only_root = !req.writable_root;
     let mut writable_paths: Vec<String> = Vec::new();
@@ -583,14 +619,7 @@ pub fn validate_create(
     }
 
     let nats_url = policy.container_nats_url.clone();
-    if network_mode != "none"
-        && nats_url.contains("host.docker.internal")
-        && !extra_hosts
-            .iter()
-            .any(|h| h.starts_with("host.docker.internal:"))
-    {
-        extra_hosts.push("host.docker.internal:host-gateway".into());
-    }
+    add_gateway_host(&mut extra_hosts, &network_mode, &nats_url);
     env.push(format!("TETHER_NATS_URL={nats_url}"));
     if !spaceless {
         env.push(format!("TETHER_SPACE={space}"));
@@ -633,8 +662,22 @@ pub fn validate_create(
         writable_paths,
         mounts,
         secret_dir: None,
+        daemon: None,
         start: !req.create_only,
     })
+}
+
+/// Maps `host.docker.internal` to the host gateway when the bus URL containers get names it
+/// (and the container has a network to reach it by).
+pub fn add_gateway_host(extra_hosts: &mut Vec<String>, network_mode: &str, nats_url: &str) {
+    if network_mode != "none"
+        && nats_url.contains("host.docker.internal")
+        && !extra_hosts
+            .iter()
+            .any(|h| h.starts_with("host.docker.internal:"))
+    {
+        extra_hosts.push("host.docker.internal:host-gateway".into());
+    }
 }
 
 /// The `TETHER_NATS_URL` for containers: loopback hosts of the node's URL(s) become
@@ -669,6 +712,7 @@ impl Policy {
             host_cpus: 2.0,
             host_memory_mb: 4096,
             container_nats_url: "nats://host.docker.internal:4222".into(),
+            subject_prefix: None,
         }
     }
 }

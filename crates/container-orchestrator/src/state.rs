@@ -45,6 +45,10 @@ pub struct Orchestrator {
     traces: Mutex<HashMap<String, String>>,
     /// Containers whose exec processes must be reaped at a time (unix seconds).
     reap_at: Mutex<HashMap<String, i64>>,
+    /// The space daemon: its binary, the daemons' tokens, the exec path counters.
+    pub daemon: Arc<crate::daemon::Daemon>,
+    /// The warm pools of space containers.
+    pub pool: Arc<crate::pool::Pool>,
     /// Wakes the worker reconciler (worker deployments): a deployment changed, or a replica
     /// exited or vanished.
     pub workers_poke: tokio::sync::Notify,
@@ -63,7 +67,11 @@ impl Orchestrator {
         limits: Limits,
         reply_budget: usize,
     ) -> Self {
+        let daemon = Arc::new(crate::daemon::Daemon::load(&policy, engine.clone()));
+        let pool = Arc::new(crate::pool::Pool::new(&policy));
         Self {
+            pool,
+            daemon,
             limits,
             host_id: policy.host_id.clone(),
             engine,
@@ -129,6 +137,7 @@ impl Orchestrator {
             t.remove(name);
         }
         lock(&self.reap_at).remove(id);
+        self.daemon.tokens.forget(id);
         self.engine.forget(id);
     }
 

@@ -7,7 +7,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures::StreamExt;
 use serde_json::json;
 
 #[tokio::test]
@@ -304,12 +303,15 @@ async fn memory_hog_is_oom_killed_and_reported() {
         .await
         .expect("tool");
     let id = tool["container_id"].as_str().expect("id").to_string();
-    let ex = loop {
-        let ev = next_event(&mut events, "tether.container.exited").await;
-        if ev["data"]["container_id"] == id.as_str() {
-            break ev;
-        }
-    };
+    // Inspect is asked once the engine has told both: its `die` and `oom` come either way
+    // round.
+    let ex = container_events(
+        &mut events,
+        &id,
+        &["tether.container.exited", "tether.container.oom"],
+    )
+    .await
+    .remove(0);
     assert_eq!(ex["data"]["exit_code"].as_f64(), Some(137.0));
     let i = f
         .call("containers.inspect", json!({"container": id}), Some(&t))
@@ -452,34 +454,13 @@ async fn streamed_output_arrives_in_order() {
         .await
         .expect("exec");
     assert_eq!(r["stdout"], "line1\nline2\nline3\nline4\nline5\n");
-    let mut seqs = Vec::new();
-    let mut text = String::new();
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
-            .await
-            .expect("chunk in time")
-            .expect("open");
-        let h = m.headers.expect("headers");
-        seqs.push(
-            h.get("Tether-Stream-Seq")
-                .expect("seq")
-                .as_str()
-                .parse::<u64>()
-                .expect("n"),
-        );
-        let kind = h.get("Tether-Stream").expect("kind").as_str().to_string();
-        if kind == "end" {
-            assert_eq!(h.get("Tether-Exit-Code").expect("code").as_str(), "0");
-            break;
-        }
-        if kind == "stdout" {
-            text.push_str(&String::from_utf8_lossy(&m.payload));
-        }
-    }
-    assert_eq!(text, "line1\nline2\nline3\nline4\nline5\n");
+    let s = read_stream(&mut sub).await;
+    assert_eq!(s.exit_code, "0");
+    assert_eq!(s.stdout, "line1\nline2\nline3\nline4\nline5\n");
     assert!(
-        seqs.windows(2).all(|w| w[1] == w[0] + 1) && seqs[0] == 1,
-        "{seqs:?}"
+        s.seqs.windows(2).all(|w| w[1] == w[0] + 1) && s.seqs[0] == 1,
+        "{:?}",
+        s.seqs
     );
 }
 

@@ -14,15 +14,15 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use common::a2a::{A2aFleet, state};
 use common::*;
 use serde_json::{Value, json};
-use tether_testkit::{NatsServer, NodeKind, unverified_claims};
+use tether_testkit::{NodeKind, unverified_claims};
 
 const AGENT: &str = "echo-w";
 /// The replicas' token lifetime: short, so the test outlives several.
 const TTL: u32 = 8;
 const WAIT: Duration = Duration::from_secs(60);
-const IMAGE: &str = "tether-test/a2a-echo-worker:latest";
 
 fn container_name(id: &str) -> String {
     docker(&["inspect", "-f", "{{.Name}}", id])
@@ -63,49 +63,14 @@ fn link_target(id: &str) -> String {
         .to_string()
 }
 
-fn message(text: &str) -> Value {
-    json!({
-        "message": {"messageId": unique("m"), "role": "ROLE_USER", "parts": [{"text": text}]},
-        "configuration": {"returnImmediately": true},
-    })
-}
-
-/// One A2A request as `token` (5 s); `None` when nothing answered.
+/// One A2A request to the agent as `token` (5 s); `None` when nothing answered.
 async fn a2a(f: &Fleet, op: &str, body: Value, token: &str) -> Option<Result<Value, Problem>> {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert("A2A-Version", "1.0");
-    match tether_testkit::request(
-        &f.c,
-        &format!("a2a.{AGENT}.{op}"),
-        body,
-        Some(token),
-        h,
-        Duration::from_secs(5),
-    )
-    .await
-    {
-        Err(p) if p.status == 503 => None,
-        r => Some(r),
-    }
+    common::a2a::request(f, AGENT, op, body, token).await
 }
 
 /// Sends `text` (queued) once the agent is known; the task id.
 async fn send(f: &Fleet, caller: &str, text: &str) -> String {
-    let body = message(text);
-    let t = eventually(WAIT, "the gateway takes a task for the agent", || {
-        let body = body.clone();
-        async move { a2a(f, "send", body, caller).await.and_then(Result::ok) }
-    })
-    .await;
-    t["task"]["id"]
-        .as_str()
-        .or_else(|| t["id"].as_str())
-        .unwrap_or_else(|| panic!("no task id: {t}"))
-        .to_string()
-}
-
-fn state(t: &Value) -> &str {
-    t["status"]["state"].as_str().unwrap_or_default()
+    common::a2a::send(f, AGENT, caller, text).await
 }
 
 /// Waits until every task completed; the workers (container names) that made them.
@@ -129,29 +94,14 @@ async fn completed(f: &Fleet, caller: &str, ids: &[String]) -> Vec<String> {
 
 #[tokio::test]
 async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoked() {
-    let bin = tether_testkit::cargo_bin("a2a-echo-worker").expect("a2a-echo-worker built");
-    let image = tether_testkit::docker::build_binary_image(IMAGE, &bin).expect("worker image");
-    let nats = NatsServer::start_for_containers()
-        .await
-        .expect("nats-server");
-    let fleet = tether_testkit::Fleet::on(nats, Default::default())
-        .await
-        .expect("fleet");
-    let mut f = Fleet::start_on(fleet, "a2aw", true, |c| {
+    let A2aFleet {
+        mut f,
+        gateway: _gw,
+        image,
+    } = A2aFleet::start("a2aw", AGENT, |c| {
         c.worker_token_ttl_seconds = TTL;
     })
-    .await
-    .expect("orchestrator");
-    let gw_cfg = tether_a2a_gateway::A2aConfig {
-        a2a_listen: "127.0.0.1:0".into(),
-        a2a_ack_wait_ms: 3_000,
-        ..Default::default()
-    };
-    let _gw = tether_a2a_gateway::start(f.node_bus(NodeKind::A2a), gw_cfg)
-        .await
-        .expect("a2a gateway");
-    f.agent(AGENT, "workers", &["a2a:serve", "workers:hosted"])
-        .await;
+    .await;
     let alice = f.agent("alice-w", "s1", &["a2a:call"]).await;
 
     let name = unique("echo");
@@ -270,12 +220,7 @@ async fn an_a2a_worker_deployment_serves_renews_its_tokens_and_stops_when_revoke
     // A restart of the orchestrator keeps the replicas, and the new one renews their tokens
     // (it learns them from the engine's labels, not from memory).
     let kept = worker_replicas(&name, "-q");
-    f.orch
-        .take()
-        .expect("the orchestrator")
-        .shutdown()
-        .await
-        .expect("the orchestrator drains");
+    stop_orchestrator(&mut f).await;
     // Read once the old one wrote its last.
     let before = token_in(&old).expect("the replica's token");
     let target = link_target(&old);

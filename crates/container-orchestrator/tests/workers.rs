@@ -46,9 +46,8 @@ impl Events {
         )
     }
 
-    /// The next worker event about replicas, within 60 s. Token refusals are skipped: these
-    /// deployments name agents that are not registered, and their credentials are
-    /// `worker_a2a.rs`'s subject.
+    /// The next worker event about replicas, within 60 s. Token refusals are skipped: the
+    /// credentials of replicas are `worker_a2a.rs`'s subject.
     async fn next(&mut self) -> Value {
         loop {
             let m = tokio::time::timeout(Duration::from_secs(60), self.0.next())
@@ -75,6 +74,14 @@ impl Events {
     }
 }
 
+/// Registers each of `ids` in space `workers`, marked `workers:hosted`: `workers.deploy`
+/// refuses any other agent.
+async fn hosted(f: &Fleet, ids: &[&str]) {
+    for id in ids {
+        f.agent(id, "workers", &["workers:hosted"]).await;
+    }
+}
+
 async fn deploy(f: &Fleet, body: Value) -> Result<Value, Problem> {
     f.call("workers.deploy", body, Some(&f.op)).await
 }
@@ -91,6 +98,7 @@ async fn scale(f: &Fleet, name: &str, replicas: u32) -> Result<Value, Problem> {
 #[tokio::test]
 async fn replicas_are_kept_through_kills_restarts_scaling_and_rolls() {
     let f = fleet_with(false, |_| {}).await;
+    hosted(&f, &["echo-bot"]).await;
     let bus = f.nats.node_bus(NodeKind::Orchestrator);
     let mut node = spawn_node(&bus, &f.host_id, None, &[]);
     wait_up(&f, &f.host_id).await;
@@ -313,6 +321,7 @@ fn inspect_slot(name: &str, index: u32) -> String {
 #[tokio::test]
 async fn bad_input_is_refused_and_changes_nothing() {
     let f = fleet().await;
+    hosted(&f, &["bot", "other-bot"]).await;
     let name = unique("w");
     let good = json!({
         "name": name, "agent_id": "bot", "image": f.image, "command": command(), "replicas": 1,
@@ -339,6 +348,12 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ),
         (with("profile", json!("coder")), 422, "unknown profile"),
         (with("restart", json!("sometimes")), 400, "`restart`"),
+        // Scaling settings need a scaled deployment (a `max_replicas` above the minimum).
+        (
+            with("target_backlog_per_replica", json!(8)),
+            400,
+            "`min_replicas` < `max_replicas`",
+        ),
         (
             with("env", json!({"TETHER_NATS_URL": "nats://elsewhere"})),
             400,
@@ -366,12 +381,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
             .expect_err(subject);
         assert_eq!(p.status, 403, "{subject}: {p:?}");
     }
-    let l = f
-        .call("workers.list", json!({}), Some(&f.op))
-        .await
-        .expect("list");
-    assert_eq!(l["workers"], json!([]), "{l}");
-    assert!(f.engine_containers().is_empty(), "nothing made");
+    nothing_deployed(&f).await;
 
     // A good one; then another agent under its name, or a replica count beyond its bounds,
     // is refused and leaves it as it was.
@@ -431,6 +441,7 @@ async fn replicas_spread_over_hosts_and_leave_a_host_that_is_gone() {
         c.host_dead_after_ms = dead;
     })
     .await;
+    hosted(&f, &["bot"]).await;
     let a = f.host_id.clone();
     let b = unique("b");
     f.clean_label(host_label(&b));
@@ -553,6 +564,7 @@ async fn replicas_spread_over_hosts_and_leave_a_host_that_is_gone() {
 #[tokio::test]
 async fn exited_replicas_are_replaced_with_backoff_as_restart_says() {
     let f = fleet().await;
+    hosted(&f, &["bot"]).await;
     let (crashing, clean) = (unique("crash"), unique("clean"));
     let mut crashes = Events::new(&f, &crashing).await;
     let mut cleans = Events::new(&f, &clean).await;
@@ -605,4 +617,54 @@ async fn exited_replicas_are_replaced_with_backoff_as_restart_says() {
             "no event for the clean exit: {v}"
         );
     }
+}
+
+/// `workers.deploy` of an agent the permission node would never give a replica's token to:
+/// not registered (404), registered without `workers:hosted` (422), revoked (422). Each is
+/// refused with the reason and leaves no key in the bucket and no container.
+#[tokio::test]
+async fn an_agent_that_may_not_be_hosted_is_refused_and_nothing_is_made() {
+    let f = fleet().await;
+    let plain = unique("plain");
+    f.agent(&plain, "workers", &["a2a:serve"]).await;
+    let gone = unique("gone");
+    hosted(&f, &[gone.as_str()]).await;
+    f.call("agents.revoke", json!({"agent_id": gone}), Some(&f.op))
+        .await
+        .expect("revoke");
+    let ghost = unique("ghost");
+    let cases = [
+        (ghost.as_str(), 404, format!("no agent `{ghost}`")),
+        (
+            plain.as_str(),
+            422,
+            "is not registered with `workers:hosted`".to_string(),
+        ),
+        (gone.as_str(), 422, format!("agent `{gone}` is revoked")),
+    ];
+    let kv = async_nats::jetstream::new(f.c.clone())
+        .get_key_value("tether_workers")
+        .await
+        .expect("the deployments bucket (made at start)");
+    for (agent, status, needle) in &cases {
+        let name = unique("w");
+        let body = json!({
+            "name": name, "agent_id": agent, "image": f.image, "command": command(), "replicas": 2,
+        });
+        let p = deploy(&f, body).await.expect_err(agent);
+        assert_eq!(p.status, *status, "{agent}: {p:?}");
+        assert!(
+            p.detail.contains(needle.as_str()),
+            "{needle:?} not in {p:?}"
+        );
+        let p = f
+            .call("workers.get", json!({"name": name}), Some(&f.op))
+            .await
+            .expect_err("no deployment");
+        assert_eq!(p.status, 404, "{p:?}");
+        let entry = kv.entry(name.as_str()).await.expect("kv read");
+        assert!(entry.is_none(), "{name} stored: {entry:?}");
+        assert!(all(&name).is_empty(), "{name}: a container was made");
+    }
+    assert!(f.engine_containers().is_empty(), "nothing made");
 }

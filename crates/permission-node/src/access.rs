@@ -17,7 +17,8 @@
 //! - a **node kind** serves its own subject families (in queue groups), answers into any inbox,
 //!   publishes events, makes the requests its work needs, and reaches only its own KV buckets
 //!   and streams, plus read access to the key and revocation buckets every verifier follows
-//!   (and, for the shell server, the orchestrator's space bindings it routes by).
+//!   (and, for the shell server, the orchestrator's space bindings it routes by; for the
+//!   orchestrator, the info of the A2A work consumers it scales worker deployments on).
 //!
 //! Bucket and stream names here are the defaults of the nodes' configs; a deployment that
 //! renames a bucket renders its server configuration with the new name.
@@ -44,6 +45,11 @@ pub struct Permissions {
     /// is: nodes answer clients with inboxes of their own choosing (the `nats` CLI's).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub allow_responses: bool,
+    /// For a user of the auth callout: may answer the reply subject of each request it
+    /// received, any number of times, within this window after receiving it (the user JWT's
+    /// `resp`). A space daemon streams several messages to one reply subject.
+    #[serde(skip)]
+    pub stream_responses: Option<std::time::Duration>,
 }
 
 impl Permissions {
@@ -59,6 +65,7 @@ impl Permissions {
                 deny: vec![],
             },
             allow_responses: false,
+            stream_responses: None,
         }
     }
 }
@@ -114,12 +121,19 @@ impl NodeKind {
 
     /// Subjects it sends requests to besides its own families: the shell server asks the
     /// orchestrator (on the host that holds the space, when it knows it) to exec; the
-    /// orchestrator asks the permission node for its worker replicas' tokens (`tokens.worker`:
-    /// no other identity but an operator may publish it).
+    /// orchestrator asks the permission node for its worker replicas' tokens (`tokens.worker`),
+    /// its space daemons' tokens (`tokens.daemon`) and, at `workers.deploy`, whether the agent
+    /// may be hosted (`agents.hostable`): no other identity but an operator may publish these.
+    /// It also sends exec to the space daemons (`spaces.<space>.daemon.exec`).
     fn calls(self) -> &'static [&'static str] {
         match self {
             NodeKind::Shell => &["containers.>", "hosts.*.containers.>"],
-            NodeKind::Orchestrator => &["tokens.worker"],
+            NodeKind::Orchestrator => &[
+                "tokens.worker",
+                "agents.hostable",
+                "tokens.daemon",
+                "spaces.*.daemon.exec",
+            ],
             _ => &[],
         }
     }
@@ -159,6 +173,16 @@ impl NodeKind {
         match self {
             NodeKind::Orchestrator => &["TETHER_TOOL_JOBS"],
             NodeKind::A2a => &["A2A_WORK", "A2A_EVENTS"],
+            _ => &[],
+        }
+    }
+
+    /// Streams whose consumers' info it reads, nothing else of them: the orchestrator scales
+    /// worker deployments on their agents' work consumers (`work_<agent>` on the A2A
+    /// gateway's stream; every consumer of that stream is one).
+    fn reads_consumers(self) -> &'static [&'static str] {
+        match self {
+            NodeKind::Orchestrator => &[A2A_WORK_STREAM],
             _ => &[],
         }
     }
@@ -215,6 +239,9 @@ impl NodeKind {
             publish.extend(stream_admin(s));
         }
         publish.extend(self.stream_subjects().iter().map(|s| s.to_string()));
+        for s in self.reads_consumers() {
+            publish.push(format!("$JS.API.CONSUMER.INFO.{s}.*"));
+        }
         for b in self.reads_buckets() {
             publish.extend(stream_read(&format!("KV_{b}")));
         }
@@ -228,6 +255,7 @@ impl NodeKind {
                 deny: vec![],
             },
             allow_responses: true,
+            stream_responses: None,
         }
     }
 }
@@ -320,6 +348,8 @@ fn scope_subjects(s: Scope) -> &'static [&'static str] {
         Scope::A2aServe => &[],
         // A mark on the agent's record for `tokens.worker`, no subject.
         Scope::WorkersHosted => &[],
+        // Its own space's exec requests only: see `for_claims`.
+        Scope::DaemonServe => &[],
     }
 }
 
@@ -340,10 +370,39 @@ const DISCOVERY: &[&str] = &[
     "$SRV.STATS.>",
 ];
 
+/// How long a space daemon may go on answering one exec request: the longest command the
+/// orchestrator sends to a daemon (3600 s; longer ones take the engine's path) and a minute.
+pub const DAEMON_REPLY_WINDOW: std::time::Duration = std::time::Duration::from_secs(3660);
+
+/// The subject a space's daemon serves exec on (what `tether-spaced` subscribes to).
+pub fn daemon_exec_subject(space: &str) -> String {
+    format!("spaces.{space}.daemon.exec")
+}
+
+/// A space daemon's permissions: subscribe to its own space's exec subject (in any queue
+/// group; under the deployment's `prefix`, like every service subject) and answer what it
+/// receives there — no other publish, no JetStream, no inbox of its own. A stolen daemon
+/// credential can only answer its own space's requests.
+fn daemon(space: &str, prefix: Option<&str>) -> Permissions {
+    Permissions {
+        publish: Rule::default(),
+        subscribe: Rule {
+            allow: vec![prefixed(prefix, &daemon_exec_subject(space))],
+            deny: vec![],
+        },
+        allow_responses: false,
+        stream_responses: Some(DAEMON_REPLY_WINDOW),
+    }
+}
+
 /// The permissions of a verified token's holder under the deployment's subject `prefix`.
 pub fn for_claims(c: &Claims, prefix: Option<&str>) -> Permissions {
     if c.scopes.is_operator() {
         return Permissions::everything();
+    }
+    if c.scopes.allows(Scope::DaemonServe) {
+        // Whatever else the token lists: `tokens.daemon` issues this scope alone.
+        return daemon(&c.space, prefix);
     }
     let p = |s: &str| prefixed(prefix, s);
     let mut publish: Vec<String> = ANY_AGENT.iter().map(|s| p(s)).collect();
@@ -377,6 +436,7 @@ pub fn for_claims(c: &Claims, prefix: Option<&str>) -> Permissions {
             deny: vec![],
         },
         allow_responses: false,
+        stream_responses: None,
     }
 }
 
@@ -395,6 +455,33 @@ mod tests {
             0,
             60,
         )
+    }
+
+    #[test]
+    fn a_space_daemon_serves_its_own_space_and_publishes_nothing_else() {
+        // Even listed with other scopes (`tokens.daemon` never does), `daemon:serve` wins.
+        let p = for_claims(&claims(&[Scope::DaemonServe, Scope::ShellExec]), None);
+        assert_eq!(p.subscribe.allow, vec!["spaces.s1.daemon.exec".to_string()]);
+        assert!(p.publish.allow.is_empty() && p.publish.deny.is_empty());
+        assert!(!p.allow_responses);
+        assert_eq!(p.stream_responses, Some(DAEMON_REPLY_WINDOW));
+        let prefixed = for_claims(&claims(&[Scope::DaemonServe]), Some("prod"));
+        assert_eq!(
+            prefixed.subscribe.allow,
+            vec!["prod.spaces.s1.daemon.exec".to_string()]
+        );
+        // An operator stays an operator; the orchestrator may send daemons their requests.
+        assert_eq!(
+            for_claims(&claims(&[Scope::Operator]), None),
+            Permissions::everything()
+        );
+        assert!(
+            NodeKind::Orchestrator
+                .permissions(None)
+                .publish
+                .allow
+                .contains(&"spaces.*.daemon.exec".to_string())
+        );
     }
 
     #[test]
@@ -513,21 +600,46 @@ mod tests {
     }
 
     #[test]
-    fn only_the_orchestrator_asks_for_worker_tokens() {
+    fn the_orchestrator_reads_only_the_info_of_work_consumers() {
         let orch = NodeKind::Orchestrator.permissions(None);
-        assert!(orch.publish.allow.contains(&"tokens.worker".to_string()));
-        for kind in [NodeKind::Shell, NodeKind::Model, NodeKind::A2a] {
+        let work: Vec<&String> = orch
+            .publish
+            .allow
+            .iter()
+            .filter(|s| s.contains("A2A_WORK") || s.starts_with("a2a_work"))
+            .collect();
+        assert_eq!(work, vec!["$JS.API.CONSUMER.INFO.A2A_WORK.*"]);
+        for kind in [NodeKind::Shell, NodeKind::Model, NodeKind::Permission] {
             let p = kind.permissions(None);
             assert!(
-                !p.publish.allow.iter().any(|s| s.starts_with("tokens.")),
+                !p.publish.allow.iter().any(|s| s.contains("A2A_WORK")),
                 "{kind:?}"
             );
         }
-        // No agent scope reaches it, whatever it holds short of operator.
+    }
+
+    #[test]
+    fn only_the_orchestrator_asks_for_worker_tokens() {
+        let orch = NodeKind::Orchestrator.permissions(None);
+        assert!(orch.publish.allow.contains(&"tokens.worker".to_string()));
+        assert!(orch.publish.allow.contains(&"agents.hostable".to_string()));
+        assert!(!orch.publish.allow.iter().any(|s| s == "agents.>"));
+        for kind in [NodeKind::Shell, NodeKind::Model, NodeKind::A2a] {
+            let p = kind.permissions(None);
+            assert!(
+                !p.publish
+                    .allow
+                    .iter()
+                    .any(|s| s.starts_with("tokens.") || s.starts_with("agents.")),
+                "{kind:?}"
+            );
+        }
+        // No agent scope reaches it, whatever it holds short of operator (`daemon:serve` is
+        // no agent's, and publishes nothing).
         let all: Vec<Scope> = Scope::ALL
             .iter()
             .copied()
-            .filter(|s| *s != Scope::Operator)
+            .filter(|s| ![Scope::Operator, Scope::DaemonServe].contains(s))
             .collect();
         let p = for_claims(&claims(&all), None);
         assert!(
@@ -535,6 +647,12 @@ mod tests {
                 .allow
                 .iter()
                 .any(|s| s == "tokens.worker" || s == "tokens.>" || s == ">")
+        );
+        assert!(
+            !p.publish
+                .allow
+                .iter()
+                .any(|s| s == "agents.hostable" || s == "agents.>")
         );
         // The permission node reads the deployments, never writes them.
         let perm = NodeKind::Permission.permissions(None);

@@ -19,10 +19,15 @@
 //! - `tokens.issue`: an agent may refresh its own token; `tokens:issue` may issue for agents
 //!   of the caller's own space; operator for anyone. Scopes are a subset of the agent's.
 //! - `tokens.worker` (a worker replica's token, for the orchestrator): see [`worker_tokens`].
+//! - `agents.hostable` (whether `workers.deploy` may name an agent, for the orchestrator): see
+//!   [`worker_tokens`].
+//! - `tokens.daemon` (a space daemon's bus identity, for the orchestrator): see
+//!   [`daemon_tokens`]. `agents.register` refuses its scope `daemon:serve`.
 //! - `auth.keys` is public: public keys are not secrets.
 
 pub mod access;
 pub mod callout;
+pub mod daemon_tokens;
 pub mod nats_jwt;
 pub mod server_conf;
 pub mod worker_tokens;
@@ -189,7 +194,7 @@ pub async fn build(
     });
     let s = |st: &Arc<State>| st.clone();
     let (s1, s2, s3, s4, s5, s6) = (s(&st), s(&st), s(&st), s(&st), s(&st), s(&st));
-    let s7 = s(&st);
+    let (s7, s8, s9) = (s(&st), s(&st), s(&st));
     Ok(Node::new(NAME, env!("CARGO_PKG_VERSION"))
         .description("agents, spaces and signed tokens")
         .metadata("kid", st.key.kid())
@@ -209,6 +214,14 @@ pub async fn build(
         // Public at the token level: the bus lets only the orchestrator publish it.
         .endpoint(Endpoint::public("tokens.worker", move |r| {
             worker_tokens::issue_worker(s7.clone(), r)
+        }))
+        // Public at the token level too: the bus lets only the orchestrator publish it.
+        .endpoint(Endpoint::public("agents.hostable", move |r| {
+            worker_tokens::hostable(s8.clone(), r)
+        }))
+        // Public at the token level too: the bus lets only the orchestrator publish it.
+        .endpoint(Endpoint::public("tokens.daemon", move |r| {
+            daemon_tokens::issue_daemon(s9.clone(), r)
         }))
         .endpoint(Endpoint::public("auth.keys", move |r| {
             public_keys(s6.clone(), r)
@@ -268,9 +281,21 @@ async fn register(st: Arc<State>, req: Request<RegisterAgentRequest>) -> Result<
     let b = &req.body;
     validate_id("agent_id", &b.agent_id)?;
     validate_id("space", &b.space)?;
+    if b.space.starts_with(tether_auth::POOL_SPACE_PREFIX) {
+        return Err(Problem::bad_request(format!(
+            "`space` {:?}: spaces starting with `{}` are warm-pool containers' own",
+            b.space,
+            tether_auth::POOL_SPACE_PREFIX
+        )));
+    }
     // A non-operator registers agents only into its own space.
     caller.space_for(&b.space)?;
     let scopes = ScopeSet::parse(&b.scopes).map_err(|e| Problem::bad_request(e.to_string()))?;
+    if scopes.iter().any(|s| *s == Scope::DaemonServe) {
+        return Err(Problem::bad_request(
+            "`daemon:serve` is a space daemon's scope (`tokens.daemon`); no agent holds it",
+        ));
+    }
     if !caller.scopes.contains_all(&scopes) {
         return Err(Problem::forbidden(
             "a caller can grant only scopes it holds itself",

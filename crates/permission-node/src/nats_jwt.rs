@@ -78,7 +78,7 @@ pub fn user_jwt(
     exp: i64,
     now: i64,
 ) -> Result<String, String> {
-    let claims = json!({
+    let mut claims = json!({
         "jti": uuid::Uuid::new_v4().simple().to_string(),
         "iat": now,
         "exp": exp,
@@ -96,6 +96,14 @@ pub fn user_jwt(
             "version": 2,
         },
     });
+    if let Some(window) = perms.stream_responses {
+        // Any number of answers (`max` -1) to each request received, for `ttl` nanoseconds.
+        // The server then denies every other publish even with an empty allow list.
+        claims["nats"]["resp"] = json!({
+            "max": -1,
+            "ttl": u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
+        });
+    }
     sign(issuer, &claims)
 }
 

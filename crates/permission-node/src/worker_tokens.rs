@@ -15,13 +15,19 @@
 //!
 //! The token carries the agent's registered scopes without `workers:hosted`, its space, and a
 //! lifetime of at most `max_token_ttl_seconds`.
+//!
+//! `agents.hostable` answers the first check alone (registered, not revoked, marked
+//! `workers:hosted`), so that `workers.deploy` refuses an agent whose replicas could never get
+//! a token before it stores anything. Public at the token level like `tokens.worker` and for
+//! the same reason (the orchestrator holds no token); the bus lets only the orchestrator and
+//! operators publish it, and it says no more than whether the agent may be hosted.
 
 use std::sync::Arc;
 
 use tether_auth::Scope;
 use tether_bus::kv::Bucket;
 use tether_bus::{Encoding, Problem, PublicRequest};
-use tether_proto::{IssueWorkerTokenRequest, IssuedToken, WorkerDeployment};
+use tether_proto::{AgentRef, Empty, IssueWorkerTokenRequest, IssuedToken, WorkerDeployment};
 
 use crate::{State, registered_agent, sign, usable, validate_id};
 
@@ -33,12 +39,8 @@ pub(crate) async fn issue_worker(
     validate_id("worker", &b.worker)?;
     let agent = registered_agent(&st, &b.agent_id).await?;
     let registered = usable(&agent)?;
-    // `allows` would let an operator agent through: the mark itself is required.
-    if !registered.iter().any(|s| *s == Scope::WorkersHosted) {
-        return Err(Problem::forbidden(format!(
-            "agent `{}` is not registered with `workers:hosted`: the orchestrator may not run it",
-            agent.agent_id
-        )));
+    if !marked_hosted(&registered) {
+        return Err(Problem::forbidden(not_hosted(&agent.agent_id)));
     }
     let deployment = deployment(&st, &b.worker).await?;
     let named = deployment
@@ -55,6 +57,31 @@ pub(crate) async fn issue_worker(
     let issued = sign(&st, &agent, scopes, b.ttl_seconds)?;
     tracing::info!(agent = %agent.agent_id, worker = %b.worker, jti = %issued.jti, "worker token issued");
     Ok(issued)
+}
+
+/// `agents.hostable`: 404 for an agent that is not registered, 422 for one that is revoked or
+/// not marked `workers:hosted` (the deploy that asks is well-formed; the agent is not fit).
+pub(crate) async fn hostable(
+    st: Arc<State>,
+    req: PublicRequest<AgentRef>,
+) -> Result<Empty, Problem> {
+    let agent = registered_agent(&st, &req.body.agent_id).await?;
+    let registered = usable(&agent).map_err(|p| Problem::unprocessable(p.detail))?;
+    if !marked_hosted(&registered) {
+        return Err(Problem::unprocessable(not_hosted(&agent.agent_id)));
+    }
+    Ok(Empty {})
+}
+
+/// `allows` would let an operator agent through: the mark itself is required.
+fn marked_hosted(registered: &tether_auth::ScopeSet) -> bool {
+    registered.iter().any(|s| *s == Scope::WorkersHosted)
+}
+
+fn not_hosted(agent_id: &str) -> String {
+    format!(
+        "agent `{agent_id}` is not registered with `workers:hosted`: the orchestrator may not run it"
+    )
 }
 
 /// The deployment `name` in the orchestrator's bucket; `None` when it (or the bucket) is not

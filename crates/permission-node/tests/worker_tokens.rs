@@ -29,13 +29,10 @@ async fn the_orchestrator_gets_tokens_only_for_hosted_agents_a_deployment_names(
     f.agent("bot-w", "space-w", &["a2a:serve", "workers:hosted"])
         .await;
     f.agent("plain-w", "space-w", &["a2a:serve"]).await;
-    let orch = tether_bus::connect::connect(
-        &f.node_bus(NodeKind::Orchestrator),
-        NodeKind::Orchestrator.name(),
-        &tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .expect("the orchestrator's user connects");
+    let orch = f
+        .connect_node(NodeKind::Orchestrator)
+        .await
+        .expect("the orchestrator's user connects");
 
     // No deployments bucket yet: no deployment names anyone.
     let p = ask(&orch, "echo", "bot-w").await.expect_err("no bucket");
@@ -106,10 +103,16 @@ async fn the_orchestrator_gets_tokens_only_for_hosted_agents_a_deployment_names(
 #[tokio::test]
 async fn no_agent_may_ask_for_a_worker_token() {
     let f = Fleet::start().await.expect("fleet");
-    // Every scope short of operator.
+    // Every scope an agent can hold short of operator (`daemon:serve` is no agent's).
     let all: Vec<&str> = tether_auth::Scope::ALL
         .iter()
-        .filter(|s| **s != tether_auth::Scope::Operator)
+        .filter(|s| {
+            ![
+                tether_auth::Scope::Operator,
+                tether_auth::Scope::DaemonServe,
+            ]
+            .contains(s)
+        })
         .map(|s| s.as_str())
         .collect();
     let token = f.agent("greedy-w", "space-g", &all).await;

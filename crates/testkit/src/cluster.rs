@@ -4,7 +4,8 @@
 //! on whichever member a client reaches.
 //!
 //! Design decision: members are started together and waited on together — a JetStream
-//! cluster answers nothing until a quorum of its members elected a meta leader.
+//! cluster answers nothing until a quorum of its members elected a meta leader — and the
+//! cluster counts as started once it places a replicated stream (every peer known).
 
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ use crate::nats::{NatsServer, SpawnError, free_port};
 
 /// Members of a [`NatsCluster`].
 pub const MEMBERS: usize = 3;
+/// How long a started cluster may take to place a replicated stream.
+const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Attempts at starting the cluster when a picked port was taken meanwhile.
 const START_ATTEMPTS: usize = 3;
 
@@ -72,10 +75,43 @@ impl NatsCluster {
         for m in &mut members {
             m.wait_ready().await?;
         }
-        Ok(NatsCluster {
+        let cluster = NatsCluster {
             members,
             admin_password: keys.admin_password.clone(),
-        })
+        };
+        cluster.wait_placement().await.map_err(SpawnError::Other)?;
+        Ok(cluster)
+    }
+
+    /// Waits until the cluster places a replicated stream: every member answering JetStream
+    /// is not enough, since the meta leader may not know all peers yet ("no suitable peers
+    /// for placement" for an R3 bucket, seen on a loaded machine).
+    async fn wait_placement(&self) -> anyhow::Result<()> {
+        let js = async_nats::jetstream::new(self.members[0].client().await?);
+        let probe = async_nats::jetstream::stream::Config {
+            name: "tether_test_placement".into(),
+            subjects: vec!["tether.test.placement".into()],
+            num_replicas: MEMBERS,
+            storage: async_nats::jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        };
+        let deadline = tokio::time::Instant::now() + PLACEMENT_TIMEOUT;
+        loop {
+            match js.create_stream(probe.clone()).await {
+                Ok(_) => {
+                    js.delete_stream(&probe.name)
+                        .await
+                        .context("delete the placement probe")?;
+                    return Ok(());
+                }
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(anyhow::anyhow!(
+                        "the cluster placed no replicated stream within {PLACEMENT_TIMEOUT:?}: {e}"
+                    ));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// Every member's `nats://127.0.0.1:PORT`, comma-separated (what nodes are given).
@@ -130,7 +166,7 @@ pub struct ClusterFleet {
 impl ClusterFleet {
     /// Registers agent `id` in `space` with `scopes` and returns a token for it.
     pub async fn agent(&self, id: &str, space: &str, scopes: &[&str]) -> String {
-        crate::register_agent(&self.c, &self.op, id, space, scopes).await
+        crate::register_agent(&self.c, None, &self.op, id, space, scopes).await
     }
 
     /// A cluster with the permission node's buckets at `replicas` copies.

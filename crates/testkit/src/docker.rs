@@ -323,3 +323,37 @@ pub fn run(args: &[&str]) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
 }
+
+/// One exec of `true` in container `id` through the engine's exec API (create, start, read to
+/// the end, inspect): the baseline the exec benches compare with. Panics when it fails.
+pub async fn engine_exec_true(d: &bollard::Docker, id: &str) {
+    use futures::StreamExt;
+    let e = d
+        .create_exec(
+            id,
+            bollard::exec::CreateExecOptions::<String> {
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                cmd: Some(vec!["true".into()]),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create the exec");
+    if let bollard::exec::StartExecResults::Attached { mut output, .. } =
+        d.start_exec(&e.id, None).await.expect("start the exec")
+    {
+        while output.next().await.is_some() {}
+    }
+    let r = d.inspect_exec(&e.id).await.expect("inspect the exec");
+    assert_eq!(r.exit_code, Some(0), "`true` failed through the exec API");
+}
+
+/// One `docker exec <id> true` (the CLI baseline of the exec benches). Panics when it fails.
+pub fn cli_exec_true(id: &str) {
+    let s = Command::new("docker")
+        .args(["exec", id, "true"])
+        .status()
+        .expect("run `docker exec`");
+    assert!(s.success(), "`docker exec {id} true` failed: {s}");
+}

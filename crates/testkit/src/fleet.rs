@@ -8,7 +8,10 @@
 //! Key decisions: a request that finds no responder is the Problem 503 the bus would answer,
 //! never a panic; a request that gets no reply at all within its timeout panics (a hang is a
 //! failure, and must not pass for a server's own 504). Waiting is [`eventually`]: polling with
-//! a deadline, never a fixed sleep.
+//! a deadline, never a fixed sleep. A fleet on a server with a subject prefix
+//! ([`NatsServer::start_under`]) is that deployment whole: its methods put service subjects
+//! under the prefix ([`prefixed`]), so a test names subjects as an unprefixed fleet does; the
+//! free functions ([`call`], [`poll`]) take subjects as they are.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -127,9 +130,11 @@ pub async fn permission_node(
 }
 
 /// Registers agent `id` in `space` with `scopes` as the operator `op` and returns a fresh
-/// token for it. Panics when the permission node refuses.
+/// token for it, asking the permission node under subject `prefix` (if any). Panics when
+/// the permission node refuses.
 pub async fn register_agent(
     c: &async_nats::Client,
+    prefix: Option<&str>,
     op: &str,
     id: &str,
     space: &str,
@@ -137,19 +142,33 @@ pub async fn register_agent(
 ) -> String {
     call(
         c,
-        "agents.register",
+        &prefixed(prefix, "agents.register"),
         json!({"agent_id": id, "space": space, "scopes": scopes}),
         Some(op),
     )
     .await
     .unwrap_or_else(|p| panic!("register {id}: {p:?}"));
-    let t = call(c, "tokens.issue", json!({"agent_id": id}), Some(op))
-        .await
-        .unwrap_or_else(|p| panic!("issue a token for {id}: {p:?}"));
+    let t = call(
+        c,
+        &prefixed(prefix, "tokens.issue"),
+        json!({"agent_id": id}),
+        Some(op),
+    )
+    .await
+    .unwrap_or_else(|p| panic!("issue a token for {id}: {p:?}"));
     t["token"]
         .as_str()
         .unwrap_or_else(|| panic!("tokens.issue answered no token: {t}"))
         .to_string()
+}
+
+/// `subject` under a deployment's subject `prefix`: `<prefix>.<subject>`, or `subject` as it
+/// is without one (where the nodes of a fleet under that prefix serve it).
+pub fn prefixed(prefix: Option<&str>, subject: &str) -> String {
+    match prefix {
+        Some(p) => format!("{p}.{subject}"),
+        None => subject.to_string(),
+    }
 }
 
 /// A request with an optional bearer token and the default timeout: the JSON reply, or the
@@ -304,7 +323,9 @@ impl Fleet {
     }
 
     /// A fleet on `nats` (e.g. [`NatsServer::start_for_containers`]) with the permission node
-    /// at `cfg`.
+    /// at `cfg`. On a server with a subject prefix ([`NatsServer::start_under`]) the permission
+    /// node and its auth callout run under that prefix, and [`Fleet::call`], [`Fleet::poll`]
+    /// and [`Fleet::agent`] ask under it.
     pub async fn on(nats: NatsServer, cfg: PermissionConfig) -> anyhow::Result<Fleet> {
         let key = SigningKey::generate().context("generate key")?;
         let bus = nats.node_bus(NodeKind::Permission);
@@ -347,9 +368,26 @@ impl Fleet {
         bus(&self.url())
     }
 
-    /// A bus config for a node of `kind`, as that kind's own NATS user.
+    /// A bus config for a node of `kind`, as that kind's own NATS user (under the server's
+    /// subject prefix, if any).
     pub fn node_bus(&self, kind: NodeKind) -> BusConfig {
         self.nats.node_bus(kind)
+    }
+
+    /// Where this fleet's nodes serve `subject` ([`NatsServer::subject`]).
+    pub fn subject(&self, subject: &str) -> String {
+        self.nats.subject(subject)
+    }
+
+    /// A client connected as node kind `kind`'s own NATS user (its nkey), as that node
+    /// connects.
+    pub async fn connect_node(&self, kind: NodeKind) -> anyhow::Result<async_nats::Client> {
+        tether_bus::connect::connect(
+            &self.node_bus(kind),
+            kind.name(),
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .await
     }
 
     /// A client connected as the holder of `token` (through the auth callout), listening on
@@ -375,27 +413,35 @@ impl Fleet {
     /// Registers agent `id` in `space` with `scopes` (as the operator) and returns a fresh
     /// token for it. Panics when the permission node refuses.
     pub async fn agent(&self, id: &str, space: &str, scopes: &[&str]) -> String {
-        register_agent(&self.c, &self.op, id, space, scopes).await
+        register_agent(
+            &self.c,
+            self.nats.subject_prefix(),
+            &self.op,
+            id,
+            space,
+            scopes,
+        )
+        .await
     }
 
-    /// [`call`] on this fleet's client.
+    /// [`call`] on this fleet's client, on [`Fleet::subject`] of `subject`.
     pub async fn call(
         &self,
         subject: &str,
         body: impl Into<Body>,
         token: Option<&str>,
     ) -> Result<Value, Problem> {
-        call(&self.c, subject, body, token).await
+        call(&self.c, &self.subject(subject), body, token).await
     }
 
-    /// [`poll`] on this fleet's client.
+    /// [`poll`] on this fleet's client, on [`Fleet::subject`] of `subject`.
     pub async fn poll(
         &self,
         subject: &str,
         body: impl Into<Body>,
         token: Option<&str>,
     ) -> Option<Value> {
-        poll(&self.c, subject, body, token).await
+        poll(&self.c, &self.subject(subject), body, token).await
     }
 
     /// Removes, when the fleet drops, every container and network labelled with `label`

@@ -20,6 +20,8 @@ use tether_permission_node::server_conf::{ADMIN_USER, BusKeys};
 
 /// Where a test's server listens unless it is for containers.
 const LOOPBACK: &str = "127.0.0.1";
+/// Where a server for containers listens (they reach it through the host gateway).
+const ALL_INTERFACES: &str = "0.0.0.0";
 
 /// The key bundle's folder in the server's temp dir.
 const KEYS_DIR: &str = "keys";
@@ -62,6 +64,11 @@ pub struct NatsServer {
     /// The address it listens on: loopback, or every interface for
     /// [`NatsServer::start_for_containers`].
     listen_host: &'static str,
+    /// The shared token of [`NatsServer::start_with_token`].
+    token: Option<String>,
+    /// The deployment's subject prefix of [`NatsServer::start_under`]: in the node users'
+    /// permissions and in every [`NatsServer::node_bus`].
+    subject_prefix: Option<String>,
 }
 
 /// Why a spawn did not become a ready server.
@@ -167,13 +174,46 @@ impl NatsServer {
     /// the orchestrator's `container_nats_url` points them for a loopback bus URL). The bus
     /// is authorized as always; clients of the test still use `127.0.0.1`.
     pub async fn start_for_containers() -> anyhow::Result<NatsServer> {
-        Self::start_inner("", true, "0.0.0.0").await
+        Self::start_inner("", true, ALL_INTERFACES).await
+    }
+
+    /// Like [`NatsServer::start`] (or, `for_containers`, [`NatsServer::start_for_containers`])
+    /// for a deployment with subject prefix `prefix` (`BusConfig::subject_prefix`): the node
+    /// users' permissions are prefixed as the deployment's server config has them, and every
+    /// [`NatsServer::node_bus`] carries the prefix, so each node on it — the permission node
+    /// and its auth callout included — serves and asks under `<prefix>.`.
+    pub async fn start_under(prefix: &str, for_containers: bool) -> anyhow::Result<NatsServer> {
+        let token_ok = |t: &str| {
+            !t.is_empty() && !t.contains(|c: char| c.is_whitespace() || c == '*' || c == '>')
+        };
+        anyhow::ensure!(
+            prefix.split('.').all(token_ok),
+            "subject prefix {prefix:?}: give a subject (dot-separated, non-empty tokens) without whitespace or wildcards"
+        );
+        let listen_host = if for_containers {
+            ALL_INTERFACES
+        } else {
+            LOOPBACK
+        };
+        Self::start_full("", true, listen_host, None, Some(prefix.to_string())).await
     }
 
     /// A server WITHOUT authorization: only for a benchmark's baseline (the round trip with
     /// and without authorization). Tests use [`NatsServer::start`].
     pub async fn start_open() -> anyhow::Result<NatsServer> {
         Self::start_inner("", false, LOOPBACK).await
+    }
+
+    /// A server whose only authorization is one shared `token` (plain nats-server token
+    /// auth, no callout): for a client tested on its own token-file handling, such as the
+    /// space daemon before its bus identity exists. [`NatsServer::url`] carries the token
+    /// (`nats://<token>@127.0.0.1:PORT`); [`NatsServer::plain_url`] does not.
+    pub async fn start_with_token(token: &str) -> anyhow::Result<NatsServer> {
+        let conf = format!(
+            "authorization {{\n  token: {}\n}}",
+            conf_string(Path::new(token))
+        );
+        Self::start_full(&conf, false, LOOPBACK, Some(token.to_string()), None).await
     }
 
     /// Like [`NatsServer::start`], with `extra_conf` appended to the generated config file
@@ -188,6 +228,16 @@ impl NatsServer {
         authorized: bool,
         listen_host: &'static str,
     ) -> anyhow::Result<NatsServer> {
+        Self::start_full(extra_conf, authorized, listen_host, None, None).await
+    }
+
+    async fn start_full(
+        extra_conf: &str,
+        authorized: bool,
+        listen_host: &'static str,
+        token: Option<String>,
+        subject_prefix: Option<String>,
+    ) -> anyhow::Result<NatsServer> {
         let mut last = None;
         for _ in 0..START_ATTEMPTS {
             let dir = tempfile::Builder::new()
@@ -197,7 +247,8 @@ impl NatsServer {
             let auth = if authorized {
                 let keys = BusKeys::generate();
                 keys.write(&dir.path().join(KEYS_DIR))?;
-                Some((keys.admin_password.clone(), keys.authorization_conf(None)))
+                let conf = keys.authorization_conf(subject_prefix.as_deref());
+                Some((keys.admin_password.clone(), conf))
             } else {
                 None
             };
@@ -209,6 +260,8 @@ impl NatsServer {
                 extra_conf: extra_conf.to_string(),
                 auth,
                 listen_host,
+                token: token.clone(),
+                subject_prefix: subject_prefix.clone(),
             };
             match s.spawn_and_wait().await {
                 Ok(()) => return Ok(s),
@@ -223,13 +276,17 @@ impl NatsServer {
 
     /// The URL of the break-glass admin user, `nats://admin:<password>@127.0.0.1:PORT` (every
     /// permission, no callout): what tests connect their own clients with. Without
-    /// authorization ([`NatsServer::start_open`]), the plain URL.
+    /// authorization ([`NatsServer::start_open`]), the plain URL; with a shared token
+    /// ([`NatsServer::start_with_token`]), `nats://<token>@127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         match &self.auth {
             Some((password, _)) => {
                 format!("nats://{ADMIN_USER}:{password}@127.0.0.1:{}", self.port)
             }
-            None => self.plain_url(),
+            None => match &self.token {
+                Some(t) => format!("nats://{t}@127.0.0.1:{}", self.port),
+                None => self.plain_url(),
+            },
         }
     }
 
@@ -244,13 +301,26 @@ impl NatsServer {
         self.auth.as_ref().map(|_| self.dir.path().join(KEYS_DIR))
     }
 
-    /// The bus config of a node of `kind`, connecting as that kind's own NATS user.
+    /// The bus config of a node of `kind`, connecting as that kind's own NATS user, under
+    /// the server's subject prefix ([`NatsServer::start_under`]) if it has one.
     pub fn node_bus(&self, kind: NodeKind) -> BusConfig {
         BusConfig {
             nats_url: self.plain_url(),
             nats_nkey_file: self.keys_dir().map(|d| BusKeys::node_seed_file(&d, kind)),
+            subject_prefix: self.subject_prefix.clone(),
             ..Default::default()
         }
+    }
+
+    /// The subject prefix of [`NatsServer::start_under`] (`None` for every other server).
+    pub fn subject_prefix(&self) -> Option<&str> {
+        self.subject_prefix.as_deref()
+    }
+
+    /// Where the fleet's nodes serve `subject`: `<prefix>.<subject>` under a subject prefix,
+    /// else `subject` as it is.
+    pub fn subject(&self, subject: &str) -> String {
+        crate::fleet::prefixed(self.subject_prefix(), subject)
     }
 
     /// The permission node's auth-callout settings for this server (off without authorization).
@@ -371,6 +441,8 @@ impl NatsServer {
             extra_conf,
             auth: Some((keys.admin_password.clone(), keys.authorization_conf(None))),
             listen_host: LOOPBACK,
+            token: None,
+            subject_prefix: None,
         })
     }
 

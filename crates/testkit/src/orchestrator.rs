@@ -15,11 +15,38 @@ use tether_container_orchestrator::OrchestratorConfig;
 use crate::docker::{self, host_label, labeled_containers};
 use crate::fleet::{Fleet, NodeKind, Problem, unique};
 
-/// An orchestrator config for tests: host `host_id`, janitor every second.
+/// Set to `off`, the orchestrators of tests run without the space daemon (every exec takes
+/// the engine's path); otherwise space containers get the static daemon
+/// ([`crate::spaced_static`]) and the test server listens where containers reach it.
+pub const SPACE_DAEMON_ENV: &str = "TETHER_TEST_SPACE_DAEMON";
+
+/// Whether the tests' orchestrators put the space daemon into space containers.
+pub fn space_daemon_on() -> bool {
+    std::env::var(SPACE_DAEMON_ENV).map_or(true, |v| v != "off")
+}
+
+/// The static daemon's path for an orchestrator of a test; panics when it is not built.
+pub fn space_daemon_binary() -> String {
+    crate::spaced_static()
+        .unwrap_or_else(|e| panic!("the tests need the static space daemon: {e}"))
+        .display()
+        .to_string()
+}
+
+/// An orchestrator config for tests: host `host_id`, janitor every second, the space daemon
+/// as [`space_daemon_on`] says (containers reach the bus at the derived
+/// `host.docker.internal` URL of a server started by [`OrchFleet::start`]).
 pub fn config(host_id: &str) -> OrchestratorConfig {
+    let daemon = space_daemon_on();
     OrchestratorConfig {
         host_id: host_id.into(),
         janitor_interval_seconds: 1,
+        space_daemon: daemon,
+        space_daemon_binary: if daemon {
+            space_daemon_binary()
+        } else {
+            String::new()
+        },
         ..Default::default()
     }
 }
@@ -60,13 +87,34 @@ pub struct OrchFleet {
 
 impl OrchFleet {
     /// The test image, a fleet, host id `prefix-…` cleaned up on drop, and (with `node`) an
-    /// orchestrator for it at [`config`] changed by `tweak`.
+    /// orchestrator for it at [`config`] changed by `tweak`. With the space daemon on, the
+    /// server listens on every interface, so the daemons in containers reach it.
     pub async fn start(
         prefix: &str,
         node: bool,
         tweak: impl FnOnce(&mut OrchestratorConfig),
     ) -> anyhow::Result<OrchFleet> {
-        Self::start_on(Fleet::start().await?, prefix, node, tweak).await
+        Self::start_under(None, prefix, node, tweak).await
+    }
+
+    /// [`OrchFleet::start`] for a deployment with subject prefix `subject_prefix` (`None`:
+    /// none; see [`crate::NatsServer::start_under`]): the permission node, its auth callout
+    /// and the orchestrator all serve under it, the orchestrator hands it to the space daemons,
+    /// and the fleet's `call`, `agent`, `create_space` and `exec` ask under it.
+    pub async fn start_under(
+        subject_prefix: Option<&str>,
+        prefix: &str,
+        node: bool,
+        tweak: impl FnOnce(&mut OrchestratorConfig),
+    ) -> anyhow::Result<OrchFleet> {
+        let containers = space_daemon_on();
+        let nats = match subject_prefix {
+            Some(p) => crate::NatsServer::start_under(p, containers).await?,
+            None if containers => crate::NatsServer::start_for_containers().await?,
+            None => crate::NatsServer::start().await?,
+        };
+        let fleet = Fleet::on(nats, Default::default()).await?;
+        Self::start_on(fleet, prefix, node, tweak).await
     }
 
     /// [`OrchFleet::start`] on `fleet` (e.g. one whose server containers reach).

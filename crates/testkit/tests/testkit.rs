@@ -117,6 +117,27 @@ async fn start_answers_with_jetstream_on_loopback() {
 }
 
 #[tokio::test]
+async fn a_token_server_takes_only_its_token() {
+    let s = NatsServer::start_with_token("shared-secret")
+        .await
+        .expect("start");
+    assert_eq!(
+        s.url(),
+        format!("nats://shared-secret@127.0.0.1:{}", s.port())
+    );
+    assert!(
+        refuses_connections(&s.plain_url()).await,
+        "a connection without the token was accepted"
+    );
+    assert!(
+        refuses_connections(&format!("nats://wrong@127.0.0.1:{}", s.port())).await,
+        "a wrong token was accepted"
+    );
+    let client = s.client().await.expect("client with the token");
+    assert!(client.server_info().jetstream, "JetStream is on");
+}
+
+#[tokio::test]
 async fn kill_and_restart_keep_port_and_jetstream_data() {
     let mut s = NatsServer::start().await.expect("start");
     let port = s.port();
@@ -448,4 +469,40 @@ fn remove_labeled_removes_only_matching_containers() {
         tether_testkit::docker::remove_labeled(&other).expect("rm"),
         1
     );
+}
+
+#[tokio::test]
+async fn a_fleet_under_a_subject_prefix_serves_and_asks_under_it() {
+    let nats = NatsServer::start_under("pfx", false).await.expect("server");
+    assert_eq!(
+        nats.node_bus(tether_testkit::NodeKind::Orchestrator)
+            .subject_prefix
+            .as_deref(),
+        Some("pfx")
+    );
+    let f = tether_testkit::Fleet::on(nats, Default::default())
+        .await
+        .expect("fleet");
+    // Through `pfx.agents.register` and `pfx.tokens.issue`; the agent's own connection
+    // (through the callout, which runs under the prefix too) may call its record there.
+    let t = f.agent("alice", "s1", &["containers:read"]).await;
+    let ac = f.connect_as(&t).await.expect("the callout admits alice");
+    let ask = r#"{"agent_id":"alice"}"#;
+    let me = tether_testkit::call(&ac, "pfx.agents.get", ask, Some(&t))
+        .await
+        .expect("alice's record under the prefix");
+    assert_eq!(me["agent_id"], "alice", "{me}");
+    let p = tether_testkit::call(&f.c, "agents.get", ask, Some(&t))
+        .await
+        .expect_err("nothing serves the unprefixed subject");
+    assert_eq!(p.status, 503, "{p:?}");
+    assert_eq!(f.subject("agents.get"), "pfx.agents.get");
+}
+
+#[tokio::test]
+async fn a_bad_subject_prefix_is_refused_before_a_server_starts() {
+    for bad in ["", "a..b", "pfx.", ".pfx", "p x", "p.*", ">"] {
+        let e = NatsServer::start_under(bad, false).await.expect_err(bad);
+        assert!(e.to_string().contains("subject prefix"), "{bad:?}: {e}");
+    }
 }

@@ -33,6 +33,8 @@ from .card import CardError, load_card
 from .events import BadWorkItem
 from .gateway import Gateway, GatewayUnavailable, Outcome
 from .runner import End, ItemRun, fail_bad_item, prepare
+from .secret_env import SecretEnvError
+from .secret_env import load as load_secret_env
 from .token import TokenError, TokenSource
 
 log = logging.getLogger("tether_a2a.worker")
@@ -333,7 +335,14 @@ def main(argv: list[str] | None = None, runner: Callable[[Worker], Awaitable[Non
         stream=sys.stderr,
     )
     try:
+        # Before anything else, so whatever the executor spawns inherits it.
+        names = load_secret_env()
+        if names:
+            log.info("loaded %d variables from TETHER_ENV_FILE", len(names))
         worker = build(args)
+    except SecretEnvError as e:
+        print(f"tether-a2a: error: TETHER_ENV_FILE: {e}", file=sys.stderr)
+        return 64
     except ConfigError as e:
         print(f"tether-a2a: error: {e}", file=sys.stderr)
         return 64

@@ -2,7 +2,8 @@
 //!
 //! Env: `TETHER_NATS_URL`, `TETHER_TOKEN` or `TETHER_TOKEN_FILE` (a token with scope
 //! `a2a:serve`), `TETHER_AGENT_ID` (default: the token's `sub`), `TETHER_WORKER_CONCURRENCY`,
-//! `TETHER_WORKER_NAME` (put in each artifact's metadata, with the attempt).
+//! `TETHER_WORKER_NAME` (put in each artifact's metadata, with the attempt), `TETHER_ENV_FILE`
+//! (a replica's secrets, loaded at start; the echo agent spawns nothing to give them to).
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -17,6 +17,9 @@ use crate::space::Reserve;
 use crate::spec::{ContainerSpec, Kind, Policy, validate_create};
 use crate::state::Orchestrator;
 
+/// How long a create of a space container waits for its daemon to serve.
+const DAEMON_READY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A `containers.create` request, checked: the space it is made in and the complete spec.
 pub struct CreateCall {
     pub(super) space: String,
@@ -47,7 +50,7 @@ impl CreateCall {
         o: &O,
         req: &Request<CreateContainerRequest>,
     ) -> Result<Routed<ContainerInfo>, Problem> {
-        let Self { space, spec } = self;
+        let Self { space, mut spec } = self;
         let caller = &req.caller;
         let here = o.engine.image_exists(&spec.image).await?;
         if spec.kind == Kind::Space
@@ -63,7 +66,6 @@ impl CreateCall {
             )));
         }
         let tp = traceparent(req);
-        o.note_trace(&spec.name, tp.as_deref());
         let mut binding = SpaceBinding {
             space: space.clone(),
             host_id: o.host_id.clone(),
@@ -73,6 +75,11 @@ impl CreateCall {
             bound_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             bound_by: caller.agent_id.clone(),
         };
+        if let Some(info) = from_pool(o, req, &spec, &binding).await? {
+            return Ok(Routed::Here(info));
+        }
+        o.daemon.prepare(&mut spec).await;
+        o.note_trace(&spec.name, tp.as_deref());
         let reservation = if spec.kind == Kind::Space {
             Some(reserve(o, &binding).await?)
         } else {
@@ -137,10 +144,50 @@ impl CreateCall {
                 _ => Problem::unprocessable(format!("the container could not start: {e}")),
             });
         }
-        tracing::info!(container = %id, name = %spec.name, space = %space, kind = spec.kind.as_str(), by = %caller.agent_id, "container created");
-        let (_, c) = o.engine.inspect_managed(&id).await?;
+        tracing::info!(container = %id, name = %spec.name, space = %space, kind = spec.kind.as_str(), daemon = spec.daemon.is_some(), by = %caller.agent_id, "container created");
+        let (m, mut c) = o.engine.inspect_managed(&id).await?;
+        if spec.start && !m.daemon.is_empty() {
+            o.daemon.started(&m);
+            // Answered once exec takes the daemon's path (a daemon without a network never
+            // reaches the bus: not waited for).
+            if spec.network_mode != "none" {
+                let client = &req.ctx.client;
+                if !o.daemon.wait_serving(client, &space, DAEMON_READY).await {
+                    tracing::warn!(container = %id, space = %space, "the space daemon does not serve yet: exec takes the engine's path until it does");
+                }
+                c = o.engine.inspect_managed(&id).await?.1;
+            }
+        }
         Ok(Routed::Here(info_from_inspect(&c, &o.host_id)))
     }
+}
+
+/// A space served from a warm pool (`crate::pool`), when `spec` matches one that has a free
+/// container; `None`: create it as without a pool.
+async fn from_pool(
+    o: &O,
+    req: &Request<CreateContainerRequest>,
+    spec: &ContainerSpec,
+    binding: &SpaceBinding,
+) -> Result<Option<ContainerInfo>, Problem> {
+    let Some(entry) = o.pool.matching(&req.body, spec) else {
+        return Ok(None);
+    };
+    let Some(id) = o.pool.pop(&entry.key) else {
+        o.pool.count_hit(false);
+        return Ok(None);
+    };
+    let rev = match reserve(o, binding).await {
+        Ok(rev) => rev,
+        Err(p) => {
+            o.pool.put_back(&entry.key, &id);
+            return Err(p);
+        }
+    };
+    o.note_trace(&id, traceparent(req).as_deref());
+    let taken = crate::pool_take::take(o, &req.ctx, entry, &id, spec, binding.clone(), rev).await?;
+    o.pool.count_hit(taken.is_some());
+    Ok(taken)
 }
 
 pub(super) async fn create(

@@ -23,6 +23,7 @@ fn policy() -> Policy {
         host_cpus: 2.0,
         host_memory_mb: 4096,
         container_nats_url: "nats://host.docker.internal:4222".into(),
+        subject_prefix: None,
     }
 }
 

@@ -328,6 +328,7 @@ pub(super) fn fallback_prepared(space: &str, agent: &str, id: &str) -> Prepared 
             writable_paths: Vec::new(),
             mounts: Vec::new(),
             secret_dir: None,
+            daemon: None,
             start: false,
         },
         timeout: Duration::from_secs(1),

@@ -457,9 +457,16 @@ pub(super) async fn run_owned(
     let rec = finish(t, ctx, p, attempt, &runner, ran, started).await;
     // A job whose outcome could not be recorded is delivered again: its container stays for
     // the next attempt to adopt (read, not run again); the janitor removes it otherwise.
-    let keep_for_retry = rec.is_err() && p.is_async;
+    // A superseded attempt leaves it too: the attempt that owns the record now may have
+    // adopted it and still has to read its output (found in the cluster test: a job
+    // redelivered while its first attempt still watched lost its output to that attempt's
+    // removal, and was recorded completed without a result).
+    let keep = match &rec {
+        Err(_) => p.is_async,
+        Ok(r) => !owned(r),
+    };
     if p.cleanup
-        && !keep_for_retry
+        && !keep
         && let Err(e) = o.engine.remove(&container_id).await
     {
         tracing::warn!(container = %container_id, error = %e, "cannot remove tool container");

@@ -5,6 +5,11 @@
 //! the shared subject also ask each other host that holds a slot for its replicas (a host
 //! that does not answer within 5 s is left out). A change wakes this host's reconciler; the
 //! other hosts' follow the bucket.
+//!
+//! `workers.deploy` first asks the permission node whether the agent may be hosted
+//! (`agents.hostable`: registered, not revoked, marked `workers:hosted`) and refuses with its
+//! answer (404, 422) before it stores anything: replicas of such an agent would never get a
+//! token. The permission node not answering is 503, never taken for a yes.
 
 use std::sync::Arc;
 
@@ -16,7 +21,7 @@ use tether_proto::{
 };
 
 use super::reconcile::seen;
-use super::spec::{assign, check_name, check_replicas, template, validate_deploy};
+use super::spec::{assign, check_name, check_replicas, is_scaled, template, validate_deploy};
 use super::{Workers, name_of};
 use crate::route::{Elsewhere, Routed, Routes};
 
@@ -50,6 +55,29 @@ async fn candidates(w: &Workers, image: &str) -> Result<Vec<String>, Problem> {
     Ok(c)
 }
 
+/// The permission node's `agents.hostable` for `agent_id`: its refusal as it is (404 unknown,
+/// 422 revoked or not `workers:hosted`), 503 when it does not answer.
+async fn hostable(ctx: &tether_bus::Ctx, agent_id: &str) -> Result<(), Problem> {
+    let body = tether_proto::AgentRef {
+        agent_id: agent_id.to_string(),
+    };
+    let payload = serde_json::to_vec(&body).map_err(|e| Problem::internal(e.to_string()))?;
+    let timeout = std::time::Duration::from_secs(ctx.config.request_timeout_seconds.max(1));
+    let req = async_nats::Request::new().payload(payload.into());
+    let msg =
+        tether_bus::connect::request(&ctx.client, ctx.subject("agents.hostable"), req, timeout)
+            .await
+            .map_err(|f| {
+                Problem::unavailable(format!(
+                    "permission node (asked whether agent `{agent_id}` may be hosted): {f}"
+                ))
+            })?;
+    match Problem::from_reply(msg.headers.as_ref(), &msg.payload) {
+        Some(p) => Err(p),
+        None => Ok(()),
+    }
+}
+
 /// Slots for `replicas`, keeping what is placed.
 fn slots_for(
     w: &Workers,
@@ -65,6 +93,7 @@ fn slots_for(
 
 async fn deploy(w: W, req: Request<DeployWorkerRequest>) -> Result<Routed<WorkerStatus>, Problem> {
     let spec = validate_deploy(&req.body, &w.o.policy)?;
+    hostable(&req.ctx, &spec.agent_id).await?;
     let candidates = candidates(&w, &spec.image).await?;
     let by = req.caller.agent_id.clone();
     let stored = w
@@ -85,6 +114,11 @@ async fn deploy(w: W, req: Request<DeployWorkerRequest>) -> Result<Routed<Worker
                 return Ok(Change::Write(d));
             };
             let old = d.spec.clone().unwrap_or_default();
+            let mut spec = spec.clone();
+            if is_scaled(&spec) {
+                // Scaled: the count is the decider's (`scale`), kept within the new bounds.
+                spec.replicas = old.replicas.clamp(spec.min_replicas, spec.max_replicas);
+            }
             if old.agent_id != spec.agent_id {
                 return Err(Problem::conflict(format!(
                     "worker deployment `{}` runs as agent `{}`, not `{}`; remove it first",
@@ -98,14 +132,15 @@ async fn deploy(w: W, req: Request<DeployWorkerRequest>) -> Result<Routed<Worker
                 d.generation += 1;
             }
             d.slots = slots_for(&w, &d, spec.replicas, &candidates)?;
-            d.spec = Some(spec.clone());
+            d.spec = Some(spec);
             d.updated_at = at;
             Ok(Change::Write(d))
         })
         .await?
         .ok_or_else(|| Problem::internal("the deployment was not stored"))?;
     if stored.written {
-        tracing::info!(worker = %spec.name, generation = stored.value.generation, replicas = spec.replicas, by = %req.caller.agent_id, "worker deployment stored");
+        let replicas = stored.value.spec.as_ref().map_or(0, |s| s.replicas);
+        tracing::info!(worker = %spec.name, generation = stored.value.generation, replicas, by = %req.caller.agent_id, "worker deployment stored");
         w.poke();
     }
     status(&w, stored.value, stored.written)

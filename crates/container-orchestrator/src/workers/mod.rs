@@ -6,6 +6,9 @@
 //! - [`reconcile`]: each host's replicas against the desired state.
 //! - [`credentials`]: each replica's token (`TETHER_TOKEN_FILE`), obtained from the permission
 //!   node and renewed before it expires.
+//! - [`scale`]: `replicas` of a deployment deployed with a `max_replicas` above its
+//!   `min_replicas` set from its agent's backlog (one decider: the live host with the lowest id), each decision an event,
+//!   the figures in `$SRV.STATS`.
 //! - [`endpoints`]: `workers.deploy|get|list|scale|remove` (operators), on the shared and the
 //!   host-addressed subjects.
 //!
@@ -22,15 +25,18 @@
 //! orchestrator makes and removes containers only on its own host, one reconcile pass at a
 //! time, so two never race for one slot; a restart reads the labels again and keeps what runs.
 //!
-//! Not yet here (issue 17, later items): named profiles (only `default`, the hardened defaults), and scaling between `min_replicas` and
-//! `max_replicas` on the backlog — the bounds are checked and stored, and the orchestrator
-//! keeps exactly `replicas`. A spec change is rolled one replica at a time *on each host*
+//! A deployment's profile (`[profiles.<name>]`) gives its replicas their fixed mounts, extra
+//! hosts, network, secrets file and default limits ([`spec`], [`credentials::write_env`]).
+//! [`scale`] sets a scaled deployment's `replicas` from its agent's backlog.
+//!
+//! A spec change is rolled one replica at a time *on each host*
 //! (hosts roll their own slots side by side), "up" means running by the engine (no health
 //! check yet).
 
 pub mod credentials;
 pub mod endpoints;
 pub mod reconcile;
+pub mod scale;
 pub mod spec;
 
 use std::sync::Arc;
@@ -52,7 +58,9 @@ pub struct Workers {
     pub bucket: Bucket<WorkerDeployment>,
     backoff: reconcile::Backoffs,
     /// The tokens of this host's replicas.
-    pub credentials: credentials::Credentials,
+    pub credentials: credentials::ReplicaCredentials,
+    /// The scaling figures and quiet periods.
+    pub scaling: scale::Scaling,
 }
 
 impl Workers {
@@ -74,7 +82,8 @@ impl Workers {
             o,
             bucket,
             backoff: reconcile::Backoffs::default(),
-            credentials: credentials::Credentials::default(),
+            credentials: credentials::ReplicaCredentials::default(),
+            scaling: scale::Scaling::default(),
         })
     }
 

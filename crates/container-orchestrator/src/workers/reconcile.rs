@@ -30,6 +30,7 @@ use tether_bus::{Ctx, Problem};
 use tether_proto::{WorkerDeployment, WorkerEventData};
 use tokio::time::Instant;
 
+use super::credentials::ReplicaGrant;
 use super::spec::{Restart, assign, replica};
 use super::{Workers, name_of};
 use crate::docker::info_from_summary;
@@ -230,7 +231,13 @@ pub async fn pass(w: &Workers, ctx: &Ctx) -> Result<Outcome, Problem> {
         let mine: Vec<&Seen> = replicas.iter().filter(|r| r.worker == name_of(d)).collect();
         let agent = d.spec.as_ref().map_or("", |s| s.agent_id.as_str());
         for r in mine.iter().filter(|r| r.running) {
-            w.credentials.track(&r.id, name_of(d), agent);
+            w.credentials.track(
+                &r.id,
+                ReplicaGrant {
+                    worker: name_of(d).to_string(),
+                    agent: agent.to_string(),
+                },
+            );
         }
         deployment(w, ctx, d, &mine, &mut out).await;
     }
@@ -480,9 +487,22 @@ async fn create(w: &Workers, d: &WorkerDeployment, index: u32) -> Result<Seen, P
         }
         return Err(e.into());
     }
-    // Its token, at once (the volume exists only once the container runs).
+    // Its profile's secrets, then its token (the volume exists only once the container runs).
+    if let Err(p) = super::credentials::write_env(w, &id, d).await {
+        if let Err(r) = o.engine.remove(&id).await {
+            tracing::warn!(container = %id, error = %r, "cannot remove a replica without its secrets");
+        }
+        return Err(p);
+    }
+    // Its token, at once.
     let agent = d.spec.as_ref().map_or("", |s| s.agent_id.as_str());
-    w.credentials.track(&id, name_of(d), agent);
+    w.credentials.track(
+        &id,
+        ReplicaGrant {
+            worker: name_of(d).to_string(),
+            agent: agent.to_string(),
+        },
+    );
     Ok(Seen {
         id,
         name: spec.name,
@@ -509,6 +529,7 @@ fn remove(w: &Workers, r: &Seen, why: &str, out: &mut Outcome) {
         generation: r.generation,
         replaced_container_id: String::new(),
         reason: why.to_string(),
+        ..Default::default()
     };
     out.goes.push((r.clone(), e));
 }
@@ -535,6 +556,7 @@ fn event(
             replaced.id.clone()
         },
         reason,
+        ..Default::default()
     }
 }
 

@@ -1,10 +1,17 @@
 //! A deployment request checked into its stored form, the container of one replica, and the
 //! assignment of replica slots to hosts. Pure: every bad-input case is a unit test.
 //!
-//! A replica's container is made through the same [`validate_create`] as every other
+//! A replica's container is made through the same [`crate::spec::validate_create`] as every other
 //! container (kind `worker`: no space, no expiry), so it is hardened the same way; the worker
 //! labels and `TETHER_WORKER*` variables are added after, as tool runs add theirs, with
 //! `TETHER_AGENT_ID`, `TETHER_TOKEN_FILE` (a path) and the tmpfs volume the token is written to.
+//!
+//! The deployment's profile (`[profiles.<name>]`, [`crate::config::Profile`]) is applied here: its default limits fill
+//! what the request leaves at 0 (and are stored resolved); the request's own `mounts` are
+//! checked against the profile's `allowed_mounts`; the profile's fixed mounts, extra hosts and
+//! network are added to every replica (read from the node's config when the replica is made,
+//! never stored); a profile with an `env_file` gives `TETHER_ENV_FILE` (a path: the values are
+//! written into the secret volume, `super::credentials`).
 
 use std::collections::HashMap;
 
@@ -13,13 +20,35 @@ use tether_proto::{
     CreateContainerRequest, DeployWorkerRequest, ResourceLimits, WorkerDeployment, WorkerSlot,
 };
 
-use super::credentials::{TOKEN_DIR, TOKEN_PATH};
+use super::credentials::{ENV_PATH, TOKEN_DIR, TOKEN_PATH};
+pub use crate::config::DEFAULT_PROFILE;
+use crate::config::{MountMode, Profile};
 use crate::labels::{LABEL_DEPLOYMENT, LABEL_GENERATION, LABEL_REPLICA, LABEL_WORKER};
-use crate::spec::{ContainerSpec, Kind, Policy, validate_create};
+use crate::spec::{
+    BindMount, ContainerSpec, Kind, Policy, add_gateway_host, validate_create_in,
+    validate_extra_hosts,
+};
 
-/// The only profile there is until the orchestrator's `[profiles.<name>]` config exists: the
-/// hardened defaults every container gets.
-pub const DEFAULT_PROFILE: &str = "default";
+/// The profile a deployment names (empty = `default`), from the node's config; 422 naming the
+/// configured ones when there is none of that name.
+pub fn profile(name: &str, policy: &Policy) -> Result<(String, Profile), Problem> {
+    let name = if name.is_empty() {
+        DEFAULT_PROFILE
+    } else {
+        name
+    };
+    let mut all = policy.cfg.effective_profiles();
+    match all.remove(name) {
+        Some(p) => Ok((name.to_string(), p)),
+        None => Err(Problem::unprocessable(format!(
+            "unknown profile {name:?}: this orchestrator has {}",
+            all.keys()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
 
 /// What an exited replica gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,15 +95,7 @@ pub fn check_name(name: &str) -> Result<(), Problem> {
     if name.is_empty() {
         return Err(Problem::bad_request("`name` is required"));
     }
-    let ok = name.len() <= 63
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if ok {
+    if tether_bus::subject::is_valid_name(name) {
         Ok(())
     } else {
         Err(Problem::bad_request(format!(
@@ -99,18 +120,16 @@ pub fn validate_deploy(
             b.agent_id
         )));
     }
-    let profile = match b.profile.as_str() {
-        "" | DEFAULT_PROFILE => DEFAULT_PROFILE,
-        other => {
-            return Err(Problem::unprocessable(format!(
-                "unknown profile {other:?}: this orchestrator has only `{DEFAULT_PROFILE}` (named profiles are not configurable yet)"
-            )));
-        }
-    };
+    let (profile, p) = profile(&b.profile, policy)?;
     let restart = Restart::parse(&b.restart)?;
     let limit = policy.cfg.max_worker_replicas;
     let min = b.min_replicas;
+    // Scaled on the backlog: a `max_replicas` asked for, above the minimum (without one, the
+    // maximum is `replicas` and nothing scales it). Then 0 replicas is a count like any other
+    // when the minimum is 0 (the first task starts one).
+    let scaled = b.max_replicas > min;
     let replicas = match b.replicas {
+        0 if scaled => min,
         0 => min.max(1),
         n => n,
     };
@@ -129,7 +148,18 @@ pub fn validate_deploy(
         )));
     }
     check_replicas(replicas, min, max)?;
-    let asked = b.resource_limits.unwrap_or_default();
+    let (target, quiet) = scaling(b, scaled)?;
+    let mut asked = b.resource_limits.unwrap_or_default();
+    let d = p.resource_limits;
+    if asked.memory_mb == 0 {
+        asked.memory_mb = d.memory_mb;
+    }
+    if asked.cpu_limit == 0.0 {
+        asked.cpu_limit = d.cpu_limit;
+    }
+    if asked.pids_limit == 0 {
+        asked.pids_limit = d.pids_limit;
+    }
     if asked.timeout_seconds != 0 {
         return Err(Problem::bad_request(
             "`resource_limits.timeout_seconds` must be 0: worker replicas do not expire",
@@ -141,21 +171,72 @@ pub fn validate_deploy(
         image: b.image.clone(),
         command: b.command.clone(),
         env: b.env.clone(),
-        profile: profile.into(),
+        profile,
         resource_limits: Some(asked),
         replicas,
         min_replicas: min,
         max_replicas: max,
         restart: restart.as_str().into(),
+        mounts: b.mounts.clone(),
+        target_backlog_per_replica: target,
+        scale_down_after_seconds: quiet,
     };
-    // Everything else (image, command, env, limits) is checked as for any container, and the
-    // limits are stored as resolved, so every host makes the same replica.
+    // Everything else (image, command, env, limits, mounts) is checked as for any container,
+    // and the limits are stored as resolved, so every host makes the same replica.
     let c = container(&spec, 0, 1, "", policy)?;
     spec.resource_limits = Some(ResourceLimits {
         timeout_seconds: 0,
         ..c.limits()
     });
     Ok(spec)
+}
+
+/// The target backlog per replica when none is asked: the Rust worker library's default
+/// concurrency (each replica busy, nothing waiting).
+pub const DEFAULT_TARGET_BACKLOG: u32 = 4;
+/// The quiet period before a scale-down when none is asked (Kubernetes' HPA waits as long).
+pub const DEFAULT_SCALE_DOWN_AFTER_SECONDS: u32 = 300;
+
+/// Whether a stored deployment is scaled on its backlog: it has a target (only a scaled one
+/// is stored with one) and room between its bounds.
+pub fn is_scaled(s: &DeployWorkerRequest) -> bool {
+    s.target_backlog_per_replica > 0 && s.min_replicas < s.max_replicas
+}
+
+/// The scaling settings as stored: defaults filled in for a scaled deployment, both 0 for
+/// one that is not (where asking for them is refused).
+fn scaling(b: &DeployWorkerRequest, scaled: bool) -> Result<(u32, u32), Problem> {
+    let (target, quiet) = (b.target_backlog_per_replica, b.scale_down_after_seconds);
+    if !scaled {
+        if target != 0 || quiet != 0 {
+            return Err(Problem::bad_request(
+                "`target_backlog_per_replica` and `scale_down_after_seconds` need `min_replicas` < `max_replicas` (a scaled deployment)",
+            ));
+        }
+        return Ok((0, 0));
+    }
+    if target > 100_000 {
+        return Err(Problem::bad_request(format!(
+            "`target_backlog_per_replica` must be at most 100000 (got {target})"
+        )));
+    }
+    if quiet > 86_400 {
+        return Err(Problem::bad_request(format!(
+            "`scale_down_after_seconds` must be at most 86400 (got {quiet})"
+        )));
+    }
+    Ok((
+        if target == 0 {
+            DEFAULT_TARGET_BACKLOG
+        } else {
+            target
+        },
+        if quiet == 0 {
+            DEFAULT_SCALE_DOWN_AFTER_SECONDS
+        } else {
+            quiet
+        },
+    ))
 }
 
 /// `replicas` within a deployment's bounds.
@@ -174,6 +255,8 @@ pub fn template(s: &DeployWorkerRequest) -> DeployWorkerRequest {
         replicas: 0,
         min_replicas: 0,
         max_replicas: 0,
+        target_backlog_per_replica: 0,
+        scale_down_after_seconds: 0,
         ..s.clone()
     }
 }
@@ -198,6 +281,7 @@ fn container(
     policy: &Policy,
 ) -> Result<ContainerSpec, Problem> {
     let short = uuid::Uuid::new_v4().simple().to_string();
+    let (_, p) = profile(&s.profile, policy)?;
     let create = CreateContainerRequest {
         image: s.image.clone(),
         name: format!("tether-worker-{}-{index}-{}", s.name, &short[..8]),
@@ -205,9 +289,12 @@ fn container(
         env: s.env.clone(),
         command: s.command.clone(),
         resource_limits: s.resource_limits,
+        mounts: s.mounts.clone(),
         ..Default::default()
     };
-    let mut c = validate_create(&create, "", created_by, policy, chrono::Utc::now())?;
+    let now = chrono::Utc::now();
+    let mut c = validate_create_in(&create, "", created_by, policy, now, &p.allowed_mounts)?;
+    apply_profile(&mut c, &p, policy)?;
     c.env.push(format!("TETHER_WORKER={}", s.name));
     c.env.push(format!("TETHER_WORKER_REPLICA={index}"));
     // Names the instance (the worker libraries put it in what they report).
@@ -215,12 +302,52 @@ fn container(
     c.env.push(format!("TETHER_AGENT_ID={}", s.agent_id));
     // The path only: the token itself is written into the volume (`credentials`).
     c.env.push(format!("TETHER_TOKEN_FILE={TOKEN_PATH}"));
+    if !p.env_file.is_empty() {
+        // The path only: the values are written into the volume (`credentials::write_env`).
+        c.env.push(format!("TETHER_ENV_FILE={ENV_PATH}"));
+    }
     c.secret_dir = Some(TOKEN_DIR.into());
     c.labels.insert(LABEL_WORKER.into(), s.name.clone());
     c.labels.insert(LABEL_REPLICA.into(), index.to_string());
     c.labels
         .insert(LABEL_GENERATION.into(), generation.to_string());
     Ok(c)
+}
+
+/// The profile's fixed mounts, extra hosts and network on a replica's container (all checked
+/// at config load).
+fn apply_profile(c: &mut ContainerSpec, p: &Profile, policy: &Policy) -> Result<(), Problem> {
+    // The request's mounts may not hide the secret volume.
+    if let Some(m) = c.mounts.iter().find(|m| {
+        m.target == TOKEN_DIR
+            || m.target.starts_with(&format!("{TOKEN_DIR}/"))
+            || TOKEN_DIR.starts_with(&format!("{}/", m.target))
+    }) {
+        return Err(Problem::bad_request(format!(
+            "`mounts.target` {:?} may not be or hold {TOKEN_DIR}",
+            m.target
+        )));
+    }
+    for m in &p.mounts {
+        let target = m.target.trim_end_matches('/').to_string();
+        if c.mounts.iter().any(|x| x.target == target) || c.writable_paths.contains(&target) {
+            return Err(Problem::bad_request(format!(
+                "`mounts.target` {target:?} is already a mount of the profile"
+            )));
+        }
+        c.mounts.push(BindMount {
+            source: m.source.trim_end_matches('/').to_string(),
+            target,
+            writable: m.mode == MountMode::Rw,
+        });
+    }
+    if !p.network.is_empty() {
+        c.network_mode = p.network.clone();
+    }
+    let mut hosts = validate_extra_hosts(&p.extra_hosts)?;
+    add_gateway_host(&mut hosts, &c.network_mode, &policy.container_nats_url);
+    c.extra_hosts = hosts;
+    Ok(())
 }
 
 /// Slots for `replicas` replicas: slot i keeps its host unless that host is `gone`; a new
@@ -268,279 +395,4 @@ pub fn assign(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::labels::{LABEL_EXPIRES, LABEL_KIND, LABEL_SPACE};
-
-    fn req() -> DeployWorkerRequest {
-        DeployWorkerRequest {
-            name: "echo".into(),
-            agent_id: "bot".into(),
-            image: "img".into(),
-            replicas: 2,
-            ..Default::default()
-        }
-    }
-
-    fn check(r: DeployWorkerRequest) -> Result<DeployWorkerRequest, Problem> {
-        validate_deploy(&r, &Policy::for_tests())
-    }
-
-    #[test]
-    fn defaults_are_filled_in() {
-        let s = check(req()).expect("valid");
-        assert_eq!((s.replicas, s.min_replicas, s.max_replicas), (2, 0, 2));
-        assert_eq!(s.profile, DEFAULT_PROFILE);
-        assert_eq!(s.restart, "always");
-        let l = s.resource_limits.expect("limits");
-        assert_eq!(
-            (l.memory_mb, l.pids_limit, l.timeout_seconds),
-            (512, 256, 0)
-        );
-        let s = check(DeployWorkerRequest {
-            replicas: 0,
-            min_replicas: 3,
-            ..req()
-        })
-        .expect("valid");
-        assert_eq!((s.replicas, s.max_replicas), (3, 3));
-        let s = check(DeployWorkerRequest {
-            replicas: 0,
-            ..req()
-        })
-        .expect("valid");
-        assert_eq!(s.replicas, 1);
-    }
-
-    #[test]
-    fn bad_input_is_refused() {
-        let cases: Vec<(DeployWorkerRequest, u16, &str)> = vec![
-            (
-                DeployWorkerRequest {
-                    name: "".into(),
-                    ..req()
-                },
-                400,
-                "`name` is required",
-            ),
-            (
-                DeployWorkerRequest {
-                    name: "Bad_Name".into(),
-                    ..req()
-                },
-                400,
-                "`name`",
-            ),
-            (
-                DeployWorkerRequest {
-                    name: "-x".into(),
-                    ..req()
-                },
-                400,
-                "`name`",
-            ),
-            (
-                DeployWorkerRequest {
-                    name: "x".repeat(64),
-                    ..req()
-                },
-                400,
-                "`name`",
-            ),
-            (
-                DeployWorkerRequest {
-                    agent_id: "".into(),
-                    ..req()
-                },
-                400,
-                "`agent_id`",
-            ),
-            (
-                DeployWorkerRequest {
-                    agent_id: "a.b".into(),
-                    ..req()
-                },
-                400,
-                "`agent_id`",
-            ),
-            (
-                DeployWorkerRequest {
-                    image: "".into(),
-                    ..req()
-                },
-                400,
-                "`image`",
-            ),
-            (
-                DeployWorkerRequest {
-                    profile: "coder".into(),
-                    ..req()
-                },
-                422,
-                "profile",
-            ),
-            (
-                DeployWorkerRequest {
-                    restart: "sometimes".into(),
-                    ..req()
-                },
-                400,
-                "`restart`",
-            ),
-            (
-                DeployWorkerRequest {
-                    replicas: 3,
-                    max_replicas: 2,
-                    ..req()
-                },
-                400,
-                "`replicas`",
-            ),
-            (
-                DeployWorkerRequest {
-                    replicas: 1,
-                    min_replicas: 2,
-                    max_replicas: 4,
-                    ..req()
-                },
-                400,
-                "`replicas`",
-            ),
-            (
-                DeployWorkerRequest {
-                    min_replicas: 3,
-                    max_replicas: 2,
-                    ..req()
-                },
-                400,
-                "`min_replicas`",
-            ),
-            (
-                DeployWorkerRequest {
-                    max_replicas: 65,
-                    ..req()
-                },
-                400,
-                "at most 64",
-            ),
-            (
-                DeployWorkerRequest {
-                    resource_limits: Some(ResourceLimits {
-                        timeout_seconds: 60,
-                        ..Default::default()
-                    }),
-                    ..req()
-                },
-                400,
-                "do not expire",
-            ),
-            (
-                DeployWorkerRequest {
-                    resource_limits: Some(ResourceLimits {
-                        memory_mb: 1,
-                        ..Default::default()
-                    }),
-                    ..req()
-                },
-                400,
-                "memory_mb",
-            ),
-            (
-                DeployWorkerRequest {
-                    env: HashMap::from([("TETHER_TOKEN".to_string(), "x".to_string())]),
-                    ..req()
-                },
-                400,
-                "TETHER_",
-            ),
-        ];
-        for (r, status, needle) in cases {
-            let p = check(r.clone()).expect_err(&format!("{r:?}"));
-            assert_eq!(p.status, status, "{r:?}: {}", p.detail);
-            assert!(
-                p.detail.contains(needle),
-                "{needle:?} not in {:?}",
-                p.detail
-            );
-        }
-    }
-
-    #[test]
-    fn a_replica_is_a_hardened_worker_in_no_space() {
-        let policy = Policy::for_tests();
-        let spec = check(req()).expect("valid");
-        let d = WorkerDeployment {
-            spec: Some(spec),
-            generation: 3,
-            created_by: "op".into(),
-            uid: "u1".into(),
-            ..Default::default()
-        };
-        let c = replica(&d, 1, &policy).expect("replica");
-        assert_eq!(c.kind, Kind::Worker);
-        assert_eq!(c.labels[LABEL_KIND], "worker");
-        assert_eq!(c.labels[LABEL_WORKER], "echo");
-        assert_eq!(c.labels[LABEL_REPLICA], "1");
-        assert_eq!(c.labels[LABEL_GENERATION], "3");
-        assert_eq!(c.labels[LABEL_DEPLOYMENT], "u1");
-        assert!(!c.labels.contains_key(LABEL_SPACE));
-        assert!(!c.labels.contains_key(LABEL_EXPIRES));
-        assert!(c.read_only_root);
-        assert!(c.env.contains(&"TETHER_AGENT_ID=bot".to_string()));
-        // The token's path, never a token; the file lives on the replica's secret volume.
-        assert!(
-            c.env
-                .contains(&"TETHER_TOKEN_FILE=/run/tether/token".to_string())
-        );
-        assert!(!c.env.iter().any(|e| e.starts_with("TETHER_TOKEN=")));
-        assert_eq!(c.secret_dir.as_deref(), Some("/run/tether"));
-        assert!(c.env.contains(&format!("TETHER_WORKER_NAME={}", c.name)));
-        assert!(!c.env.iter().any(|e| e.starts_with("TETHER_SPACE=")));
-        assert_eq!(c.network_mode, "bridge");
-        assert!(c.name.starts_with("tether-worker-echo-1-"), "{}", c.name);
-    }
-
-    #[test]
-    fn the_template_ignores_replica_counts() {
-        let a = check(req()).expect("valid");
-        let b = check(DeployWorkerRequest {
-            replicas: 3,
-            max_replicas: 5,
-            ..req()
-        })
-        .expect("valid");
-        assert_eq!(template(&a), template(&b));
-        let mut env = req();
-        env.env.insert("X".into(), "1".into());
-        assert_ne!(template(&a), template(&check(env).expect("valid")));
-    }
-
-    fn slots(v: &[(u32, &str)]) -> Vec<WorkerSlot> {
-        v.iter()
-            .map(|(i, h)| WorkerSlot {
-                index: *i,
-                host_id: (*h).into(),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn slots_spread_stay_and_leave_gone_hosts() {
-        let c = vec!["a".to_string(), "b".to_string()];
-        let none = |_: &str| false;
-        let s = assign(&[], 3, &c, none).expect("assigned");
-        assert_eq!(s, slots(&[(0, "a"), (1, "b"), (2, "a")]));
-        // Scaling keeps what is placed.
-        let up = assign(&s, 4, &c, none).expect("assigned");
-        assert_eq!(up, slots(&[(0, "a"), (1, "b"), (2, "a"), (3, "b")]));
-        let down = assign(&up, 1, &c, none).expect("assigned");
-        assert_eq!(down, slots(&[(0, "a")]));
-        // A gone host's slots move to the live candidates.
-        let moved = assign(&up, 4, &["b".to_string()], |h| h == "a").expect("assigned");
-        assert_eq!(moved, slots(&[(0, "b"), (1, "b"), (2, "b"), (3, "b")]));
-        // No candidate for a slot that needs one.
-        assert!(assign(&[], 1, &[], none).is_none());
-        // A slot on a host that is not gone stays even without candidates.
-        assert_eq!(assign(&down, 1, &[], none), Some(down.clone()));
-    }
-}
+mod tests;

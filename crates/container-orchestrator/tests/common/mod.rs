@@ -4,6 +4,8 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod a2a;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -41,22 +43,86 @@ pub async fn fleet() -> Fleet {
     fleet_with(true, |_| {}).await
 }
 
+/// Stops the fleet's orchestrator, once it has drained.
+pub async fn stop_orchestrator(f: &mut Fleet) {
+    f.orch
+        .take()
+        .expect("the orchestrator")
+        .shutdown()
+        .await
+        .expect("the orchestrator drains");
+}
+
 /// Waits for an event of `kind` on a subscription (generously: the engine may be busy with
 /// the other tests' containers; this bounds a hang, it measures nothing).
 pub async fn next_event(sub: &mut async_nats::Subscriber, kind: &str) -> Value {
+    next_event_within(sub, kind, Duration::from_secs(60)).await
+}
+
+/// [`next_event`] within `within`.
+pub async fn next_event_within(
+    sub: &mut async_nats::Subscriber,
+    kind: &str,
+    within: Duration,
+) -> Value {
     use futures::StreamExt;
-    let until = Instant::now() + Duration::from_secs(60);
+    let until = Instant::now() + within;
     loop {
         let left = until.saturating_duration_since(Instant::now());
         let m = tokio::time::timeout(left, sub.next())
             .await
-            .unwrap_or_else(|_| panic!("no `{kind}` event within 60 s"))
+            .unwrap_or_else(|_| panic!("no `{kind}` event within {within:?}"))
             .expect("subscription open");
         let v: Value = serde_json::from_slice(&m.payload).expect("event json");
         if v["type"] == kind {
             return v;
         }
     }
+}
+
+/// Waits until `sub` has carried an event of each of `kinds` about `container_id`, in any order
+/// (the engine's `die` and `oom` come either way round); returns them in the order of `kinds`.
+pub async fn container_events(
+    sub: &mut async_nats::Subscriber,
+    container_id: &str,
+    kinds: &[&str],
+) -> Vec<Value> {
+    use futures::StreamExt;
+    let within = Duration::from_secs(60);
+    let until = Instant::now() + within;
+    let mut seen: Vec<Option<Value>> = vec![None; kinds.len()];
+    while seen.iter().any(Option::is_none) {
+        let left = until.saturating_duration_since(Instant::now());
+        let m = tokio::time::timeout(left, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("not all of {kinds:?} for {container_id} within {within:?}"))
+            .expect("subscription open");
+        let v: Value = serde_json::from_slice(&m.payload).expect("event json");
+        if v["data"]["container_id"] != container_id {
+            continue;
+        }
+        if let Some(i) = kinds.iter().position(|k| v["type"] == *k) {
+            seen[i] = Some(v);
+        }
+    }
+    seen.into_iter().flatten().collect()
+}
+
+/// The `data` of the orchestrator's endpoint `name` (`containers-exec`, `containers-create`)
+/// in its `$SRV.STATS`.
+pub async fn endpoint_stats(f: &Fleet, name: &str) -> Value {
+    let m =
+        f.c.request("$SRV.STATS.container-orchestrator", "".into())
+            .await
+            .expect("stats");
+    let v: Value = serde_json::from_slice(&m.payload).expect("stats json");
+    v["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["name"] == name)
+        .map(|e| e["data"].clone())
+        .unwrap_or_else(|| panic!("no {name} endpoint: {v}"))
 }
 
 /// The orchestrator binary as a child process (SIGKILLed on drop), for crash and restart
@@ -85,6 +151,15 @@ pub fn spawn_node(
     }
     if let Some(seed) = &bus.nats_nkey_file {
         cmd.env("TETHER_NATS_NKEY_FILE", seed);
+    }
+    // As `orch_config` has it: the static daemon, or none.
+    if tether_testkit::orchestrator::space_daemon_on() {
+        cmd.env(
+            "TETHER_SPACE_DAEMON_BINARY",
+            tether_testkit::orchestrator::space_daemon_binary(),
+        );
+    } else {
+        cmd.env("TETHER_SPACE_DAEMON", "false");
     }
     cmd.env("TETHER_NATS_URL", &bus.nats_url)
         .env("TETHER_HOST_ID", host_id)
@@ -122,6 +197,16 @@ pub async fn wait_up(f: &Fleet, host_id: &str) {
         f.poll(&subject, "{}", Some(&f.op)).await.map(|_| ())
     })
     .await;
+}
+
+/// No worker deployment is stored and no container is made (after refused deploys).
+pub async fn nothing_deployed(f: &Fleet) {
+    let l = f
+        .call("workers.list", serde_json::json!({}), Some(&f.op))
+        .await
+        .expect("list");
+    assert_eq!(l["workers"], serde_json::json!([]), "{l}");
+    assert!(f.engine_containers().is_empty(), "nothing made");
 }
 
 /// Waits until the orchestrator of `asked` counts `host` live (or not).
@@ -198,4 +283,39 @@ pub fn worker_replicas(name: &str, ps_flag: &str) -> Vec<String> {
     let mut v: Vec<String> = out.lines().map(str::to_string).collect();
     v.sort();
     v
+}
+
+/// What a `stream: true` exec published on its stream subject, read until `end`.
+#[derive(Debug, Default)]
+pub struct Streamed {
+    pub seqs: Vec<u64>,
+    pub stdout: String,
+    pub stderr: String,
+    /// `Tether-Exit-Code` of the `end` message.
+    pub exit_code: String,
+}
+
+/// Reads a streamed exec's messages from `sub` until its `end` (each within 5 s).
+pub async fn read_stream(sub: &mut async_nats::Subscriber) -> Streamed {
+    use futures::StreamExt;
+    let mut s = Streamed::default();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("chunk in time")
+            .expect("open");
+        let h = m.headers.expect("headers");
+        let seq = h.get("Tether-Stream-Seq").expect("seq").as_str();
+        s.seqs.push(seq.parse::<u64>().expect("a number"));
+        let text = String::from_utf8_lossy(&m.payload);
+        match h.get("Tether-Stream").expect("kind").as_str() {
+            "end" => {
+                s.exit_code = h.get("Tether-Exit-Code").expect("code").as_str().into();
+                return s;
+            }
+            "stdout" => s.stdout.push_str(&text),
+            "stderr" => s.stderr.push_str(&text),
+            other => panic!("unknown stream {other:?}"),
+        }
+    }
 }
