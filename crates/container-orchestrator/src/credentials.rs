@@ -11,11 +11,14 @@
 //! fresh token at once, and one no pass saw is dropped. A refusal (401/403/404) is said once
 //! ([`Grant::refused`]) and retried every [`REFUSED_RETRY`]; a failure to reach the
 //! permission node or the engine backs off from 1 s to 30 s. A token is never logged: only
-//! its `jti`.
+//! its `jti`. A renewal that outlives its entry (the grant replaced meanwhile, as a free pool
+//! container's is when it is taken for a space) never settles the new entry; if it wrote its
+//! now stale token, the new entry is renewed at once.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -79,6 +82,8 @@ pub trait Grant: Clone + Send + Sync + 'static {
 pub struct Credentials<G> {
     table: Mutex<HashMap<String, Entry<G>>>,
     wake: tokio::sync::Notify,
+    /// The generation the next entry gets.
+    next_generation: AtomicU64,
 }
 
 impl<G> Default for Credentials<G> {
@@ -86,6 +91,7 @@ impl<G> Default for Credentials<G> {
         Self {
             table: Mutex::default(),
             wake: tokio::sync::Notify::new(),
+            next_generation: AtomicU64::new(0),
         }
     }
 }
@@ -101,6 +107,9 @@ struct Entry<G> {
     seen: Instant,
     /// The last refusal, said once until it changes.
     refused: String,
+    /// Which entry this is: a renewal that began before the entry was replaced (`written`,
+    /// e.g. a pool container taken for a space) must not settle the new one.
+    generation: u64,
 }
 
 impl<G: Grant> Credentials<G> {
@@ -114,6 +123,7 @@ impl<G: Grant> Credentials<G> {
     }
 
     fn track_at(&self, id: &str, grant: G, now: Instant) {
+        let generation = self.new_generation();
         let mut t = self.table();
         let e = t.entry(id.to_string()).or_insert_with(|| Entry {
             grant,
@@ -122,6 +132,7 @@ impl<G: Grant> Credentials<G> {
             failures: 0,
             seen: now,
             refused: String::new(),
+            generation,
         });
         e.seen = now;
         let fresh = e.side.is_none() && e.failures == 0;
@@ -135,6 +146,7 @@ impl<G: Grant> Credentials<G> {
     /// next renewal is `renew_in` from now.
     pub fn written(&self, id: &str, grant: G, side: Side, renew_in: Duration) {
         let now = Instant::now();
+        let generation = self.new_generation();
         self.table().insert(
             id.to_string(),
             Entry {
@@ -144,8 +156,13 @@ impl<G: Grant> Credentials<G> {
                 failures: 0,
                 seen: now,
                 refused: String::new(),
+                generation,
             },
         );
+    }
+
+    fn new_generation(&self) -> u64 {
+        self.next_generation.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Drops the containers no pass has seen since `since` (removed, or gone).
@@ -179,9 +196,22 @@ impl<G: Grant> Credentials<G> {
         (due, next)
     }
 
-    fn update(&self, id: &str, f: impl FnOnce(&mut Entry<G>)) {
-        if let Some(e) = self.table().get_mut(id) {
+    /// Applies the outcome of a renewal of the entry of container `id` at `generation`. When the
+    /// entry was replaced meanwhile and this renewal `wrote` its token, the file may now hold
+    /// the old grant's token after the new one's, and the link may point at either file: the
+    /// new entry is made due at once, with its side unknown (the write asks the engine).
+    fn settle(&self, id: &str, generation: u64, wrote: bool, f: impl FnOnce(&mut Entry<G>)) {
+        let mut t = self.table();
+        let Some(e) = t.get_mut(id) else {
+            return;
+        };
+        if e.generation == generation {
             f(e);
+        } else if wrote {
+            e.due = Instant::now();
+            e.side = None;
+            drop(t);
+            self.wake.notify_one();
         }
     }
 }
@@ -232,7 +262,7 @@ async fn renew<G: Grant>(holder: &G::Holder, ctx: &Ctx, id: String, e: Entry<G>)
                     e.grant.refused(holder, ctx, &id, &said).await;
                 }
             }
-            creds.update(&id, |x| {
+            creds.settle(&id, e.generation, false, |x| {
                 x.failures += 1;
                 x.refused = said;
                 x.due = Instant::now()
@@ -257,7 +287,7 @@ async fn renew<G: Grant>(holder: &G::Holder, ctx: &Ctx, id: String, e: Entry<G>)
             } else {
                 tracing::debug!(grant = %e.grant.describe(), container = %id, jti = %token.jti, "token renewed");
             }
-            creds.update(&id, |x| {
+            creds.settle(&id, e.generation, true, |x| {
                 x.side = Some(side);
                 x.failures = 0;
                 x.refused.clear();
@@ -267,7 +297,7 @@ async fn renew<G: Grant>(holder: &G::Holder, ctx: &Ctx, id: String, e: Entry<G>)
         Err(err) if err.kind() == EngineErrorKind::NotFound => creds.forget(&id),
         Err(err) => {
             tracing::warn!(grant = %e.grant.describe(), container = %id, error = %err, "cannot write a container's token");
-            creds.update(&id, |x| {
+            creds.settle(&id, e.generation, false, |x| {
                 x.failures += 1;
                 x.due = Instant::now() + retry_after(x.failures);
             });
@@ -356,9 +386,31 @@ mod tests {
             due.into_iter().map(|(id, _)| id).collect::<Vec<_>>(),
             ["c2"]
         );
-        c.update("c2", |e| e.side = Some(Side::B));
+        let generation = c.table()["c2"].generation;
+        c.settle("c2", generation, true, |e| e.side = Some(Side::B));
         assert!(c.delivered("c2"));
         c.forget("c2");
         assert!(c.due(mark).0.is_empty());
+    }
+
+    #[test]
+    fn a_renewal_that_outlived_its_entry_makes_the_new_one_due() {
+        let c = Credentials::<G>::default();
+        let t0 = Instant::now();
+        c.track_at("c1", G, t0);
+        let (due, _) = c.due(t0);
+        let old = due[0].1.generation;
+        // The container is taken meanwhile: its new token is written, renewal far off.
+        c.written("c1", G, Side::A, Duration::from_secs(600));
+        // A failed renewal of the old entry leaves the new one alone.
+        c.settle("c1", old, false, |e| e.failures += 1);
+        assert_eq!(c.table()["c1"].failures, 0);
+        assert!(c.due(Instant::now()).0.is_empty(), "not due yet");
+        // One that wrote the old grant's token makes the new entry due at once, the side
+        // the link points at unknown.
+        c.settle("c1", old, true, |e| e.side = Some(Side::B));
+        let (due, _) = c.due(Instant::now());
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].1.side, None);
     }
 }

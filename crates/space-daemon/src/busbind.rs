@@ -22,10 +22,14 @@
 //!   succeeds are refused 409 too ("bound to a space now").
 //!
 //! Design decisions:
-//! - The bound connection's token ([`pick_token`]): the token file's content when it is
-//!   non-empty and differs from what it held when the bind arrived (the orchestrator has since
-//!   written the bound space's token there, e.g. a renewal), else the bind's token. That token
-//!   stays in memory (the auth callback), never logged, never written by the daemon.
+//! - The bound connection's token ([`pick_token`]): the token file's content when it is a
+//!   token for the bound space (the orchestrator has since written the space's token there,
+//!   e.g. a renewal), else the bind's token. The file's token is recognised by the `space`
+//!   claim of its payload, read without verifying the signature: this only chooses which
+//!   credential to present, and the server's auth callout verifies whichever is presented. So
+//!   the pool token, or a renewal of it that the orchestrator wrote as the take happened, is
+//!   never presented for the bound space. The token stays in memory (the auth callback), never
+//!   logged, never written by the daemon.
 //! - First come binds: the bind file (inotify, as `bind::wait`) and the bus are awaited
 //!   together; the bind file wins if it is there first, and the pool connection is dropped.
 //!   Requests are handled one at a time: a bind in progress (at most [`CONNECT_WAIT`]) delays
@@ -182,14 +186,14 @@ async fn connect_bound(
     token: String,
 ) -> Result<(Client, Subscriber), String> {
     let file = bus.token_file.clone();
-    let at_bind: Arc<Option<String>> = Arc::new(file.as_deref().and_then(file_token));
     let token: Arc<str> = token.into();
+    let bound: Arc<str> = space.into();
     let options = ConnectOptions::with_auth_callback(move |_nonce| {
-        let (file, at_bind, token) = (file.clone(), at_bind.clone(), token.clone());
+        let (file, bound, token) = (file.clone(), bound.clone(), token.clone());
         async move {
             let now = file.as_deref().and_then(file_token);
             let mut auth = async_nats::Auth::new();
-            auth.token = Some(pick_token(now.as_deref(), at_bind.as_deref(), &token));
+            auth.token = Some(pick_token(now.as_deref(), &bound, &token));
             Ok(auth)
         }
     });
@@ -223,33 +227,94 @@ fn file_token(path: &Path) -> Option<String> {
     conn::read_token(path).ok()
 }
 
-/// The bound connection's token: the token file's content `now` if it is there and differs
-/// from what it held `at_bind` (the orchestrator wrote the space's token since), else the
-/// bind's `bind_token`.
-pub fn pick_token(now: Option<&str>, at_bind: Option<&str>, bind_token: &str) -> String {
+/// The bound connection's token: the token file's content `now` if it is a token for space
+/// `bound` (the orchestrator wrote the space's token since the bind), else the bind's
+/// `bind_token`.
+pub fn pick_token(now: Option<&str>, bound: &str, bind_token: &str) -> String {
     match now {
-        Some(now) if !now.is_empty() && Some(now) != at_bind => now.to_string(),
+        Some(now) if token_space(now).as_deref() == Some(bound) => now.to_string(),
         _ => bind_token.to_string(),
     }
+}
+
+/// The `space` claim of a tether token (`header.payload.signature`, base64url JSON), read
+/// without verifying anything; `None` when `token` is not shaped like one.
+fn token_space(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Space {
+        space: String,
+    }
+    let mut parts = token.split('.');
+    let (_, payload, _, None) = (parts.next()?, parts.next()?, parts.next()?, parts.next()) else {
+        return None;
+    };
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice::<Space>(&json).ok().map(|c| c.space)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A token shaped as tether's (`header.payload.signature`) for `space`.
+    fn token_for(space: &str) -> String {
+        use base64::Engine as _;
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let header = b64(serde_json::json!({"alg": "EdDSA", "typ": "JWT"}));
+        let payload = b64(serde_json::json!({"sub": "daemon", "space": space, "exp": 1}));
+        format!("{header}.{payload}.c2ln")
+    }
+
     #[test]
-    fn the_bind_token_is_used_until_the_file_changes_after_the_bind() {
-        // The file still holds the pool token (or nothing): the bind's token.
-        assert_eq!(pick_token(Some("pool"), Some("pool"), "bound"), "bound");
-        assert_eq!(pick_token(None, None, "bound"), "bound");
-        assert_eq!(pick_token(None, Some("pool"), "bound"), "bound");
-        assert_eq!(pick_token(Some(""), None, "bound"), "bound");
-        // Written since the bind (a renewal of the space's token): the file's.
-        assert_eq!(
-            pick_token(Some("renewed"), Some("pool"), "bound"),
-            "renewed"
+    fn the_file_token_is_used_only_when_it_is_for_the_bound_space() {
+        let (pool, space) = (token_for("tether-pool-0123abcd"), token_for("s1"));
+        // The file holds the pool token, or a renewal of it written as the take happened, or
+        // nothing, or no token at all: the bind's token.
+        assert_eq!(pick_token(Some(&pool), "s1", "bound"), "bound");
+        assert_eq!(pick_token(None, "s1", "bound"), "bound");
+        assert_eq!(pick_token(Some(""), "s1", "bound"), "bound");
+        assert_eq!(pick_token(Some("renewed"), "s1", "bound"), "bound");
+        // Another space's token: never presented for this one.
+        assert_eq!(pick_token(Some(&token_for("s2")), "s1", "bound"), "bound");
+        // The space's own token written since the bind (a renewal): the file's.
+        assert_eq!(pick_token(Some(&space), "s1", "bound"), space);
+    }
+
+    #[test]
+    fn the_space_of_a_token_the_permission_node_signs_is_read() {
+        let key = tether_auth::SigningKey::generate().expect("key");
+        let claims = tether_auth::Claims::new(
+            "tether",
+            "tether",
+            "spaced",
+            "s1",
+            tether_auth::ScopeSet::default(),
+            tether_auth::now_unix(),
+            60,
         );
-        assert_eq!(pick_token(Some("renewed"), None, "bound"), "renewed");
+        let token = key.sign(&claims).expect("sign");
+        assert_eq!(token_space(&token).as_deref(), Some("s1"));
+    }
+
+    #[test]
+    fn a_token_space_is_read_only_from_a_well_shaped_token() {
+        assert_eq!(token_space(&token_for("s1")).as_deref(), Some("s1"));
+        let t = token_for("s1");
+        for bad in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            "a.!!!.c",
+            &format!("{t}.extra"),
+            "eyJ4IjoxfQ.eyJ4IjoxfQ.c2ln",
+        ] {
+            assert_eq!(token_space(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Bind over the bus on the host against a real nats-server (one token, [`TOKEN`]): a pool
 //! daemon with `TETHER_DAEMON_POOL_SPACE` answers only bind requests on the pool subject,
 //! replies `{}` once the bound space is served, refuses a bad bind (400) or one whose token
-//! the server refuses (503: the bind's token is the one used while the token file still holds
-//! what it held at the bind), and drops the pool subject when bound by either path.
+//! the server refuses (503: the bind's token is the one used while the token file holds no
+//! token for the bound space), and drops the pool subject when bound by either path.
 //!
 //! The server takes one token, so the pool token and the space token are the same here; the
 //! choice between the file's and the bind's token is unit-tested (`busbind::pick_token`).
