@@ -251,6 +251,13 @@ async fn agents_cannot_touch_another_space() {
     assert_eq!(r["stdout"], "op\n");
 }
 
+/// The hog: one 64 MiB read of zeros into a buffer, so a 16 MiB container is OOM-killed at
+/// once. (`head -c 200m /dev/zero | tail` grew by pipe-sized steps and, with a few at once on
+/// two cores, sat at the limit, busy reclaiming, for 60–100 s before the kernel killed it.
+/// Measured with `docker run -m 16m`, six at once: `dd` was killed within 2 s every time, the
+/// pipeline took up to 104 s.)
+const HOG: &str = "dd if=/dev/zero of=/dev/null bs=64M count=1";
+
 #[tokio::test]
 async fn memory_hog_is_oom_killed_and_reported() {
     let f = fleet().await;
@@ -263,10 +270,7 @@ async fn memory_hog_is_oom_killed_and_reported() {
     f.create_space(&t, json!({"resource_limits": {"memory_mb": 16}}))
         .await;
     let r = f
-        .exec(
-            &t,
-            json!({"command": "head -c 200m /dev/zero | tail", "timeout_seconds": 60}),
-        )
+        .exec(&t, json!({"command": HOG, "timeout_seconds": 60}))
         .await
         .expect("exec");
     assert_eq!(r["exit_code"], 137, "{r}");
@@ -296,7 +300,7 @@ async fn memory_hog_is_oom_killed_and_reported() {
     let tool = f
         .call(
             "containers.create",
-            json!({"image": f.image, "kind": "tool", "command": "head -c 200m /dev/zero | tail",
+            json!({"image": f.image, "kind": "tool", "command": HOG,
                "resource_limits": {"memory_mb": 16}}),
             Some(&t),
         )

@@ -95,7 +95,14 @@ pub async fn container_events(
         let left = until.saturating_duration_since(Instant::now());
         let m = tokio::time::timeout(left, sub.next())
             .await
-            .unwrap_or_else(|_| panic!("not all of {kinds:?} for {container_id} within {within:?}"))
+            .unwrap_or_else(|_| {
+                let got: Vec<&str> = kinds
+                    .iter()
+                    .zip(&seen)
+                    .filter_map(|(k, v)| v.as_ref().map(|_| *k))
+                    .collect();
+                panic!("not all of {kinds:?} for {container_id} within {within:?}: only {got:?}")
+            })
             .expect("subscription open");
         let v: Value = serde_json::from_slice(&m.payload).expect("event json");
         if v["data"]["container_id"] != container_id {
