@@ -2,8 +2,8 @@
 //! truth), removes the ones that are not running or belong to no configured pool, keeps
 //! `size` per pool (extras removed), and makes what is missing, one container at a time.
 //! It runs at start (so a restart neither loses nor leaks free containers; with no pool
-//! configured, that one pass is all, and removes what earlier pools left), whenever a take or
-//! an engine event wakes it, and at least every [`PASS`].
+//! configured, it removes what earlier pools left and stops once a pass finds nothing left to
+//! remove), whenever a take or an engine event wakes it, and at least every [`PASS`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use bollard::models::ContainerSummaryStateEnum;
 use tether_bus::Ctx;
 
 use crate::daemon::token::DaemonGrant;
-use crate::docker::summary_name;
+use crate::docker::{EngineErrorKind, summary_name};
 use crate::labels::{LABEL_POOL, is_free_pool, pool_space};
 use crate::pool::{Entry, free_name};
 use crate::state::Orchestrator;
@@ -28,15 +28,25 @@ const AFTER_FAILURE: Duration = Duration::from_secs(5);
 /// The fill task: until the node stops.
 pub async fn run(o: Arc<Orchestrator>, ctx: Ctx) -> anyhow::Result<()> {
     if o.pool.entries.is_empty() {
-        // One pass still removes the free containers of pools no longer configured.
-        if let Err(e) = pass(&o, &ctx).await {
-            tracing::warn!(error = %format!("{e:#}"), "pool clean-up pass failed");
+        // Passes still remove the free containers of pools no longer configured, until one
+        // finds nothing left to remove (a removal the engine failed is asked again).
+        loop {
+            match pass(&o, &ctx).await {
+                Ok(0) => return Ok(()),
+                Ok(left) => {
+                    tracing::warn!(left, "pool clean-up pass left containers: asking again")
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "pool clean-up pass failed"),
+            }
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(AFTER_FAILURE) => {}
+            }
         }
-        return Ok(());
     }
     loop {
         let wait = match pass(&o, &ctx).await {
-            Ok(()) => PASS,
+            Ok(_) => PASS,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "pool fill pass failed");
                 AFTER_FAILURE
@@ -50,9 +60,11 @@ pub async fn run(o: Arc<Orchestrator>, ctx: Ctx) -> anyhow::Result<()> {
     }
 }
 
-/// One pass: the free lists from the engine, then every pool filled to its size.
-pub async fn pass(o: &Orchestrator, ctx: &Ctx) -> anyhow::Result<()> {
+/// One pass: the free lists from the engine, then every pool filled to its size. `Ok(n)`: `n`
+/// containers it meant to remove are still there (the engine failed their removal).
+pub async fn pass(o: &Orchestrator, ctx: &Ctx) -> anyhow::Result<usize> {
     let listed = o.engine.list_managed("", "", "space").await?;
+    let mut left = 0;
     let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
     for c in listed {
         let labels = c.labels.clone().unwrap_or_default();
@@ -80,7 +92,9 @@ pub async fn pass(o: &Orchestrator, ctx: &Ctx) -> anyhow::Result<()> {
             // Dead, of a pool no longer configured, or more than the pool's size.
             match o.engine.remove(&id).await {
                 Ok(()) => tracing::info!(container = %id, pool = %key, "pool container removed"),
+                Err(e) if e.kind() == EngineErrorKind::NotFound => {}
                 Err(e) => {
+                    left += 1;
                     tracing::warn!(container = %id, error = %e, "cannot remove pool container")
                 }
             }
@@ -96,7 +110,7 @@ pub async fn pass(o: &Orchestrator, ctx: &Ctx) -> anyhow::Result<()> {
             o.pool.add_free(&e.key, id);
         }
     }
-    Ok(())
+    Ok(left)
 }
 
 /// Makes and starts one free container of pool `e`; with the space daemon, gives it the
